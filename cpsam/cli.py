@@ -1,0 +1,60 @@
+"""The `cpsam` command: a thin dispatcher to subcommand modules.
+
+Each subcommand lives in its own module (in `cpsam` or in a sibling package) exposing
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int          # the process exit code
+
+Modules are imported only when their subcommand is called, so `cpsam --help` is instant and
+`cpsam` itself does not import the packages that depend on it (see DESIGN.md: arrows point down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module path, one-line help). Later issues add their rows here.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("cpsam.demo", "build every model variant and run a tile through it (self-check)"),
+}
+
+
+def _top_level_help() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    rows = "\n".join(f"  {name.ljust(width)}  {help_}" for name, (_, help_) in SUBCOMMANDS.items())
+    return (
+        "usage: cpsam <command> [options]\n\n"
+        "Cellpose-SAM reproduction and distillation.\n\n"
+        f"commands:\n{rows}\n\n"
+        "Run `cpsam <command> --help` for the options of one command."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cpsam` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(_top_level_help())
+        return 0 if args else 2
+    if args[0] in {"-V", "--version"}:
+        from cpsam import __version__
+
+        print(f"cpsam {__version__}")
+        return 0
+    name = args[0]
+    if name not in SUBCOMMANDS:
+        print(f"cpsam: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
+        return 2
+    module_path, help_ = SUBCOMMANDS[name]
+    module = importlib.import_module(module_path)
+    parser = argparse.ArgumentParser(prog=f"cpsam {name}", description=help_)
+    module.add_arguments(parser)
+    parsed = parser.parse_args(args[1:])
+    return int(module.run(parsed) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
