@@ -284,3 +284,17 @@ class CanonicalDataset(Sequence[IndexRow]):
 
     def _shape(self, i: int) -> tuple[int, int]:
         return (self._rows[i].height, self._rows[i].width)
+
+
+def export_pairs(
+    root: str | os.PathLike[str], out: str | os.PathLike[str], *, split: str | None = None
+) -> int:
+    """Write a canonical dataset back as a plain folder of pairs out/NAME_img.tif + out/NAME_masks.tif.
+
+    Returns the number of pairs written (the `folder` converter reads this layout back).
+    """
+    ds = CanonicalDataset(root, split=split)
+    for i, row in enumerate(ds):
+        write_tiff(Path(out) / f"{row.name}_img.tif", ds.image(i))
+        write_labels(Path(out) / f"{row.name}_masks.tif", ds.mask(i))
+    return len(ds)
