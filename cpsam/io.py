@@ -100,10 +100,20 @@ def label_dtype(max_label: int) -> np.dtype:
     return np.dtype(np.uint16) if max_label <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
 
 
-def write_tiff(path: str | os.PathLike[str], array: np.ndarray, *, compression: str | None = "zlib") -> Path:
-    """Write `array` as a TIFF atomically (temporary name, then rename). Returns the final path."""
+def write_tiff(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    *,
+    compression: str | None = "zlib",
+    photometric: str | None = None,
+) -> Path:
+    """Write `array` as a TIFF atomically (temporary name, then rename). Returns the final path.
+
+    `photometric="minisblack"` stores a (C, H, W) array as C grey planes (tifffile otherwise
+    guesses RGB for 3 uint8 planes).
+    """
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, array, compression=compression)
+        tifffile.imwrite(tmp, array, compression=compression, photometric=photometric)
     return Path(path)
 
 

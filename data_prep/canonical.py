@@ -118,7 +118,7 @@ def write_example(
             source or name, f"mask shape {labels.shape} does not match image shape {image.shape[-2:]}"
         )
     labels = relabel_consecutive(labels)
-    write_tiff(image_path(root, name), image)
+    write_tiff(image_path(root, name), image, photometric="minisblack" if image.ndim == 3 else None)
     if ignore is not None:
         write_tiff(ignore_path(root, name), (np.asarray(ignore) > 0).astype(np.uint8))
     write_labels(mask_path(root, name), labels)
@@ -295,6 +295,10 @@ def export_pairs(
     """
     ds = CanonicalDataset(root, split=split)
     for i, row in enumerate(ds):
-        write_tiff(Path(out) / f"{row.name}_img.tif", ds.image(i))
+        write_tiff(
+            Path(out) / f"{row.name}_img.tif",
+            ds.image(i),
+            photometric="minisblack" if ds[i].channels > 1 else None,
+        )
         write_labels(Path(out) / f"{row.name}_masks.tif", ds.mask(i))
     return len(ds)
