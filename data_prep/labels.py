@@ -83,6 +83,35 @@ def split_components(labels: np.ndarray, *, connectivity: int = 1, min_size: int
     return relabel_consecutive(out)
 
 
+def split_disconnected(
+    labels: np.ndarray, *, min_fraction: float = 0.25, connectivity: int = 2
+) -> np.ndarray:
+    """Split ids that are painted on several substantial, separate regions (e.g. ncolor labels).
+
+    For every id with several connected components, each component of at least `min_fraction` of
+    the largest one becomes its own object; smaller stray fragments keep the id of the largest.
+    Returns consecutive labels (ids of untouched objects keep their relative order).
+    """
+    labels = np.asarray(labels)
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    out = labels.astype(np.int64, copy=True)
+    next_id = int(labels.max()) + 1
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        comp, n = ndimage.label(labels[sl] == i, structure=structure)
+        if n < 2:
+            continue
+        sizes = np.bincount(comp.ravel())[1:]
+        largest = int(np.argmax(sizes)) + 1
+        view = out[sl]
+        for c in range(1, n + 1):
+            if c != largest and sizes[c - 1] >= min_fraction * sizes[largest - 1]:
+                view[comp == c] = next_id
+                next_id += 1
+    return relabel_consecutive(out)
+
+
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Zero every object smaller than `min_size` pixels (ids are not renumbered)."""
     labels = np.array(labels, copy=True)

@@ -17,6 +17,7 @@ from data_prep.labels import (
     resolve_overlaps,
     semantic_to_instances,
     split_components,
+    split_disconnected,
     validate_labels,
 )
 
@@ -108,3 +109,14 @@ def test_semantic_and_merge():
 def test_validate_labels_rejects_gaps():
     with pytest.raises(ValueError, match="consecutive"):
         validate_labels(np.array([[0, 1], [3, 3]]))
+
+
+def test_split_disconnected_keeps_small_fragments():
+    lab = np.zeros((20, 30), np.int32)
+    lab[2:8, 2:8] = 1  # 36 px
+    lab[2:8, 20:26] = 1  # same id, another cell of the same size (ncolor) -> split
+    lab[15, 15] = 1  # a 1-px stray fragment -> keeps id 1
+    lab[12:16, 2:6] = 2
+    out = split_disconnected(lab)
+    assert out.max() == 3
+    assert out[3, 3] == 1 and out[15, 15] == 1 and out[13, 3] == 2 and out[3, 21] == 3

@@ -2,7 +2,7 @@
 
 Pitfall: ids of channel 0 (negative nuclei) and channel 1 (positive nuclei) may repeat; channel 2
 is an inverted foreground map, never labels. We offset channel-1 ids by max(channel 0) and split
-any id that is not one connected component.
+any id painted on several separate regions.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cpsam.io import read_image
-from data_prep.labels import merge_instance_channels, split_components
+from data_prep.labels import merge_instance_channels, split_disconnected
 from data_prep.sources.base import Download, Example, Item, LayoutError, Source, rel, sorted_files
 
 _FOLD_SPLIT = {"1": "train", "2": "val", "3": "test"}
@@ -63,4 +63,4 @@ class IHCTMA(Source):
             raise LayoutError(path, f"expected a (3, H, W) mask array, got {mask.shape}")
         labels = merge_instance_channels([mask[0], mask[1]])
         image = read_image(raw / item.ref[0])
-        return Example(image[..., :3] if image.ndim == 3 else image, np.asarray(split_components(labels)))
+        return Example(image[..., :3] if image.ndim == 3 else image, np.asarray(split_disconnected(labels)))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cpsam.io import read_image, read_labels
-from data_prep.labels import count_objects, split_components
+from data_prep.labels import split_disconnected
 from data_prep.sources.base import Download, Example, Item
 from data_prep.sources.pairs import LabelPairSource
 
@@ -27,8 +27,8 @@ class Omnipose(LabelPairSource):
     layout = """
     [data/]bact_phase/{train_sorted,test_sorted}/<sub>/NAME.tif + NAME_masks.tif
     [data/]bact_fluor/{train_sorted,test_sorted}/...  ; [data/]worm/{train,test}/... ; worm_high_res/...
-    *_flows.tif files are ignored. ncolor masks (few ids, each in several pieces) are split into
-    connected components.
+    *_flows.tif files are ignored. An id painted on several separate regions (ncolor masks) is split
+    into one object per region (fragments under 25% of the largest region keep the id).
     """
     roots = tuple(
         (f"**/{s}/{d}", sp)
@@ -49,8 +49,5 @@ class Omnipose(LabelPairSource):
 
     def load(self, raw: Path, item: Item) -> Example:
         image, labels = read_image(raw / item.ref[0]), read_labels(raw / item.ref[1])
-        n_ids = count_objects(labels)
-        parts = split_components(labels, connectivity=2)
-        if n_ids <= 8 and count_objects(parts) > 2 * n_ids:  # ncolor labels: ids reused for many cells
-            labels = parts
+        labels = split_disconnected(labels)  # ncolor masks reuse ids for separate cells
         return Example(image, np.asarray(labels))

@@ -42,7 +42,8 @@ class LabelPairSource(Source):
         items: list[Item] = []
         found_root = False
         for pattern, split in self.roots:
-            for folder in sorted(p for p in raw.glob(pattern) if p.is_dir()):
+            folders = [raw] if pattern == "." else sorted(p for p in raw.glob(pattern) if p.is_dir())
+            for folder in folders:
                 found_root = True
                 pats = (
                     tuple("**/" + p for p in self.image_patterns) if self.recursive else self.image_patterns
@@ -52,7 +53,10 @@ class LabelPairSource(Source):
                     if not mask.exists():
                         raise LayoutError(mask, f"label file of image {img.name} is missing")
                     sp = hash_split(self.split_key(img, raw)) if split == "hash" else split
-                    name = safe_name(Path(rel(img, raw)).with_suffix("").as_posix())
+                    stem = Path(rel(img, raw)).with_suffix("").as_posix()
+                    for tag in ("_img", "_im"):
+                        stem = stem[: -len(tag)] if stem.endswith(tag) else stem
+                    name = safe_name(stem)
                     items.append(
                         Item(name=name, split=sp, ref=(rel(img, raw), rel(mask, raw)), source=rel(img, raw))
                     )
