@@ -174,6 +174,10 @@ def test_constructor_validates_arguments() -> None:
         CPnet([2])
     with pytest.raises(ValueError, match="kernel"):
         CPnet([2, 32], kernel=4)
+    with pytest.raises(ValueError, match=r"H and W divisible by 8, got \(1, 2, 224, 220\)"):
+        CPnet(CYTO_NBASE)(torch.zeros(1, 2, 224, 220))
+    with pytest.raises(ValueError, match=r"needs input \(B, 1, H, W\)"):
+        CPnet([1, 32])(torch.zeros(1, 2, 16, 16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

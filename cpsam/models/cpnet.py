@@ -204,6 +204,12 @@ class CPnet(nn.Module):
             style (B, nbase[-1]): the L2-normalized global average of the deepest encoder map;
             features (B, nbase[1], H, W): the decoder output that feeds the output block.
         """
+        step = 2 ** (len(self.nbase) - 2)
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % step or x.shape[3] % step:
+            raise ValueError(
+                f"CPnet{self.nbase} needs input (B, {self.in_channels}, H, W) with H and W divisible by "
+                f"{step}, got {tuple(x.shape)} (pad the image first)"
+            )
         maps = self.downsample(x)
         style = F.normalize(maps[-1].mean(dim=(2, 3)), dim=1)
         features = self.upsample(style, maps)
