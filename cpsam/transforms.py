@@ -142,17 +142,13 @@ def resize_image(
 ) -> np.ndarray:
     """Resize an (H, W) or (H, W, C) float image to (height, width[, C]) with OpenCV (bilinear default).
 
-    Channels are resized one at a time (OpenCV handles at most 4 interleaved channels).
+    All channels go through one cv2.resize call, as cellpose does: OpenCV's result for an
+    interleaved C-channel image differs in the last digits from resizing channel by channel.
     """
     if image.shape[:2] == (height, width):
         return image
-    if image.ndim == 2:
-        return cv2.resize(image, (width, height), interpolation=interpolation)
-    out = np.empty((height, width, image.shape[2]), image.dtype)
-    for c in range(image.shape[2]):
-        channel = np.ascontiguousarray(image[..., c])
-        out[..., c] = cv2.resize(channel, (width, height), interpolation=interpolation)
-    return out
+    out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
+    return out[:, :, None] if image.ndim == 3 and out.ndim == 2 else out
 
 
 def get_pad_yx(height: int, width: int, tile_size: int | None = None) -> tuple[int, int, int, int]:

@@ -1,0 +1,397 @@
+"""The public inference API: images -> flows -> masks, with any cpsam model.
+
+    from cpsam.segment import Segmenter
+    seg = Segmenter(model, device="cuda", batch_size=32)
+    results = seg.segment(images, diameter=30, channels=None, augment=False)
+    results[0].masks, results[0].dP, results[0].cellprob
+
+Tiles are batched ACROSS images: the tiles of consecutive images fill the same network batch
+(cellpose runs a list one image at a time). Images are prepared lazily from the input iterable, so
+`iter_segment` streams any number of images while holding only the images whose tiles are in flight.
+
+Two rule sets are reproduced exactly (cpsam_recipe.md section 2): CP-SAM follows cellpose 4.2.1.1
+(256-px tiles, images smaller than a tile padded to one tile); the classic CPnet follows cellpose
+3.1.1.2 (224-px tiles, tiles shrink to small images, float32 diameter arithmetic). Everything else
+(channels, normalization, taper blending, flips, niter) is common to both.
+
+Memory for one image of H x W pixels (Hr x Wr at the network's scale, C input channels): the
+normalized input (C x Hr x Wr float32, freed once its last tile is cut), the flow accumulator
+(3 x Hr x Wr float32), the resized flows (3 x H x W float32) and what `cpsam.dynamics` needs to
+turn them into masks; the network only ever sees `batch_size` tiles. No whole-image network pass,
+no tile stack and no full-size weight image are built, so an 8192 x 8192 image runs in a few GB.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from cpsam import transforms
+
+DEFAULT_NITER = 200
+
+
+class ImageError(ValueError):
+    """An input array that cannot be segmented (wrong dimensionality, NaN/Inf, no pixels, ...)."""
+
+
+@dataclass(frozen=True)
+class InferenceRules:
+    """The parts of the pipeline that differ between the cellpose 4 (CP-SAM) and 3 (CPnet) rules.
+
+    Args:
+        tile_size: tile side in pixels (256 CP-SAM, 224 CPnet).
+        pad_to_tile: pad images smaller than a tile up to one full tile (cellpose 4; the ViT needs
+            fixed-size tiles); otherwise tiles shrink to the image (cellpose 3).
+        float32_rescale: compute diam_mean / diameter in float32 (cellpose 3 keeps diam_mean as a
+            numpy float32), else in float64 (cellpose 4).
+    """
+
+    tile_size: int
+    pad_to_tile: bool
+    float32_rescale: bool
+
+
+def rules_for(model: nn.Module) -> InferenceRules:
+    """Cellpose-3 rules for a classic CPnet (and its students), cellpose-4 rules for anything else."""
+    from cpsam.models.cpnet import CPnet
+
+    if isinstance(model, CPnet):
+        return InferenceRules(tile_size=int(model.tile_size), pad_to_tile=False, float32_rescale=True)
+    return InferenceRules(tile_size=int(model.tile_size), pad_to_tile=True, float32_rescale=False)
+
+
+@dataclass
+class SegmentResult:
+    """Segmentation of one image, at the image's own size (H, W).
+
+    masks: (H, W) uint16 (uint32 above 65535 cells) labels, 0 = background, 1..N consecutive
+        (an empty (0, 0) array when masks were not requested).
+    dP: (2, H, W) float32 flows [dY, dX] at 5x unit length, as the network predicts them.
+    cellprob: (H, W) float32 cell-probability logits.
+    rescale: factor the image was resized by for the network (diam_mean / diameter).
+    niter: Euler steps used by the dynamics.
+    """
+
+    masks: np.ndarray
+    dP: np.ndarray
+    cellprob: np.ndarray
+    rescale: float
+    niter: int
+
+    @property
+    def n_cells(self) -> int:
+        """Number of masks (labels are consecutive, so this is masks.max())."""
+        return int(self.masks.max()) if self.masks.size else 0
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    """Validate one input image; returns it as a numpy array or raises ImageError saying why.
+
+    Accepted: 2-D (H, W) or 3-D (H, W, C) / (C, H, W) arrays of a real numeric dtype, with pixels,
+    without NaN or Inf.
+    """
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8)
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise ImageError(f"unsupported pixel type {image.dtype} (expected integers or floats)")
+    if image.ndim not in (2, 3):
+        raise ImageError(
+            f"unsupported dimensionality: shape {image.shape} "
+            "(expected 2-D H x W, or 3-D H x W x C / C x H x W)"
+        )
+    if image.size == 0:
+        raise ImageError(f"image has no pixels (shape {image.shape})")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        n_bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        raise ImageError(f"image contains {n_bad} NaN/Inf pixel values")
+    return image
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """One image on its way through the network (normalized input and flow accumulator)."""
+
+    index: int
+    shape: tuple[int, int]
+    rescale: float
+    niter: int
+    pads: tuple[int, int, int, int]
+    scaled: tuple[int, int]
+    ystarts: np.ndarray
+    xstarts: np.ndarray
+    tile_hw: tuple[int, int]
+    image: np.ndarray | None
+    accum: np.ndarray | None = None
+    remaining: int = 0
+    flips: list[tuple[bool, bool]] = field(default_factory=list)
+
+
+class Segmenter:
+    """Run a cpsam model (CP-SAM, classic CPnet, a distilled student) over images.
+
+    Args:
+        model: a network following the cpsam model interface (`diam_mean`, `diam_labels`,
+            `tile_size`, `in_channels`; `model(x)[0]` is the (B, 3, h, w) output).
+        device: torch device for the network ("cpu", "cuda", "cuda:1", ...; default: the model's).
+        batch_size: tiles per network call (tiles of several images share a call).
+        bf16: run the network in bfloat16 (weights converted in place, as cellpose does);
+            outputs are accumulated in float32 either way.
+        tile_overlap: fraction of tile overlap (cellpose default 0.1, clipped to [0.05, 0.5]).
+        rules: override the cellpose-3/4 rule set chosen from the model type.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        batch_size: int = 8,
+        bf16: bool = False,
+        tile_overlap: float = 0.1,
+        rules: InferenceRules | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if device is None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.batch_size = int(batch_size)
+        self.tile_overlap = float(tile_overlap)
+        self.rules = rules if rules is not None else rules_for(model)
+        self.in_channels = int(model.in_channels)
+        self._tapers: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ public API
+    def segment(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        *,
+        diameter: float | Sequence[float | None] | None = None,
+        channels: Sequence[int] | None = None,
+        channel_axis: int | None = None,
+        augment: bool = False,
+        compute_masks: bool = True,
+        niter: int | None = None,
+        flow_threshold: float = 0.4,
+        cellprob_threshold: float = 0.0,
+        min_size: int = 15,
+        max_size_fraction: float = 0.4,
+    ) -> list[SegmentResult]:
+        """Segment a list of images (or one image); returns one SegmentResult per image, in order.
+
+        Args:
+            images: a list of 2-D / 3-D arrays, or a single such array.
+            diameter: typical cell diameter in pixels, one for all images or one per image;
+                None or 0 uses the model's own (rescale = diam_mean / diam_labels).
+            channels: [channel to segment, nuclear channel] in the cellpose 1-3 convention
+                (0 = grayscale / none, 1..C); None feeds the first `in_channels` channels.
+            channel_axis: channel axis of 3-D images (None: guessed as cellpose 4).
+            augment: flip test-time augmentation on half-overlapping tiles.
+            compute_masks: run the dynamics (otherwise masks are empty arrays).
+            niter: Euler steps; None -> int(200 / rescale) (cellpose's resample=True rule).
+            flow_threshold, cellprob_threshold, min_size, max_size_fraction: passed to
+                `cpsam.dynamics.flows_to_masks`.
+        Raises ImageError for an unusable image.
+        """
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not isinstance(images, list):
+            images = [images]
+        return list(
+            self.iter_segment(
+                images, diameter=diameter, channels=channels, channel_axis=channel_axis, augment=augment,
+                compute_masks=compute_masks, niter=niter, flow_threshold=flow_threshold,
+                cellprob_threshold=cellprob_threshold, min_size=min_size, max_size_fraction=max_size_fraction,
+            )
+        )
+
+    def iter_segment(
+        self,
+        images: Iterable[np.ndarray],
+        *,
+        diameter: float | Sequence[float | None] | None = None,
+        channels: Sequence[int] | None = None,
+        channel_axis: int | None = None,
+        augment: bool = False,
+        compute_masks: bool = True,
+        niter: int | None = None,
+        flow_threshold: float = 0.4,
+        cellprob_threshold: float = 0.0,
+        min_size: int = 15,
+        max_size_fraction: float = 0.4,
+    ) -> Iterator[SegmentResult]:
+        """Like `segment` but lazy: consumes `images` as tiles are needed, yields results in order."""
+        diameters = diameter if isinstance(diameter, Sequence) else None
+        mask_kwargs = dict(
+            flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
+            min_size=min_size, max_size_fraction=max_size_fraction,
+        )
+
+        def prepared() -> Iterator[_InFlight]:
+            for index, image in enumerate(images):
+                diam = diameters[index] if diameters is not None else diameter
+                yield self._prepare(index, image, diam, channels, channel_axis, augment, niter)
+
+        for state in self._run_tiles(prepared(), augment):
+            yield self._finish(state, compute_masks, mask_kwargs)
+
+    def rescale_for(self, diameter: float | None) -> float:
+        """Resize factor for a given cell diameter: diam_mean / diameter (diam_mean / diam_labels if None)."""
+        diam_mean = float(self.model.diam_mean.detach().float().cpu()[0])
+        if diameter is None or diameter <= 0:
+            diameter = float(self.model.diam_labels.detach().float().cpu()[0])
+        if self.rules.float32_rescale:
+            return float(np.float32(diam_mean) / np.float32(diameter))
+        return diam_mean / float(diameter)
+
+    # ------------------------------------------------------------------ pipeline steps
+    def _prepare(
+        self,
+        index: int,
+        image: np.ndarray,
+        diameter: float | None,
+        channels: Sequence[int] | None,
+        channel_axis: int | None,
+        augment: bool,
+        niter: int | None,
+    ) -> _InFlight:
+        """Channels -> normalize -> rescale -> pad; plan the tile grid of one image."""
+        image = check_image(image)
+        try:
+            hwc = transforms.to_channels_last(image, channel_axis)
+            x = transforms.select_channels(hwc, channels, self.in_channels)
+        except ValueError as exc:
+            raise ImageError(str(exc)) from exc
+        height, width = x.shape[:2]
+        x = transforms.normalize_percentile(x)
+        rescale = self.rescale_for(diameter)
+        scaled = (height, width)
+        if rescale != 1.0:
+            try:
+                scaled = transforms.scaled_shape(height, width, rescale)
+            except ValueError as exc:
+                raise ImageError(str(exc)) from exc
+            x = transforms.resize_image(x, *scaled)
+        tile = self.rules.tile_size
+        pads = transforms.get_pad_yx(*scaled, tile_size=tile if self.rules.pad_to_tile else None)
+        ly, lx = scaled[0] + pads[0] + pads[1], scaled[1] + pads[2] + pads[3]
+        # Augmentation tiles need at least one full tile: pad the bottom/right, crop it off later.
+        extra_y, extra_x = (max(0, tile - ly), max(0, tile - lx)) if augment else (0, 0)
+        chw = np.zeros((x.shape[2], ly + extra_y, lx + extra_x), np.float32)
+        chw[:, pads[0] : pads[0] + scaled[0], pads[2] : pads[2] + scaled[1]] = x.transpose(2, 0, 1)
+        del x
+        ystarts = transforms.tile_starts(ly, tile, self.tile_overlap, augment)
+        xstarts = transforms.tile_starts(lx, tile, self.tile_overlap, augment)
+        tile_hw = (min(tile, chw.shape[1]), min(tile, chw.shape[2]))
+        if niter is None or niter == 0:
+            niter = int(DEFAULT_NITER / rescale)
+        return _InFlight(
+            index=index, shape=(height, width), rescale=rescale, niter=int(niter), pads=pads, scaled=scaled,
+            ystarts=ystarts, xstarts=xstarts, tile_hw=tile_hw, image=chw,
+        )
+
+    def _tiles(self, state: _InFlight, augment: bool) -> Iterator[tuple[np.ndarray, int, int, bool, bool]]:
+        """Cut the tiles of one image: (tile (C, h, w), y0, x0, flip_y, flip_x); frees the input after."""
+        assert state.image is not None
+        th, tw = state.tile_hw
+        state.accum = np.zeros((3, *state.image.shape[1:]), np.float32)
+        state.remaining = len(state.ystarts) * len(state.xstarts)
+        for row, y0 in enumerate(state.ystarts):
+            for col, x0 in enumerate(state.xstarts):
+                tile = state.image[:, y0 : y0 + th, x0 : x0 + tw]
+                flip_y, flip_x = transforms.flip_pattern(row, col) if augment else (False, False)
+                if flip_y:
+                    tile = tile[:, ::-1]
+                if flip_x:
+                    tile = tile[:, :, ::-1]
+                yield tile, int(y0), int(x0), flip_y, flip_x
+        state.image = None
+
+    def _run_tiles(self, states: Iterator[_InFlight], augment: bool) -> Iterator[_InFlight]:
+        """Feed tiles of consecutive images through the network in shared batches; yield each image's
+        state as soon as its last tile has been accumulated (input order is kept)."""
+        batch: list[tuple[_InFlight, np.ndarray, int, int, bool, bool]] = []
+        pending: list[_InFlight] = []
+
+        def flush() -> Iterator[_InFlight]:
+            self._forward_batch(batch)
+            batch.clear()
+            while pending and pending[0].remaining == 0:
+                yield pending.pop(0)
+
+        for state in states:
+            pending.append(state)
+            for tile, y0, x0, flip_y, flip_x in self._tiles(state, augment):
+                if batch and (len(batch) == self.batch_size or batch[0][1].shape != tile.shape):
+                    yield from flush()
+                batch.append((state, tile, y0, x0, flip_y, flip_x))
+        if batch:
+            yield from flush()
+
+    def _taper(self, h: int, w: int) -> torch.Tensor:
+        """(h, w) float32 blending mask on the device (outer product of the 1-D tapers)."""
+        key = (h, w)
+        if key not in self._tapers:
+            mask = np.outer(transforms.taper_1d(h), transforms.taper_1d(w)).astype(np.float32)
+            self._tapers[key] = torch.from_numpy(mask).to(self.device)
+        return self._tapers[key]
+
+    @torch.inference_mode()
+    def _forward_batch(self, batch: list[tuple[_InFlight, np.ndarray, int, int, bool, bool]]) -> None:
+        """Run one batch of same-size tiles; add taper-weighted outputs into their images' accumulators."""
+        x = torch.from_numpy(np.stack([item[1] for item in batch])).to(self.device, self.dtype)
+        y = self.model(x)[0][:, :3].float()
+        for k, (_, _, _, _, flip_y, flip_x) in enumerate(batch):
+            if flip_y or flip_x:
+                y[k] = transforms.unflip_output(y[k], flip_y, flip_x)
+        y = (y * self._taper(*y.shape[-2:])).cpu().numpy()
+        th, tw = y.shape[-2:]
+        for k, (state, _, y0, x0, _, _) in enumerate(batch):
+            assert state.accum is not None
+            state.accum[:, y0 : y0 + th, x0 : x0 + tw] += y[k]
+            state.remaining -= 1
+
+    def _finish(self, state: _InFlight, compute_masks: bool, mask_kwargs: dict) -> SegmentResult:
+        """Normalize the blend, crop the padding, resize to the image and run the dynamics."""
+        accum = state.accum
+        assert accum is not None
+        state.accum = None
+        th, tw = state.tile_hw
+        wy = transforms.blend_weight_1d(accum.shape[1], state.ystarts, th)
+        wx = transforms.blend_weight_1d(accum.shape[2], state.xstarts, tw)
+        top, _, left, _ = state.pads
+        flows = accum[:, top : top + state.scaled[0], left : left + state.scaled[1]]
+        # Divide by the separable weight sum one axis at a time: no full-size weight image.
+        flows /= wy[top : top + state.scaled[0], None]
+        flows /= wx[None, left : left + state.scaled[1]]
+        flows = np.ascontiguousarray(flows.transpose(1, 2, 0))
+        del accum
+        if state.scaled != state.shape:
+            flows = transforms.resize_image(flows, *state.shape)
+        dP = np.ascontiguousarray(flows[..., :2].transpose(2, 0, 1))
+        cellprob = np.ascontiguousarray(flows[..., 2])
+        del flows
+        if compute_masks:
+            from cpsam.dynamics import flows_to_masks
+
+            masks = flows_to_masks(dP, cellprob, niter=state.niter, **mask_kwargs)
+        else:
+            masks = np.zeros((0, 0), np.uint16)
+        return SegmentResult(masks=masks, dP=dP, cellprob=cellprob, rescale=state.rescale, niter=state.niter)
+
+
+def tiles_per_image(shape: tuple[int, int], rescale: float, rules: InferenceRules, augment: bool = False,
+                    tile_overlap: float = 0.1) -> int:
+    """How many network tiles an (H, W) image costs under `rules` (for planning batch sizes)."""
+    scaled = transforms.scaled_shape(*shape, rescale) if rescale != 1.0 else shape
+    pads = transforms.get_pad_yx(*scaled, tile_size=rules.tile_size if rules.pad_to_tile else None)
+    ly, lx = scaled[0] + pads[0] + pads[1], scaled[1] + pads[2] + pads[3]
+    ny = len(transforms.tile_starts(ly, rules.tile_size, tile_overlap, augment))
+    nx = len(transforms.tile_starts(lx, rules.tile_size, tile_overlap, augment))
+    return int(math.prod((ny, nx)))
