@@ -56,6 +56,13 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk: int) 
         if have and resp.status != 206:  # server ignored the Range header: start over
             have = 0
             part.unlink(missing_ok=True)
+        ctype = resp.headers.get("Content-Type", "")
+        if ctype.startswith("text/html") and not part.name.endswith((".html.part", ".htm.part")):
+            raise DownloadError(
+                f"{url}: the server sent a web page instead of the file (a login, quota or "
+                "confirmation page, common with Google Drive); download it in a browser "
+                f"and save it as {part.name[: -len('.part')]}"
+            )
         length = resp.headers.get("Content-Length")
         expected = int(length) if length is not None else None
         got = 0

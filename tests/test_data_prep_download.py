@@ -34,6 +34,7 @@ class _Server:
         self.payload = payload
         self.cut_after: list[int] = []  # byte counts at which to drop the connection, one per request
         self.requests: list[str | None] = []  # the Range header of each request
+        self.html = False  # answer with a web page (like a Google Drive quota page)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -49,6 +50,8 @@ class _Server:
                 start = int(rng.split("=")[1].split("-")[0]) if rng else 0
                 body = server.payload[start:]
                 self.send_response(206 if rng else 200)
+                if server.html:
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
                 if rng:
                     self.send_header(
@@ -139,3 +142,11 @@ def test_extract_once_and_rejects_escaping_members(tmp_path, payload):
     with pytest.raises(DownloadError, match="outside the target folder"):
         extract(evil, tmp_path / "raw2")
     assert not (tmp_path / "outside.txt").exists()
+
+
+def test_html_page_instead_of_file_rejected(tmp_path, payload):
+    with _Server(payload) as srv:
+        srv.html = True
+        with pytest.raises(DownloadError, match="web page instead of the file.*fixture.zip"):
+            download(srv.url, tmp_path / "fixture.zip", retries=0, progress=False)
+    assert not (tmp_path / "fixture.zip").exists()

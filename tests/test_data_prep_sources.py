@@ -175,7 +175,7 @@ def test_omnipose_excludes_flows_and_splits_ncolor(tmp_path):
         d = raw / "bact_phase" / split / "ecoli"
         _tif(d / "a.tif", RNG.integers(0, 2**16, (40, 48), dtype=np.uint16))
         _tif(d / "a_masks.tif", masks.astype(np.uint16))
-        _tif(d / "a_flows.tif", np.zeros((3, 40, 48), np.float32))
+        tifffile.imwrite(d / "a_flows.tif", np.zeros((3, 40, 48), np.float32), photometric="minisblack")
     ds = _run("omnipose", raw.parent, tmp_path / "out")
     assert len(ds) == 2 and {r.split: r.n_objects for r in ds} == {"train": 3, "test": 3}
 
@@ -374,6 +374,20 @@ def test_ctc_seg_frames(tmp_path):
     _tif(raw / "01" / "t014.tif", np.ones((40, 48), np.uint16))  # frame without SEG: skipped
     ds = _run("ctc", raw.parent, tmp_path / "out")
     assert sorted(ds.names) == [f"ctc_Fluo-N2DL-HeLa_{s}_t{t}" for s in ("01", "02") for t in ("013", "052")]
+    assert all(ds.ignore(i) is None for i in range(len(ds)))  # no TRA files: no ignore mask
+    tra = _blobs()
+    tra[30:34, 40:44] = 9  # a cell the partial SEG frame left out (its marker touches no SEG object)
+    _tif(raw / "01_GT" / "TRA" / "man_track013.tif", tra.astype(np.uint16))
+    ds = _run("ctc", raw.parent, tmp_path / "out_tra")
+    i = ds.names.index("ctc_Fluo-N2DL-HeLa_01_t013")
+    ign = ds.ignore(i)
+    assert (
+        ign is not None
+        and ign[32, 42]
+        and ign[28, 42]
+        and not ign[20, 42]
+        and not (ign & (ds.mask(i) > 0)).any()
+    )
     (raw / "02" / "t052.tif").unlink()
     with pytest.raises(LayoutError, match="t052.tif"):
         convert(get_source("ctc"), raw.parent, tmp_path / "out2", progress=False)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+from scipy import ndimage
+
 from cpsam.io import read_image, read_labels
 from data_prep.sources.base import Download, Example, Item, LayoutError, Source, rel
 
@@ -33,7 +36,8 @@ class CTC(Source):
     layout = """
     <NAME>/<seq>/tNNN.tif + <NAME>/<seq>_GT/SEG/man_segNNN.tif (seq = 01, 02; 3 or 4 digits)
     all SEG frames go to train (the official test sets have no GT). Gold SEG covers only part of the
-    cells in many frames: unannotated cells are background here; check coverage before training.
+    cells in many frames: where <seq>_GT/TRA/man_trackNNN.tif exists, cells whose TRA marker touches
+    no SEG object are written to ignore/NAME.tif (marker grown by 3 px) so training can skip them.
     """
     channel_names = "as stored"
 
@@ -64,4 +68,30 @@ class CTC(Source):
         return items
 
     def load(self, raw: Path, item: Item) -> Example:
-        return Example(read_image(raw / item.ref[0]), read_labels(raw / item.ref[1]))
+        labels = read_labels(raw / item.ref[1])
+        return Example(
+            read_image(raw / item.ref[0]), labels, ignore=unannotated_cells(raw / item.ref[1], labels)
+        )
+
+
+def unannotated_cells(seg_path: Path, labels: np.ndarray, *, grow: int = 3) -> np.ndarray | None:
+    """Ignore mask for the cells a partial SEG frame leaves out, from the matching TRA markers.
+
+    Every TRA marker (`<seq>_GT/TRA/man_trackNNN.tif`, one per cell) that touches no SEG object marks
+    an unannotated cell; its marker grown by `grow` px (not into annotated cells) is returned as a
+    bool (H, W) mask, or None when there is no TRA file or every cell is annotated.
+    """
+    num = seg_path.stem[len("man_seg") :]
+    tra = seg_path.parent.parent / "TRA" / f"man_track{num}.tif"
+    if not tra.exists():
+        return None
+    markers = read_labels(tra)
+    if markers.shape != labels.shape:
+        raise LayoutError(tra, f"shape {markers.shape} differs from SEG {labels.shape}")
+    ids = np.unique(markers[markers > 0])
+    covered = np.unique(markers[(markers > 0) & (labels > 0)])
+    missing = np.setdiff1d(ids, covered)
+    if missing.size == 0:
+        return None
+    ignore = ndimage.binary_dilation(np.isin(markers, missing), iterations=grow) & (labels == 0)
+    return ignore
