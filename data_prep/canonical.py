@@ -282,6 +282,16 @@ class CanonicalDataset(Sequence[IndexRow]):
         p = ignore_path(self._root_of[i], self._rows[i].name)
         return read_image(p) > 0 if p.exists() else None
 
+    def summary(self) -> list[tuple[str, str, int, int, float]]:
+        """(dataset, split, images, objects, median of per-image median diameters) per group, sorted."""
+        groups: dict[tuple[str, str], list[IndexRow]] = {}
+        for r in self._rows:
+            groups.setdefault((r.dataset, r.split), []).append(r)
+        return [
+            (d, s, len(rs), sum(r.n_objects for r in rs), float(np.median([r.median_diameter for r in rs])))
+            for (d, s), rs in sorted(groups.items())
+        ]
+
     def _shape(self, i: int) -> tuple[int, int]:
         return (self._rows[i].height, self._rows[i].width)
 

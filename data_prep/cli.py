@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=0)
     p.add_argument("--context", type=float, default=2.0, help="cells: window side / object bbox side")
 
+    p = sub.add_parser(
+        "info", help="images, objects and diameters per dataset and split of canonical folders"
+    )
+    p.add_argument("roots", nargs="+", type=Path)
+
     p = sub.add_parser("export", help="write a canonical dataset as NAME_img.tif / NAME_masks.tif pairs")
     p.add_argument("root", type=Path)
     p.add_argument("--out", required=True, type=Path)
@@ -188,6 +193,18 @@ def _subimages(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    from data_prep.canonical import CanonicalDataset
+
+    ds = CanonicalDataset(args.roots)
+    print(f"{'dataset':16s} {'split':6s} {'images':>7s} {'objects':>9s} {'median diam px':>15s}")
+    for dataset, split, n, objects, diam in ds.summary():
+        print(f"{dataset:16s} {split:6s} {n:7d} {objects:9d} {diam:15.1f}")
+    flows = sum(ds.has_flows(i) for i in range(len(ds)))
+    print(f"{len(ds)} images, flow cache {flows}/{len(ds)}")
+    return 0
+
+
 def _export(args) -> int:
     from data_prep.canonical import export_pairs
 
@@ -203,6 +220,7 @@ _ACTIONS = {
     "synth": _synth,
     "timelapse": _timelapse,
     "subimages": _subimages,
+    "info": _info,
     "export": _export,
 }
 

@@ -86,6 +86,11 @@ def test_convert_synth_subimages_export(tmp_path, capsys):
     assert len(tiles) == 3 * 4  # the large cell reaches into all four 32x32 tiles of every image
     # the 2x2-px corner of the large cell in the first tile is under min_size (10 px) and dropped
     assert [r.n_objects for r in tiles] == [1] * 12
+    capsys.readouterr()
+    assert main(["prep", "info", str(out), str(tmp_path / "syn")]) == 0
+    info = capsys.readouterr().out
+    assert "folder           val          3         6" in info and "synthetic_phase  train        2" in info
+    assert "5 images, flow cache 0/5" in info
     assert main(["prep", "export", str(out), "--out", str(tmp_path / "pairs")]) == 0
     assert len(list((tmp_path / "pairs").glob("*_masks.tif"))) == 3
 
