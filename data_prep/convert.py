@@ -8,6 +8,7 @@ index.csv is rewritten atomically every `flush_every` examples and at the end (a
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ def convert(
     if not items:
         raise LayoutError(raw, f"no {source.name} examples found; expected layout:\n{source.layout}")
     names = [canonical_name(source, it) for it in items]
-    dupes = {n for n in names if names.count(n) > 1} if len(set(names)) != len(names) else set()
+    dupes = {n for n, c in Counter(names).items() if c > 1}
     if dupes:
         raise LayoutError(raw, f"example names collide after conversion: {sorted(dupes)[:5]}")
     if limit is not None:

@@ -448,3 +448,21 @@ def test_missing_layout_names_the_file(tmp_path):
         convert(get_source("monuseg"), raw.parent, tmp_path / "out", progress=False)
     with pytest.raises(LayoutError, match="tissuenet_v1.1_train.npz"):
         convert(get_source("tissuenet"), raw.parent, tmp_path / "out", progress=False)
+
+
+def test_folder_layouts_and_split_folders(tmp_path):
+    raw = tmp_path / "raw"
+    lab = _blobs().astype(np.uint16)
+    for split in ("train", "test"):  # images/ + masks/ sub-folders, split from the folder name
+        _png(raw / split / "images" / "a.png", np.zeros((40, 48), np.uint8))
+        _tif(raw / split / "masks" / "a.tif", lab)
+    _tif(raw / "val" / "b.tif", np.zeros((40, 48), np.uint8))  # Cellpose NAME + NAME_masks convention
+    _tif(raw / "val" / "b_masks.tif", lab)
+    _tif(raw / "val" / "b_flows.tif", np.zeros((40, 48), np.float32))  # Cellpose flow files are not images
+    ds = _run("folder", raw, tmp_path / "out")
+    assert {r.name: r.split for r in ds} == {
+        "folder_train_a": "train",
+        "folder_test_a": "test",
+        "folder_val_b": "val",
+    }
+    assert all(r.n_objects == 3 for r in ds)
