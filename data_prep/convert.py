@@ -143,7 +143,8 @@ def convert(
                 except (InputFileError, ValueError, KeyError, OSError) as exc:
                     done(it, None, str(exc))
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            try:
                 futures = {pool.submit(_convert_one, source, raw, out, it): it for it in todo}
                 for fut in as_completed(futures):
                     it = futures[fut]
@@ -151,6 +152,8 @@ def convert(
                         done(it, fut.result(), None)
                     except (InputFileError, ValueError, KeyError, OSError) as exc:
                         done(it, None, str(exc))
+            finally:  # on Ctrl-C do not start the queued examples; running ones finish or clean up
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
         write_index(out, rows.values())
