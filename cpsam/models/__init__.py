@@ -1,11 +1,33 @@
-"""Networks only (no I/O beyond weight files, no training): CP-SAM, CPnet, weight loading."""
+"""Networks only (no I/O beyond weight files, no training): CP-SAM, CPnet, weight loading.
 
+Importing this package registers every architecture with `create_model`.
+"""
+
+from cpsam.models import cellpose_sam, cpnet  # noqa: F401  (register cpsam_* and cpnet)
+from cpsam.models.cellpose_sam import CellposeSAM, CellposeSAMConfig
+from cpsam.models.cpnet import CPnet, cpnet_from_state_dict
+from cpsam.models.loading import (
+    CheckpointError,
+    cellpose_sam_from_sam,
+    identify_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from cpsam.models.pretrained import pretrained  # the function shadows the submodule name
 from cpsam.models.registry import create_model, list_models, register_model
 
-__all__ = ["create_model", "list_models", "register_model"]
-
-from cpsam.models import cpnet  # noqa: E402,F401  (registers "cpnet")
-from cpsam.models.cpnet import CPnet, cpnet_from_state_dict  # noqa: E402
-from cpsam.models.pretrained import pretrained  # noqa: E402  (the function shadows the submodule name)
-
-__all__ += ["CPnet", "cpnet_from_state_dict", "pretrained"]
+__all__ = [
+    "CPnet",
+    "CellposeSAM",
+    "CellposeSAMConfig",
+    "CheckpointError",
+    "cellpose_sam_from_sam",
+    "cpnet_from_state_dict",
+    "create_model",
+    "identify_checkpoint",
+    "list_models",
+    "load_model",
+    "pretrained",
+    "register_model",
+    "save_checkpoint",
+]

@@ -161,6 +161,8 @@ class CPnet(nn.Module):
     parameters), `tile_size` (224), `in_channels` (nbase[0]).
     """
 
+    model_name: str = "cpnet"
+
     def __init__(self, nbase: Sequence[int], nout: int = 3, kernel: int = 3, diam_mean: float = 30.0) -> None:
         super().__init__()
         nbase = [int(c) for c in nbase]

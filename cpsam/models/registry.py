@@ -36,6 +36,8 @@ def list_models() -> list[str]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the model registered as `name` with random (or builder-default) weights.
 
+    Every model class exposes `model_name` (a registry name) and `model_kwargs()` such that
+    `create_model(m.model_name, **m.model_kwargs())` rebuilds its architecture (checkpoints use it).
     Raises ValueError naming the known models when `name` is unknown.
     """
     try:
