@@ -20,6 +20,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("cpsam.demo", "build every model variant and run a tile through it (self-check)"),
     "prep": ("data_prep.cli", "datasets: list, download, convert, flow cache, synthetic cells, crops"),
+    "segment": ("cpsam.segment_cli", "segment images or a folder with any model; writes masks, _seg.npy, overlays"),
 }
 
 

@@ -101,13 +101,13 @@ def check_image(image: np.ndarray) -> np.ndarray:
         image = image.astype(np.uint8)
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise ImageError(f"unsupported pixel type {image.dtype} (expected integers or floats)")
+    if image.size == 0:
+        raise ImageError(f"image has no pixels (shape {image.shape})")
     if image.ndim not in (2, 3):
         raise ImageError(
             f"unsupported dimensionality: shape {image.shape} "
             "(expected 2-D H x W, or 3-D H x W x C / C x H x W)"
         )
-    if image.size == 0:
-        raise ImageError(f"image has no pixels (shape {image.shape})")
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         n_bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
         raise ImageError(f"image contains {n_bad} NaN/Inf pixel values")
@@ -128,9 +128,17 @@ class _InFlight:
     xstarts: np.ndarray
     tile_hw: tuple[int, int]
     image: np.ndarray | None
+    error: ImageError | None = None
     accum: np.ndarray | None = None
     remaining: int = 0
     flips: list[tuple[bool, bool]] = field(default_factory=list)
+
+
+def _failed(index: int, error: ImageError) -> _InFlight:
+    """A placeholder that carries an image's error through the tile stream (keeps the order)."""
+    empty = np.zeros(0, np.int64)
+    return _InFlight(index=index, shape=(0, 0), rescale=1.0, niter=0, pads=(0, 0, 0, 0), scaled=(0, 0),
+                     ystarts=empty, xstarts=empty, tile_hw=(0, 0), image=None, error=error)
 
 
 class Segmenter:
@@ -225,8 +233,13 @@ class Segmenter:
         cellprob_threshold: float = 0.0,
         min_size: int = 15,
         max_size_fraction: float = 0.4,
-    ) -> Iterator[SegmentResult]:
-        """Like `segment` but lazy: consumes `images` as tiles are needed, yields results in order."""
+        skip_errors: bool = False,
+    ) -> Iterator[SegmentResult | ImageError]:
+        """Like `segment` but lazy: consumes `images` as tiles are needed, yields results in order.
+
+        With skip_errors=True an unusable image yields its ImageError (in its place in the order)
+        instead of stopping the stream.
+        """
         diameters = diameter if isinstance(diameter, Sequence) else None
         mask_kwargs = dict(
             flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
@@ -236,10 +249,15 @@ class Segmenter:
         def prepared() -> Iterator[_InFlight]:
             for index, image in enumerate(images):
                 diam = diameters[index] if diameters is not None else diameter
-                yield self._prepare(index, image, diam, channels, channel_axis, augment, niter)
+                try:
+                    yield self._prepare(index, image, diam, channels, channel_axis, augment, niter)
+                except ImageError as exc:
+                    if not skip_errors:
+                        raise
+                    yield _failed(index, exc)
 
         for state in self._run_tiles(prepared(), augment):
-            yield self._finish(state, compute_masks, mask_kwargs)
+            yield state.error if state.error is not None else self._finish(state, compute_masks, mask_kwargs)
 
     def rescale_for(self, diameter: float | None) -> float:
         """Resize factor for a given cell diameter: diam_mean / diameter (diam_mean / diam_labels if None)."""
@@ -320,19 +338,21 @@ class Segmenter:
         pending: list[_InFlight] = []
 
         def flush() -> Iterator[_InFlight]:
-            self._forward_batch(batch)
-            batch.clear()
+            if batch:
+                self._forward_batch(batch)
+                batch.clear()
             while pending and pending[0].remaining == 0:
                 yield pending.pop(0)
 
         for state in states:
             pending.append(state)
+            if state.error is not None:
+                continue
             for tile, y0, x0, flip_y, flip_x in self._tiles(state, augment):
                 if batch and (len(batch) == self.batch_size or batch[0][1].shape != tile.shape):
                     yield from flush()
                 batch.append((state, tile, y0, x0, flip_y, flip_x))
-        if batch:
-            yield from flush()
+        yield from flush()
 
     def _taper(self, h: int, w: int) -> torch.Tensor:
         """(h, w) float32 blending mask on the device (outer product of the 1-D tapers)."""

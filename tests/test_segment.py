@@ -184,6 +184,7 @@ def test_niter_and_rescale_follow_cellpose() -> None:
     [
         (np.zeros((0, 10)), "no pixels"),
         (np.zeros((2, 3, 8, 8)), "dimensionality"),
+        (np.zeros((2, 0, 8, 8)), "no pixels"),
         (np.zeros(16), "dimensionality"),
         (np.array([[1.0, np.nan], [0.0, 1.0]]), "NaN/Inf"),
         (np.array([[1.0, np.inf], [0.0, 1.0]]), "NaN/Inf"),
