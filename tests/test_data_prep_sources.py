@@ -157,10 +157,7 @@ def test_livecell_overlapping_polygons(tmp_path):
     ds = _run("livecell", raw, tmp_path / "out")
     i = ds.names.index("livecell_train_A172_Phase_A7_1_00d00h00m_1")
     m = ds.mask(i)
-    assert (
-        ds[i].n_objects == 3
-        and ds[ds.names.index("livecell_test_A172_Phase_B7_1_00d00h00m_1")].n_objects == 0
-    )
+    assert ds[i].n_objects == 3 and ds[ds.names.index("livecell_test_A172_Phase_B7_1_00d00h00m_1")].n_objects == 0
     assert m[15, 17] == m[10, 10] and m[15, 22] == m[15, 30] and m[15, 17] != m[15, 22]  # nearest centroid
     assert m[7, 7] == m[10, 10]  # the dropped inner object left its pixels to #1
     # RLE object: column-major runs -> rows 5..14 of columns 40 and 41
@@ -279,9 +276,7 @@ def test_cpm15_text_and_cpm17_mat(tmp_path):
     for split in ("train", "test"):
         _png(raw / "cpm17" / split / "Images" / "image_00.png", np.zeros((30, 50, 3), np.uint8))
         (raw / "cpm17" / split / "Labels").mkdir(parents=True)
-        scipy.io.savemat(
-            raw / "cpm17" / split / "Labels" / "image_00.mat", {"inst_map": lab.astype(np.float64)}
-        )
+        scipy.io.savemat(raw / "cpm17" / split / "Labels" / "image_00.mat", {"inst_map": lab.astype(np.float64)})
     ds = _run("cpm17", raw, tmp_path / "out17")
     assert sorted(r.split for r in ds) == ["test", "train"]
     np.testing.assert_array_equal(ds.mask(0), lab)
@@ -381,13 +376,7 @@ def test_ctc_seg_frames(tmp_path):
     ds = _run("ctc", raw.parent, tmp_path / "out_tra")
     i = ds.names.index("ctc_Fluo-N2DL-HeLa_01_t013")
     ign = ds.ignore(i)
-    assert (
-        ign is not None
-        and ign[32, 42]
-        and ign[28, 42]
-        and not ign[20, 42]
-        and not (ign & (ds.mask(i) > 0)).any()
-    )
+    assert ign is not None and ign[32, 42] and ign[28, 42] and not ign[20, 42] and not (ign & (ds.mask(i) > 0)).any()
     (raw / "02" / "t052.tif").unlink()
     with pytest.raises(LayoutError, match="t052.tif"):
         convert(get_source("ctc"), raw.parent, tmp_path / "out2", progress=False)
@@ -466,3 +455,24 @@ def test_folder_layouts_and_split_folders(tmp_path):
         "folder_val_b": "val",
     }
     assert all(r.n_objects == 3 for r in ds)
+
+
+def test_seg_npy_written_by_cellpose_and_by_cpsam(tmp_path):
+    from cellpose.io import masks_flows_to_seg
+
+    from cpsam.io import seg_npy_dict, write_seg_npy
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lab = _blobs().astype(np.uint16)
+    img = RNG.integers(0, 2**12, (40, 48), dtype=np.uint16)
+    dP, cellprob = np.zeros((2, 40, 48), np.float32), np.zeros((40, 48), np.float32)
+    _tif(raw / "by_cellpose.tif", img)
+    masks_flows_to_seg(img, lab, [np.zeros((40, 48, 3), np.uint8), dP, cellprob], str(raw / "by_cellpose.tif"))
+    _tif(raw / "by_cpsam.tif", img)
+    write_seg_npy(raw / "by_cpsam_seg.npy", seg_npy_dict(lab, dP, cellprob, raw / "by_cpsam.tif"))
+    ds = _run("seg_npy", raw, tmp_path / "out")
+    assert sorted(ds.names) == ["seg_npy_by_cellpose", "seg_npy_by_cpsam"]
+    for i in range(2):
+        np.testing.assert_array_equal(ds.mask(i), lab)
+        np.testing.assert_array_equal(ds.image(i), img)
