@@ -1,0 +1,234 @@
+"""Labels -> unit flows by Cellpose's heat diffusion (numba kernels and a torch version).
+
+Private helper of `cpsam.dynamics`; see that module for the public API.
+
+Behaviour reproduced (recipe section 3.1, pitfall 12): the source of every object is its rounded
+mean pixel (round half to even, in the object's bounding-box frame), or the object pixel nearest
+to it; `n_iter = 2 * max(bbox_h + bbox_w + 2)` over all objects; every iteration adds 1 at each
+source and sets each object pixel to the sum of its same-label 3x3 neighbourhood divided by 9;
+gradients are central differences of the heat over *all* neighbours; vectors are normalised with
+1e-60. The heat of one object never reaches another one, so instead of sweeping the whole image
+`n_iter` times (what cellpose does) each object is diffused on its own bounding-box crop, with a
+dense, vectorisable 3x3 stencil, objects in parallel. The arithmetic (float64, neighbour
+summation order, division by 9) is the reference one, so the flows agree to the last bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+
+@njit(cache=True, nogil=True)
+def _bboxes(lab: np.ndarray, n: int) -> np.ndarray:
+    """(n, 4) int64 [y0, y1, x0, x1) bounding boxes of labels 1..n in a (H, W) int32 image."""
+    box = np.empty((n, 4), np.int64)
+    box[:, 0] = lab.shape[0]
+    box[:, 1] = -1
+    box[:, 2] = lab.shape[1]
+    box[:, 3] = -1
+    for i in range(lab.shape[0]):
+        for j in range(lab.shape[1]):
+            v = lab[i, j]
+            if v > 0:
+                k = v - 1
+                if i < box[k, 0]:
+                    box[k, 0] = i
+                if i > box[k, 1]:
+                    box[k, 1] = i
+                if j < box[k, 2]:
+                    box[k, 2] = j
+                if j > box[k, 3]:
+                    box[k, 3] = j
+    box[:, 1] += 1
+    box[:, 3] += 1
+    return box
+
+
+@njit(cache=True, nogil=True)
+def _round_half_even(v: float) -> int:
+    f = np.floor(v)
+    d = v - f
+    if d > 0.5:
+        return int(f) + 1
+    if d < 0.5:
+        return int(f)
+    fi = int(f)
+    return fi + (fi & 1)
+
+
+@njit(cache=True, nogil=True)
+def _source(lab: np.ndarray, label: int, y0: int, y1: int, x0: int, x1: int) -> tuple[int, int]:
+    """Source pixel (bbox-local) of one object: rounded mean, else the nearest object pixel."""
+    sy = 0
+    sx = 0
+    cnt = 0
+    for i in range(y0, y1):
+        for j in range(x0, x1):
+            if lab[i, j] == label:
+                sy += i - y0
+                sx += j - x0
+                cnt += 1
+    ym = _round_half_even(sy / cnt)
+    xm = _round_half_even(sx / cnt)
+    if lab[y0 + ym, x0 + xm] == label:
+        return ym, xm
+    best = -1
+    by = 0
+    bx = 0
+    for i in range(y0, y1):
+        for j in range(x0, x1):
+            if lab[i, j] == label:
+                d = (i - y0 - ym) ** 2 + (j - x0 - xm) ** 2
+                if best < 0 or d < best:
+                    best = d
+                    by = i - y0
+                    bx = j - x0
+    return by, bx
+
+
+@njit(cache=True, nogil=True)
+def _diffuse_object(lab, label, y0, y1, x0, x1, cy, cx, n_iter, heat):
+    """Run `n_iter` heat iterations for one object on its padded bbox crop; write into `heat`.
+
+    `lab` (H, W) int32 labels, `heat` (H+2, W+2) float64 (1-px zero border like cellpose's pad).
+    """
+    hh = y1 - y0 + 2
+    ww = x1 - x0 + 2
+    inside = np.zeros((hh, ww), np.float64)
+    for i in range(y0, y1):
+        for j in range(x0, x1):
+            if lab[i, j] == label:
+                inside[i - y0 + 1, j - x0 + 1] = 1.0
+    a = np.zeros((hh, ww), np.float64)
+    b = np.zeros((hh, ww), np.float64)
+    ci = cy + 1
+    cj = cx + 1
+    for _ in range(n_iter):
+        a[ci, cj] += 1.0
+        for i in range(1, hh - 1):
+            up = a[i - 1]
+            mid = a[i]
+            dn = a[i + 1]
+            out = b[i]
+            msk = inside[i]
+            for j in range(1, ww - 1):
+                # neighbour order of the reference: (0,0) (-1,0) (+1,0) (0,-1) (0,+1) (-1,-1) (-1,+1)
+                # (+1,-1) (+1,+1); pixels of other objects hold 0 in this private crop.
+                s = mid[j] + up[j] + dn[j] + mid[j - 1] + mid[j + 1] + up[j - 1] + up[j + 1]
+                s = s + dn[j - 1] + dn[j + 1]
+                out[j] = (s / 9.0) * msk[j]
+        a, b = b, a
+    for i in range(1, hh - 1):
+        for j in range(1, ww - 1):
+            if inside[i, j] != 0.0:
+                heat[y0 + i, x0 + j] = a[i, j]
+
+
+@njit(cache=True, nogil=True)
+def _objects(lab: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bounding boxes (n, 4), bbox-local sources (n, 2) and the reference iteration count."""
+    box = _bboxes(lab, n)
+    src = np.zeros((n, 2), np.int64)
+    ext = 0
+    for k in range(n):
+        if box[k, 1] <= 0:
+            continue
+        src[k, 0], src[k, 1] = _source(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3])
+        e = (box[k, 1] - box[k, 0]) + (box[k, 3] - box[k, 2]) + 2
+        if e > ext:
+            ext = e
+    return box, src, 2 * ext
+
+
+@njit(cache=True, nogil=True)
+def _unit_gradient(lab: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """(2, H, W) float64 unit central-difference gradient of the padded heat at object pixels."""
+    h, w = lab.shape
+    mu = np.zeros((2, h, w), np.float64)
+    for i in range(h):
+        for j in range(w):
+            if lab[i, j] > 0:
+                dy = heat[i + 2, j + 1] - heat[i, j + 1]
+                dx = heat[i + 1, j + 2] - heat[i + 1, j]
+                nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
+                mu[0, i, j] = dy / nrm
+                mu[1, i, j] = dx / nrm
+    return mu
+
+
+@njit(cache=True, nogil=True)
+def _flows_serial(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
+    box, src, n_ref = _objects(lab, n)
+    if n_iter < 0:
+        n_iter = n_ref
+    heat = np.zeros((lab.shape[0] + 2, lab.shape[1] + 2), np.float64)
+    for k in range(n):
+        if box[k, 1] > 0:
+            _diffuse_object(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3],
+                            src[k, 0], src[k, 1], n_iter, heat)
+    return _unit_gradient(lab, heat)
+
+
+@njit(cache=True, parallel=True)
+def _flows_parallel(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
+    box, src, n_ref = _objects(lab, n)
+    if n_iter < 0:
+        n_iter = n_ref
+    heat = np.zeros((lab.shape[0] + 2, lab.shape[1] + 2), np.float64)
+    # largest crops first so the threads finish together
+    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    order = np.argsort(-area)
+    for t in prange(n):
+        k = order[t]
+        if box[k, 1] > 0:
+            _diffuse_object(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3],
+                            src[k, 0], src[k, 1], n_iter, heat)
+    return _unit_gradient(lab, heat)
+
+
+def flows_numba(lab: np.ndarray, n: int, n_iter: int | None = None, parallel: bool = True) -> np.ndarray:
+    """Unit flows (2, H, W) float64 of consecutive int32 labels 1..n (numba, CPU)."""
+    fn = _flows_parallel if parallel else _flows_serial
+    return fn(np.ascontiguousarray(lab, dtype=np.int32), int(n), -1 if n_iter is None else int(n_iter))
+
+
+def flows_torch(lab: np.ndarray, n: int, device: torch.device, n_iter: int | None = None) -> torch.Tensor:
+    """Unit flows (2, H, W) float32 tensor on `device` of consecutive int32 labels 1..n.
+
+    Dense formulation for accelerators: every iteration updates the whole padded image with the
+    8 same-label neighbour masks. Sources and the iteration count come from the numba helpers.
+    float64 except on MPS (no float64 there).
+    """
+    lab = np.ascontiguousarray(lab, dtype=np.int32)
+    h, w = lab.shape
+    box, src, n_ref = _objects(lab, int(n))
+    if n_iter is None:
+        n_iter = int(n_ref)
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    lab_t = torch.nn.functional.pad(torch.from_numpy(lab).to(device), (1, 1, 1, 1))
+    centre = lab_t[1:-1, 1:-1]
+    fg = centre > 0
+    offsets = [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
+    same = [
+        (lab_t[1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] == centre) & fg for dy, dx in offsets
+    ]
+    heat = torch.zeros((h + 2, w + 2), dtype=dtype, device=device)
+    inner = heat[1:-1, 1:-1]
+    present = box[:, 1] > 0
+    cy = torch.from_numpy(box[present, 0] + src[present, 0] + 1).to(device)
+    cx = torch.from_numpy(box[present, 2] + src[present, 1] + 1).to(device)
+    fg_f = fg.to(dtype)
+    same_f = [s.to(dtype) for s in same]
+    for _ in range(n_iter):
+        heat[cy, cx] += 1.0
+        acc = inner * fg_f
+        for (dy, dx), s in zip(offsets, same_f, strict=True):
+            acc = acc + heat[1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] * s
+        inner.copy_(acc / 9.0)
+    dy = heat[2:, 1:-1] - heat[:-2, 1:-1]
+    dx = heat[1:-1, 2:] - heat[1:-1, :-2]
+    nrm = 1e-60 + torch.sqrt(dy * dy + dx * dx)
+    mu = torch.stack((dy / nrm, dx / nrm)) * fg_f
+    return mu.to(torch.float32)

@@ -1,0 +1,283 @@
+"""Flows -> labels: Euler integration and histogram seeding (numba kernels and a torch version).
+
+Private helper of `cpsam.dynamics`; see that module for the public API.
+
+Behaviour reproduced (recipe section 2.5, pitfall 11):
+* Euler steps on normalised coordinates p = 2 * pixel / (L - 1) - 1, the field scaled by
+  2 / (L - 1), sampled bilinearly as `torch.nn.functional.grid_sample(align_corners=False,
+  padding_mode="zeros")` does on CPU, in float32 with the same operation order, clamped to
+  [-1, 1] per axis after each step; final positions are truncated to int.
+* Every trajectory is a deterministic function of its float32 position, so once a position
+  repeats (a fixed point or a short cycle around a sink) the rest of the trajectory is known:
+  the kernel stops there and reads the final position off the cycle. This is exact, and most
+  pixels reach their cycle long before `niter`.
+* Seeds: histogram bins of final positions that equal their 5x5 maximum and hold > 10 pixels,
+  sorted by count (stable); each grows 5 times by 3x3 dilation inside its 11x11 window on bins
+  with > 2 pixels; later (larger) seeds overwrite earlier ones; pixels take the label of the bin
+  they converged to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+_HISTORY = 16  # longest cycle detected (positions remembered per trajectory)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sample(field, gx, gy, half_w, half_h):
+    """Bilinear sample of the padded field at normalised (gx, gy), like torch CPU grid_sample.
+
+    `field` is (H+2, W+2, 2) float32 [x, y] with a zero border, so that the zero padding of
+    grid_sample needs no bounds checks: positions stay in [-1, 1], hence corners in [-1, L].
+    The float32 operation order is the one of torch's vectorised CPU kernel.
+    """
+    one = np.float32(1.0)
+    x = (gx + one) * half_w - np.float32(0.5)
+    y = (gy + one) * half_h - np.float32(0.5)
+    x_w = np.floor(x)
+    y_n = np.floor(y)
+    we = x - x_w
+    ea = one - we
+    no = y - y_n
+    so = one - no
+    nw = so * ea
+    ne = so * we
+    sw = no * ea
+    se = no * we
+    ix = np.int64(x_w) + 1
+    iy = np.int64(y_n) + 1
+    vx = field[iy, ix, 0] * nw + field[iy, ix + 1, 0] * ne
+    vx = vx + field[iy + 1, ix, 0] * sw
+    vx = vx + field[iy + 1, ix + 1, 0] * se
+    vy = field[iy, ix, 1] * nw + field[iy, ix + 1, 1] * ne
+    vy = vy + field[iy + 1, ix, 1] * sw
+    vy = vy + field[iy + 1, ix + 1, 1] * se
+    return vx, vy
+
+
+@njit(cache=True, nogil=True)
+def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
+    """Integrate trajectories start..stop; write truncated final (y, x) pixel positions to out."""
+    half_w = np.float32(field.shape[1] - 2) / np.float32(2.0)
+    half_h = np.float32(field.shape[0] - 2) / np.float32(2.0)
+    one = np.float32(1.0)
+    two = np.float32(2.0)
+    half = np.float32(0.5)
+    hx = np.empty(_HISTORY, np.float32)
+    hy = np.empty(_HISTORY, np.float32)
+    for n in range(start, stop):
+        px = np.float32(xs[n]) / scale_x * two - one
+        py = np.float32(ys[n]) / scale_y * two - one
+        t = 0
+        while t < niter:
+            hx[t % _HISTORY] = px
+            hy[t % _HISTORY] = py
+            vx, vy = _sample(field, px, py, half_w, half_h)
+            qx = min(max(px + vx, -one), one)
+            qy = min(max(py + vy, -one), one)
+            t += 1
+            if qx == px and qy == py:  # fixed point: nothing moves any more
+                break
+            px = qx
+            py = qy
+            if t % _HISTORY == 0 or t == niter:
+                # p_t against p_{t-k}, k <= min(t, _HISTORY), all still in the ring
+                found = False
+                for k in range(2, min(t, _HISTORY) + 1):
+                    j = (t - k) % _HISTORY
+                    if hx[j] == px and hy[j] == py:
+                        # periodic with period k from step t-k: p_niter = p_{t-k + (niter-t+k) % k}
+                        r = (t - k) + (niter - t + k) % k
+                        px = hx[r % _HISTORY]
+                        py = hy[r % _HISTORY]
+                        found = True
+                        break
+                if found:
+                    break
+        fx = (px + one) * half * scale_x
+        fy = (py + one) * half * scale_y
+        out[0, n] = np.int32(fy)
+        out[1, n] = np.int32(fx)
+
+
+@njit(cache=True, parallel=True)
+def _integrate_parallel(field, ys, xs, niter, scale_x, scale_y, nchunks):
+    out = np.empty((2, ys.shape[0]), np.int32)
+    n = ys.shape[0]
+    step = (n + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _integrate_serial(field, ys, xs, niter, scale_x, scale_y):
+    out = np.empty((2, ys.shape[0]), np.int32)
+    _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y)
+    return out
+
+
+def normalised_field(dP: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """(H+2, W+2, 2) float32 [x, y] field, zero border: dP * fg / 5 scaled by 2 / (L - 1)."""
+    h, w = fg.shape
+    d = dP.astype(np.float32, copy=False) * fg / np.float32(5.0)
+    field = np.zeros((h + 2, w + 2, 2), np.float32)
+    # the reference multiplies a float32 tensor by a Python float: the factor is rounded to float32
+    field[1:-1, 1:-1, 0] = d[1] * np.float32(2.0 / max(w - 1, 1))
+    field[1:-1, 1:-1, 1] = d[0] * np.float32(2.0 / max(h - 1, 1))
+    return field
+
+
+def integrate_numba(dP: np.ndarray, fg: np.ndarray, niter: int, parallel: bool = True) -> np.ndarray:
+    """Final truncated (2, N) int32 [y, x] positions of the N foreground pixels (row-major order)."""
+    h, w = fg.shape
+    field = normalised_field(dP, fg)
+    ys, xs = np.nonzero(fg)
+    ys = ys.astype(np.int32)
+    xs = xs.astype(np.int32)
+    sx = np.float32(max(w - 1, 1))
+    sy = np.float32(max(h - 1, 1))
+    if parallel and len(ys) > 4096:
+        return _integrate_parallel(field, ys, xs, int(niter), sx, sy, 64)
+    return _integrate_serial(field, ys, xs, int(niter), sx, sy)
+
+
+def integrate_torch(
+    dPs: torch.Tensor, fgs: torch.Tensor, niter: int
+) -> list[torch.Tensor]:
+    """Batched Euler integration with `grid_sample` on any device.
+
+    dPs (B, 2, H, W) float32 network flows (x5 scale), fgs (B, H, W) bool. Returns per image a
+    (2, N_b) int32 tensor of truncated final [y, x] positions of its foreground pixels.
+    """
+    b, _, h, w = dPs.shape
+    d = dPs * fgs[:, None].to(dPs.dtype) / 5.0
+    im = torch.stack((d[:, 1] * (2.0 / max(w - 1, 1)), d[:, 0] * (2.0 / max(h - 1, 1))), dim=1)
+    idx = [torch.nonzero(fgs[i]) for i in range(b)]
+    npts = max(1, max(int(p.shape[0]) for p in idx))
+    pt = torch.zeros((b, 1, npts, 2), dtype=torch.float32, device=dPs.device)
+    for i, p in enumerate(idx):
+        pt[i, 0, : p.shape[0], 0] = p[:, 1].float() / max(w - 1, 1)
+        pt[i, 0, : p.shape[0], 1] = p[:, 0].float() / max(h - 1, 1)
+    pt = pt * 2 - 1
+    for _ in range(niter):
+        v = torch.nn.functional.grid_sample(im, pt, mode="bilinear", padding_mode="zeros", align_corners=False)
+        pt = (pt + v[:, :, 0].permute(0, 2, 1)[:, None]).clamp_(-1.0, 1.0)
+    pt = (pt + 1) * 0.5
+    out = []
+    for i, p in enumerate(idx):
+        q = pt[i, 0, : p.shape[0]]
+        yx = torch.stack((q[:, 1] * max(h - 1, 1), q[:, 0] * max(w - 1, 1)))
+        out.append(yx.int())
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _labels_from_positions(pos, h, w):
+    """Cellpose's histogram seeding and growth; returns (N,) int64 seed labels (0 = none), n_seeds."""
+    n = pos.shape[1]
+    hist = np.zeros((h, w), np.int32)
+    for k in range(n):
+        y = min(max(pos[0, k], 0), h - 1)
+        x = min(max(pos[1, k], 0), w - 1)
+        hist[y, x] += 1
+    # 5x5 local maxima with > 10 hits, row-major order
+    seeds_y = []
+    seeds_x = []
+    counts = []
+    for i in range(h):
+        for j in range(w):
+            c = hist[i, j]
+            if c <= 10:
+                continue
+            ok = True
+            for di in range(max(0, i - 2), min(h, i + 3)):
+                for dj in range(max(0, j - 2), min(w, j + 3)):
+                    if hist[di, dj] > c:
+                        ok = False
+            if ok:
+                seeds_y.append(i)
+                seeds_x.append(j)
+                counts.append(c)
+    ns = len(counts)
+    lab = np.zeros((h, w), np.int64)
+    if ns == 0:
+        return np.zeros(n, np.int64), 0
+    order = np.argsort(np.array(counts), kind="mergesort")
+    win = np.zeros((11, 11), np.bool_)
+    grown = np.zeros((11, 11), np.bool_)
+    for r in range(ns):
+        s = order[r]
+        sy = seeds_y[s]
+        sx = seeds_x[s]
+        for a in range(11):
+            for b in range(11):
+                y = sy + a - 5
+                x = sx + b - 5
+                win[a, b] = y >= 0 and y < h and x >= 0 and x < w and hist[y, x] > 2
+                grown[a, b] = False
+        grown[5, 5] = True
+        for _ in range(5):
+            nxt = np.zeros((11, 11), np.bool_)
+            for a in range(11):
+                for b in range(11):
+                    if win[a, b]:
+                        hit = False
+                        for da in range(max(0, a - 1), min(11, a + 2)):
+                            for db in range(max(0, b - 1), min(11, b + 2)):
+                                if grown[da, db]:
+                                    hit = True
+                        nxt[a, b] = hit
+            grown = nxt
+        for a in range(11):
+            for b in range(11):
+                if grown[a, b]:
+                    lab[sy + a - 5, sx + b - 5] = r + 1
+    out = np.empty(n, np.int64)
+    for k in range(n):
+        y = min(max(pos[0, k], 0), h - 1)
+        x = min(max(pos[1, k], 0), w - 1)
+        out[k] = lab[y, x]
+    return out, ns
+
+
+def labels_from_positions(pos: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """Seed label (N,) int64 of every integrated pixel (0 = no seed) and the number of seeds."""
+    return _labels_from_positions(np.ascontiguousarray(pos, dtype=np.int64), int(shape[0]), int(shape[1]))
+
+
+@njit(cache=True, parallel=True)
+def _mask_errors(masks, mu, dP, n):
+    """Per-mask mean of sum_c (mu_c - dP_c / 5)^2 (float64), masks 1..n."""
+    h, w = masks.shape
+    rows_s = np.zeros((h, n + 1), np.float64)
+    rows_c = np.zeros((h, n + 1), np.int64)
+    five = np.float32(5.0)
+    for i in prange(h):
+        for j in range(w):
+            m = masks[i, j]
+            if m > 0:
+                ey = mu[0, i, j] - np.float64(dP[0, i, j] / five)
+                ex = mu[1, i, j] - np.float64(dP[1, i, j] / five)
+                rows_s[i, m] += ey * ey + ex * ex
+                rows_c[i, m] += 1
+    s = rows_s.sum(axis=0)
+    c = rows_c.sum(axis=0)
+    err = np.zeros(n, np.float64)
+    for k in range(n):
+        if c[k + 1] > 0:
+            err[k] = s[k + 1] / c[k + 1]
+    return err
+
+
+def mask_errors(masks: np.ndarray, mu: np.ndarray, dP: np.ndarray, n: int) -> np.ndarray:
+    """(n,) float64 mean squared flow error of masks 1..n (see `cpsam.dynamics.flow_error`)."""
+    return _mask_errors(
+        np.ascontiguousarray(masks, dtype=np.int64),
+        np.ascontiguousarray(mu, dtype=np.float64),
+        np.ascontiguousarray(dP, dtype=np.float32),
+        int(n),
+    )
