@@ -1,0 +1,124 @@
+"""Find label images in two folder trees and pair them by name.
+
+Rule (documented for users in `cpsam eval --help`):
+
+* Label files are `.tif`, `.tiff`, `.png` and `.npy` files anywhere under the folder; folders
+  whose name starts with `.` or `_` (e.g. `_qc`) are skipped.
+* A file's *key* is its name without the extension and without a trailing mask marker:
+  `_cp_masks`, `_masks`, `_mask`, `_labels` or `_label` (so `NAME.tif`, `NAME_masks.tif`,
+  `NAME_cp_masks.png` all have the key `NAME`).
+* If any file in a tree carries a marker, only marked files are label files there (so
+  `NAME_img.tif`, flows and quick-look PNGs beside `NAME_masks.tif` are ignored); otherwise every
+  file is a label file.
+* Files pair first by (sub-folder, key); what is left pairs by key alone when that key is unique
+  in both trees (a flat prediction folder against a ground truth split into sub-folders).
+* The dataset of a pair is the first sub-folder of its reference (ground-truth) file, or the
+  reference folder's own name for files at its top level.
+* Reference files without a prediction, predictions without a reference, and keys that occur more
+  than once in a tree are all reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LABEL_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".npy")
+MASK_MARKERS: tuple[str, ...] = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
+
+
+@dataclass(frozen=True)
+class LabelFile:
+    """A label image found under a root folder."""
+
+    path: Path
+    key: str  # name without extension and mask marker
+    folder: str  # parent folder relative to the root, POSIX style; "" at the top level
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A reference (ground truth) file and the prediction for it."""
+
+    dataset: str
+    key: str
+    reference: Path
+    prediction: Path
+
+
+@dataclass
+class Pairing:
+    """Result of pairing two trees."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    missing: list[Path] = field(default_factory=list)  # reference files with no prediction
+    extra: list[Path] = field(default_factory=list)  # predictions with no reference
+    duplicates: list[str] = field(default_factory=list)  # "key: path, path" for ambiguous keys
+
+
+def split_key(name: str) -> tuple[str, bool]:
+    """(key, had_marker) for a file name, e.g. 'a_cp_masks.png' -> ('a', True)."""
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
+    for marker in MASK_MARKERS:
+        if stem.endswith(marker) and len(stem) > len(marker):
+            return stem[: -len(marker)], True
+    return stem, False
+
+
+def find_label_files(root: Path) -> list[LabelFile]:
+    """Label files under `root` (recursive), sorted by path; see the module rule."""
+    found: list[tuple[LabelFile, bool]] = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith((".", "_")) for part in rel.parts[:-1]) or rel.name.startswith("."):
+            continue
+        if not path.is_file() or path.suffix.lower() not in LABEL_SUFFIXES:
+            continue
+        key, marked = split_key(path.name)
+        folder = rel.parent.as_posix()
+        found.append((LabelFile(path, key, "" if folder == "." else folder), marked))
+    if any(marked for _, marked in found):
+        return [f for f, marked in found if marked]
+    return [f for f, _ in found]
+
+
+def dataset_of(file: LabelFile, root: Path) -> str:
+    """First sub-folder of the file under its root, or the root folder's own name."""
+    return file.folder.split("/")[0] if file.folder else (root.resolve().name or str(root))
+
+
+def pair_files(pred_root: Path, ref_root: Path) -> Pairing:
+    """Pair predictions under `pred_root` with reference label files under `ref_root`."""
+    preds, refs = find_label_files(pred_root), find_label_files(ref_root)
+    out = Pairing()
+    for files in (preds, refs):
+        counts = Counter((f.folder, f.key) for f in files)
+        for (folder, key), n in sorted(counts.items()):
+            if n > 1:
+                paths = ", ".join(str(f.path) for f in files if (f.folder, f.key) == (folder, key))
+                out.duplicates.append(f"{key}: {paths}")
+    pred_by_loc = {(f.folder, f.key): f for f in preds}
+    left_refs: list[LabelFile] = []
+    used: set[Path] = set()
+    for ref in refs:
+        pred = pred_by_loc.get((ref.folder, ref.key))
+        if pred is not None and pred.path not in used:
+            used.add(pred.path)
+            out.pairs.append(Pair(dataset_of(ref, ref_root), ref.key, ref.path, pred.path))
+        else:
+            left_refs.append(ref)
+    left_preds = [p for p in preds if p.path not in used]
+    pred_keys = Counter(p.key for p in left_preds)
+    ref_keys = Counter(r.key for r in left_refs)
+    pred_by_key = {p.key: p for p in left_preds}
+    for ref in left_refs:
+        if ref_keys[ref.key] == 1 and pred_keys.get(ref.key) == 1:
+            pred = pred_by_key[ref.key]
+            used.add(pred.path)
+            out.pairs.append(Pair(dataset_of(ref, ref_root), ref.key, ref.path, pred.path))
+        else:
+            out.missing.append(ref.path)
+    out.extra = [p.path for p in preds if p.path not in used]
+    out.pairs.sort(key=lambda p: (p.dataset, p.key))
+    return out

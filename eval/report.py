@@ -1,0 +1,198 @@
+"""Score paired label files and build the report tables (per image, per dataset) as CSV/Markdown.
+
+Averaging follows the paper: every ratio (AP, error rate, precision, recall, F1, matched IoU, PQ,
+AJI, binary IoU, relative count error) is computed per image and then averaged over the images of
+a dataset; counts (TP, FP, FN, objects, absolute count error) are summed. The `all` row averages
+over every image (not over dataset means).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cpsam.io import InputFileError, atomic_path, read_labels
+from eval.metrics import COUNT_FIELDS, DEFAULT_THRESHOLDS, ImageScores, score_image
+from eval.pairing import Pair, Pairing
+
+ALL_DATASETS = "all"
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Scores of one pair, or the reason it could not be scored."""
+
+    pair: Pair
+    scores: ImageScores | None
+    error: str | None = None
+
+
+def score_pair(pair: Pair, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> ImageResult:
+    """Read and score one pair; unreadable files or shape mismatches become `error` (naming the file)."""
+    try:
+        ref = read_labels(pair.reference)
+        pred = read_labels(pair.prediction)
+    except InputFileError as exc:
+        return ImageResult(pair, None, str(exc))
+    if ref.shape != pred.shape:
+        return ImageResult(
+            pair,
+            None,
+            f"{pair.prediction}: shape {pred.shape} does not match ground truth {pair.reference} {ref.shape}",
+        )
+    try:
+        return ImageResult(pair, score_image(ref, pred, thresholds))
+    except ValueError as exc:  # e.g. negative ids
+        return ImageResult(pair, None, f"{pair.prediction} vs {pair.reference}: {exc}")
+
+
+def score_pairs(
+    pairing: Pairing, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, progress: bool = True
+) -> list[ImageResult]:
+    """Score every pair (tqdm progress bar on stderr)."""
+    return [score_pair(p, thresholds) for p in tqdm(pairing.pairs, desc="scoring", unit="image", disable=not progress)]
+
+
+def image_rows(results: Iterable[ImageResult]) -> list[dict[str, object]]:
+    """One row per scored image: dataset, name, files, then every metric column."""
+    rows = []
+    for r in results:
+        if r.scores is None:
+            continue
+        row: dict[str, object] = {
+            "dataset": r.pair.dataset,
+            "name": r.pair.key,
+            "reference": str(r.pair.reference),
+            "prediction": str(r.pair.prediction),
+        }
+        row.update(r.scores.as_row())
+        rows.append(row)
+    return rows
+
+
+def _metric_name(column: str) -> str:
+    return column.split("@")[0]
+
+
+def summary_rows(results: Iterable[ImageResult]) -> list[dict[str, object]]:
+    """One row per dataset (sorted) plus an `all` row: n_images, summed counts, per-image means."""
+    scored = [(r.pair.dataset, r.scores.as_row()) for r in results if r.scores is not None]
+    if not scored:
+        return []
+    columns = list(scored[0][1])
+    groups: dict[str, list[dict[str, float]]] = {}
+    for dataset, row in scored:
+        groups.setdefault(dataset, []).append(row)
+    groups[ALL_DATASETS] = [row for _, row in scored]
+    out = []
+    for dataset in [*sorted(d for d in groups if d != ALL_DATASETS), ALL_DATASETS]:
+        rows = groups[dataset]
+        summary: dict[str, object] = {"dataset": dataset, "n_images": len(rows)}
+        for col in columns:
+            values = [row[col] for row in rows]
+            summary[col] = sum(values) if _metric_name(col) in COUNT_FIELDS else math.fsum(values) / len(values)
+        out.append(summary)
+    return out
+
+
+HEADLINE_METRICS: tuple[str, ...] = (
+    "ap",
+    "error_rate",
+    "f1",
+    "mean_matched_iou",
+    "panoptic_quality",
+)
+
+
+def headline_columns(thresholds: Sequence[float]) -> list[str]:
+    """The paper's table columns: AP at every threshold, then error rate and StarDist's metrics at
+    the first threshold, then AJI, binary IoU and the relative count error."""
+    first = f"{thresholds[0]:g}"
+    cols = ["dataset", "n_images", "n_true", "n_pred"]
+    cols += [f"ap@{t:g}" for t in thresholds]
+    cols += [f"{m}@{first}" for m in HEADLINE_METRICS[1:]]
+    cols += ["aji", "binary_iou", "count_rel_error"]
+    return cols
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
+    """GitHub Markdown table of `columns` (floats with 4 decimals)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, object]], columns: Sequence[str] | None = None) -> Path:
+    """Write rows as CSV atomically (full float precision); columns default to the first row's keys."""
+    cols = list(columns) if columns is not None else (list(rows[0]) if rows else [])
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
+
+
+def problems_markdown(pairing: Pairing, results: Sequence[ImageResult]) -> str:
+    """Markdown sections listing bad files, missing and extra files, ambiguous names ('' if none)."""
+    sections = []
+    bad = [r.error for r in results if r.error]
+    for title, items in (
+        ("Files that could not be scored", bad),
+        ("Ground-truth files without a prediction", [str(p) for p in pairing.missing]),
+        ("Predictions without a ground-truth file", [str(p) for p in pairing.extra]),
+        ("Names found more than once", pairing.duplicates),
+    ):
+        if items:
+            sections.append(f"### {title} ({len(items)})\n\n" + "\n".join(f"- `{i}`" for i in items))
+    return "\n\n".join(sections)
+
+
+def report_markdown(
+    title: str, pairing: Pairing, results: Sequence[ImageResult], thresholds: Sequence[float]
+) -> str:
+    """The whole Markdown report: summary (dataset x metric), per-image table, problems."""
+    summary = summary_rows(results)
+    per_image = image_rows(results)
+    cols = headline_columns(thresholds)
+    image_cols = ["dataset", "name", *cols[2:]]
+    parts = [
+        f"# {title}",
+        "Per-image values averaged over the images of each dataset (the paper's rule); counts summed.",
+        "## Summary",
+        markdown_table(summary, cols) if summary else "_no image could be scored_",
+        "## Per image",
+        markdown_table(per_image, image_cols) if per_image else "_none_",
+    ]
+    problems = problems_markdown(pairing, results)
+    if problems:
+        parts += ["## Problems", problems]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(
+    out_csv: Path, title: str, pairing: Pairing, results: Sequence[ImageResult], thresholds: Sequence[float]
+) -> list[Path]:
+    """Write `out_csv` (per image, every column), `<stem>_summary.csv` and `<stem>.md`, atomically.
+
+    Returns the written paths.
+    """
+    out_csv = Path(out_csv)
+    stem = out_csv.with_suffix("")
+    summary_csv = stem.parent / f"{stem.name}_summary.csv"
+    md = stem.parent / f"{stem.name}.md"
+    write_csv(out_csv, image_rows(results))
+    write_csv(summary_csv, summary_rows(results))
+    with atomic_path(md) as tmp:
+        tmp.write_text(report_markdown(title, pairing, results, thresholds))
+    return [out_csv, summary_csv, md]
