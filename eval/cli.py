@@ -27,8 +27,9 @@ quality (as StarDist); AJI; binary foreground IoU; object-count errors. Dataset 
 per-image values (the Cellpose-SAM paper's rule) and sum the counts.
 
 outputs with --out R.csv: R.csv (per image, every column), R_summary.csv (dataset x metric), R.md
-(both tables and the list of missing/extra/bad files). --compare DIR2 also scores --pred against
-DIR2 (e.g. student vs teacher) into R_vs_<DIR2 name>.csv/.md; without --gt only that is done."""
+(both tables and the list of missing/extra/bad files), R_error_rate.png (bars per dataset).
+--compare DIR2 also scores --pred against DIR2 (e.g. student vs teacher) into R_vs_<DIR2 name>.*;
+without --gt only that is done."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +70,18 @@ def _evaluate(pred: Path, ref: Path, title: str, out: Path | None, args: argpars
     if problems:
         print("\n" + problems, file=sys.stderr)
     if out is not None:
-        for path in report.write_report(out, title, pairing, results, args.thresholds):
+        written = report.write_report(out, title, pairing, results, args.thresholds)
+        if summary:
+            from eval.plots import error_rate_bars
+
+            metric = f"error_rate@{args.thresholds[0]:g}"
+            png = out.with_name(f"{out.with_suffix('').name}_error_rate.png")
+            written.append(
+                error_rate_bars(
+                    {pred.name: summary}, png, metric=metric, title=f"{metric} per dataset: {pred.name} vs {ref.name}"
+                )
+            )
+        for path in written:
             print(f"wrote {path}")
     n_bad = sum(r.error is not None for r in results)
     return n_bad + (0 if summary else 1)
