@@ -45,7 +45,7 @@ def scatter_ids(rng: np.random.Generator, lab: np.ndarray, dtype: type, top: int
     """Map ids 1..n to distinct random ids in 1..top-1 (non-consecutive), cast to dtype."""
     ids = np.unique(lab)[1:]
     lut = np.zeros(int(lab.max()) + 1, np.int64)
-    lut[ids] = rng.choice(np.arange(1, top), ids.size, replace=False)
+    lut[ids] = rng.choice(top - 1, ids.size, replace=False) + 1  # no arange(top): top may be 2**31
     return lut[lab].astype(dtype)
 
 
@@ -199,7 +199,7 @@ def test_any_integer_dtype_and_huge_ids_give_the_same_scores(dtype: type) -> Non
     true, pred = random_pair(5)
     ref = score_image(true.astype(np.int64), pred.astype(np.int64))
     rng = np.random.default_rng(1)
-    top = {np.uint8: 255, np.int16: 30000}.get(dtype, 2**31 - 1)
+    top = {np.uint8: 255, np.int16: 32767, np.uint16: 65535}.get(dtype, 2**31 - 1)
     t2, p2 = scatter_ids(rng, true, dtype, top), scatter_ids(rng, pred, dtype, top)
     if dtype is np.uint64:  # ids far beyond any table: the sort path
         t2 = np.where(t2 > 0, t2.astype(np.uint64) + np.uint64(2**62), 0).astype(np.uint64)
