@@ -77,6 +77,13 @@ class Assignment:
         return int(np.count_nonzero(self.tp))
 
 
+def as_labels(x: object) -> np.ndarray:
+    """A numpy view of a label image given as a numpy array or a torch tensor on any device."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor (CPU or CUDA) without importing torch
+        return x.detach().cpu().numpy()
+    return x  # type: ignore[return-value]  # validated by check_label_pair
+
+
 def check_label_pair(true: np.ndarray, pred: np.ndarray) -> None:
     """Raise ValueError unless `true` and `pred` are same-shape, non-negative integer label arrays."""
     for name, arr in (("ground truth", true), ("prediction", pred)):
@@ -122,12 +129,13 @@ def label_overlap(true: np.ndarray, pred: np.ndarray) -> Overlap:
 
     Args:
         true, pred: (H, W) (or any same shape) integer label images, 0 = background; ids need not
-            be consecutive; any integer dtype.
+            be consecutive; any integer dtype; numpy arrays or torch tensors (any device).
     Returns:
         Overlap with every pair of objects that share at least one pixel.
     Raises:
         ValueError on shape mismatch, non-integer dtype or negative ids.
     """
+    true, pred = as_labels(true), as_labels(pred)
     check_label_pair(true, pred)
     ft, fp = true.ravel(), pred.ravel()
     true_ids, true_area, lut_t = _id_table(ft)

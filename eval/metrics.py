@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eval.matching import Overlap, assign, check_label_pair, label_overlap
+from eval.matching import Overlap, as_labels, assign, check_label_pair, label_overlap
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.75, 0.9)
 ERROR_RATE_THRESHOLD = 0.5
@@ -214,6 +214,7 @@ def aggregated_jaccard_index(true: np.ndarray, pred: np.ndarray) -> float:
 
 def binary_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of the foregrounds (label > 0) of two same-shape label images; 1.0 when both are empty."""
+    a, b = as_labels(a), as_labels(b)
     check_label_pair(a, b)
     fa, fb = a > 0, b > 0
     union = int(np.count_nonzero(fa | fb))

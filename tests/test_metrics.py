@@ -268,3 +268,11 @@ def test_error_rate_and_binary_iou_helpers() -> None:
     b = np.array([[5, 5, 0], [0, 7, 0]], np.uint16)
     assert binary_iou(a, b) == 2 / 5
     assert aggregated_jaccard_index(a, a) == 1.0
+
+
+def test_torch_tensors_are_accepted() -> None:
+    torch = pytest.importorskip("torch")
+    true, pred = random_pair(9)
+    ref = score_image(true, pred)
+    assert score_image(torch.from_numpy(true), torch.from_numpy(pred.astype(np.int32))) == ref
+    assert binary_iou(torch.from_numpy(true), torch.from_numpy(pred)) == ref.binary_iou
