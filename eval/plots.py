@@ -63,7 +63,8 @@ def error_rate_bars(
         bars = ax.bar(x + (k - (n_models - 1) / 2) * width, values, width, label=model)
         ax.bar_label(bars, labels=[f"{v:.2f}" if np.isfinite(v) else "" for v in values], fontsize=7, padding=2)
     ax.set_xticks(x, datasets, rotation=30, ha="right")
-    ax.set_ylabel(metric.replace("_", " "))
+    better = " (lower is better)" if metric.startswith(("error_rate", "count_")) else ""
+    ax.set_ylabel(metric.replace("_", " ") + better)
     ax.set_title(title or f"{metric.replace('_', ' ')} per dataset (mean over images)")
     ax.margins(y=0.15)
     ax.grid(axis="y", alpha=0.3)

@@ -7,6 +7,11 @@ import warnings
 import numpy as np
 import pytest
 from cellpose import metrics as cp_metrics
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_bipartite_matching
 from stardist.matching import matching as sd_matching  # pure numpy/numba: no TensorFlow import
 
 from eval.matching import assign, label_overlap
@@ -276,3 +281,25 @@ def test_torch_tensors_are_accepted() -> None:
     ref = score_image(true, pred)
     assert score_image(torch.from_numpy(true), torch.from_numpy(pred.astype(np.int32))) == ref
     assert binary_iou(torch.from_numpy(true), torch.from_numpy(pred)) == ref.binary_iou
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9)), elements=st.integers(0, 6)),
+    arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9)), elements=st.integers(0, 6)),
+    st.sampled_from([0.1, 0.3, 0.5, 0.75]),
+)
+def test_properties_tp_is_max_matching_and_symmetric(a: np.ndarray, b: np.ndarray, th: float) -> None:
+    b = np.resize(b, a.shape)
+    s = score_image(a, b, [th]).at(th)
+    # independent oracle: TP = maximum cardinality matching of the bipartite graph "IoU >= th"
+    ov = label_overlap(a, b)
+    keep = ov.iou >= th
+    graph = csr_matrix((np.ones(keep.sum()), (ov.pair_true[keep], ov.pair_pred[keep])), shape=(ov.n_true, ov.n_pred))
+    assert s.tp == int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum())
+    # swapping the roles swaps FP and FN and keeps the symmetric scores
+    r = score_image(b, a, [th]).at(th)
+    assert (r.tp, r.fp, r.fn, r.ap, r.f1) == (s.tp, s.fn, s.fp, s.ap, s.f1)
+    # renaming ids (a permutation, keeping 0) changes nothing
+    perm = np.array([0, 6, 4, 5, 1, 3, 2], np.uint8)
+    assert score_image(perm[a], b, [th]) == score_image(a, b, [th])
