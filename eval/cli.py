@@ -16,8 +16,9 @@ from pathlib import Path
 PAIRING_HELP = """\
 pairing: label files are .tif/.tiff/.png/.npy anywhere under a folder (folders starting with '.' or
 '_' are skipped). A file's name without extension and without a trailing _cp_masks, _masks, _mask,
-_labels or _label is its key (NAME.tif, NAME_masks.tif and NAME_cp_masks.png all pair as NAME). In a
-tree where some files carry such a marker, only those are label files (NAME_img.tif is ignored).
+_labels or _label is its key (NAME.tif, NAME_masks.tif and NAME_cp_masks.png all pair as NAME; so
+does NAME_img_masks.tif: _img/_image before a marker is dropped). In a tree where some files carry
+such a marker, only those are label files (NAME_img.tif is ignored).
 Files pair by (sub-folder, key), then by key alone when it is unique in both trees. The dataset of
 a pair is the first sub-folder of its ground-truth file (the ground-truth folder's name at the top).
 

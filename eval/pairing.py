@@ -6,7 +6,9 @@ Rule (documented for users in `cpsam eval --help`):
   whose name starts with `.` or `_` (e.g. `_qc`) are skipped.
 * A file's *key* is its name without the extension and without a trailing mask marker:
   `_cp_masks`, `_masks`, `_mask`, `_labels` or `_label` (so `NAME.tif`, `NAME_masks.tif`,
-  `NAME_cp_masks.png` all have the key `NAME`).
+  `NAME_cp_masks.png` all have the key `NAME`); after a marker, a trailing `_img` or `_image` is
+  dropped too, so masks predicted for `NAME_img.tif` (`NAME_img_masks.tif`) pair with
+  `NAME_masks.tif`.
 * If any file in a tree carries a marker, only marked files are label files there (so
   `NAME_img.tif`, flows and quick-look PNGs beside `NAME_masks.tif` are ignored); otherwise every
   file is a label file.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 LABEL_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".npy")
 MASK_MARKERS: tuple[str, ...] = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
+IMAGE_TAGS: tuple[str, ...] = ("_img", "_image")
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,11 @@ def split_key(name: str) -> tuple[str, bool]:
     stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
     for marker in MASK_MARKERS:
         if stem.endswith(marker) and len(stem) > len(marker):
-            return stem[: -len(marker)], True
+            key = stem[: -len(marker)]
+            for tag in IMAGE_TAGS:  # NAME_img_masks.tif: masks predicted for NAME_img.tif
+                if key.endswith(tag) and len(key) > len(tag):
+                    return key[: -len(tag)], True
+            return key, True
     return stem, False
 
 

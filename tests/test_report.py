@@ -39,6 +39,8 @@ def test_split_key_strips_one_marker_and_the_extension() -> None:
     assert split_key("a.tif") == ("a", False)
     assert split_key("_masks.tif") == ("_masks", False)  # nothing left: not a marker
     assert split_key("x_img.tif") == ("x_img", False)
+    assert split_key("x_img_masks.tif") == ("x", True)  # cpsam segment's output for x_img.tif
+    assert split_key("_img_masks.tif") == ("_img", True)
 
 
 def test_find_label_files_prefers_marked_files_and_skips_underscore_folders(tmp_path: Path) -> None:
