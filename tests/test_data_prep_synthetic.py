@@ -64,9 +64,7 @@ def test_write_synthetic_dataset(tmp_path):
     ds = CanonicalDataset(tmp_path)
     assert len(ds) == 3 == len(rows) and all(r.dataset == "synthetic_fluorescence" for r in ds)
     assert all(r.n_objects > 3 and 15 < r.median_diameter < 33 for r in ds)
-    write_synthetic_dataset(
-        tmp_path, 2, SyntheticConfig(shape=(96, 96), modality="phase"), seed=7, split="test"
-    )
+    write_synthetic_dataset(tmp_path, 2, SyntheticConfig(shape=(96, 96), modality="phase"), seed=7, split="test")
     assert len(CanonicalDataset(tmp_path)) == 5 and len(CanonicalDataset(tmp_path, split="test")) == 2
 
 
@@ -100,9 +98,7 @@ def test_timelapse_crops_with_masks(tmp_path):
     assert len(frames) == 5  # five distinct random frames
     again = tmp_path / "again"
     timelapse_crops([tmp_path / "movie.tif"], again, masks=[tmp_path / "movie_masks.tif"], seed=1)
-    assert sorted(p.name for p in (again / "images").iterdir()) == sorted(
-        p.name for p in (out / "images").iterdir()
-    )
+    assert sorted(p.name for p in (again / "images").iterdir()) == sorted(p.name for p in (out / "images").iterdir())
 
 
 def test_timelapse_without_masks_writes_images_to_annotate(tmp_path):
@@ -120,9 +116,7 @@ def _big_example(tmp_path):
         lab[y : y + 30, x : x + 30] = k
     img = np.random.default_rng(0).integers(0, 255, (3, 200, 300), dtype=np.uint8)
     root = tmp_path / "big"
-    write_index(
-        root, [write_example(root, "big", img, lab, dataset="d", split="val", license="x", source="s")]
-    )
+    write_index(root, [write_example(root, "big", img, lab, dataset="d", split="val", license="x", source="s")])
     return root, img, lab
 
 
@@ -152,3 +146,23 @@ def test_subimages_per_cell(tmp_path):
         window = lab[y0 : y0 + 60, x0 : x0 + 60]
         assert (window == k).sum() == 900  # the whole cell is inside its window
         np.testing.assert_array_equal(ds.mask(i) > 0, window > 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("modality", "min_ap50"), [("fluorescence", 0.9), ("phase", 0.75)])
+def test_classic_cyto_network_segments_synthetic_cells(modality, min_ap50):
+    """The demo's premise: Cellpose's 2020 cyto net finds the synthetic cells (measured on 3 images
+    each at diameter 30 px: AP@0.5 0.95 fluorescence, 0.86 phase)."""
+    from conftest import shared_path
+
+    from cpsam.models.loading import load_model
+    from cpsam.segment import Segmenter
+    from eval.metrics import average_precision
+
+    model = load_model(shared_path("weights", "cyto_0_cpnet_torch.pt"))
+    pairs = [
+        synthesize(SyntheticConfig(shape=(256, 256), diameter=30, modality=modality), seed=100 + s) for s in range(2)
+    ]
+    res = Segmenter(model, device="cpu").segment([p[0] for p in pairs], diameter=30, channels=[0, 0])
+    ap, _, _, _ = average_precision([p[1] for p in pairs], [r.masks for r in res], thresholds=[0.5])
+    assert ap.mean() > min_ap50
