@@ -25,6 +25,10 @@ class DownloadError(RuntimeError):
     """A download that failed; the message says what happened and whether rerunning resumes it."""
 
 
+class _PermanentError(DownloadError):
+    """A failure that retrying cannot fix (HTTP error status, a web page instead of the file)."""
+
+
 def sha256_of(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in `chunk`-byte blocks."""
     h = hashlib.sha256()
@@ -49,7 +53,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk: int) 
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # range not satisfiable: the journal already holds everything
             return
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+        raise _PermanentError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise DownloadError(f"{url}: cannot connect ({exc})") from exc
     with resp:
@@ -58,7 +62,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, chunk: int) 
             part.unlink(missing_ok=True)
         ctype = resp.headers.get("Content-Type", "")
         if ctype.startswith("text/html") and not part.name.endswith((".html.part", ".htm.part")):
-            raise DownloadError(
+            raise _PermanentError(
                 f"{url}: the server sent a web page instead of the file (a login, quota or "
                 "confirmation page, common with Google Drive); download it in a browser "
                 f"and save it as {part.name[: -len('.part')]}"
@@ -123,8 +127,8 @@ def download(
         try:
             _fetch(url, part, timeout=timeout, progress=progress, chunk=chunk)
             break
-        except DownloadError:
-            if attempt == retries:
+        except DownloadError as exc:
+            if attempt == retries or isinstance(exc, _PermanentError):
                 raise
     if not part.exists():
         raise DownloadError(f"{url}: server sent no data")
