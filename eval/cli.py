@@ -44,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, help="per-image CSV path; also writes _summary.csv and .md beside it")
     parser.add_argument(
-        "--thresholds", type=float, nargs="+", default=[0.5, 0.75, 0.9], help="IoU thresholds (default 0.5 0.75 0.9)"
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.75, 0.9],
+        help="IoU thresholds (default 0.5 0.75 0.9); the summary shows AP at each, other metrics at the first",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-image table")
 
