@@ -70,12 +70,8 @@ def resolve_model(spec: str, device: torch.device) -> torch.nn.Module:
     from cpsam.models.pretrained import list_pretrained, pretrained
 
     if Path(spec).is_file():
-        try:
-            from cpsam.models.loading import load_model
-        except ImportError:  # the loader lands with the CP-SAM issue; until then classic files only
-            from cpsam.models import cpnet_from_state_dict
+        from cpsam.models.loading import load_model
 
-            return cpnet_from_state_dict(torch.load(spec, map_location="cpu", weights_only=True))
         return load_model(spec, device=device)
     if spec in list_pretrained():
         return pretrained(spec, device=device)
