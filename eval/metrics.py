@@ -82,7 +82,7 @@ class ImageScores:
     def at(self, threshold: float) -> ThresholdScores:
         """The scores at `threshold` (must be one of the computed thresholds)."""
         for s in self.per_threshold:
-            if s.threshold == threshold:
+            if abs(s.threshold - threshold) < 1e-9:  # np.arange(0.5, 1, 0.05) gives 0.7000000000000001
                 return s
         have = [s.threshold for s in self.per_threshold]
         raise KeyError(f"threshold {threshold} not computed (have {have})")
