@@ -153,6 +153,8 @@ class Segmenter:
             outputs are accumulated in float32 either way.
         tile_overlap: fraction of tile overlap (cellpose default 0.1, clipped to [0.05, 0.5]).
         rules: override the cellpose-3/4 rule set chosen from the model type.
+        masks_device: where `cpsam.dynamics` turns flows into masks: None = CPU (numba, equal to
+            cellpose), or a torch device such as "cuda" for its torch path.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class Segmenter:
         bf16: bool = False,
         tile_overlap: float = 0.1,
         rules: InferenceRules | None = None,
+        masks_device: str | torch.device | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -175,6 +178,7 @@ class Segmenter:
         self.tile_overlap = float(tile_overlap)
         self.rules = rules if rules is not None else rules_for(model)
         self.in_channels = int(model.in_channels)
+        self.masks_device = masks_device
         self._tapers: dict[tuple[int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ public API
@@ -400,7 +404,7 @@ class Segmenter:
         if compute_masks:
             from cpsam.dynamics import flows_to_masks
 
-            masks = flows_to_masks(dP, cellprob, niter=state.niter, **mask_kwargs)
+            masks = flows_to_masks(dP, cellprob, niter=state.niter, device=self.masks_device, **mask_kwargs)
         else:
             masks = np.zeros((0, 0), np.uint16)
         return SegmentResult(masks=masks, dP=dP, cellprob=cellprob, rescale=state.rescale, niter=state.niter)

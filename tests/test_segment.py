@@ -206,3 +206,12 @@ def test_constant_image_gives_zero_flows_input() -> None:
     res = seg.segment([np.full((100, 120), 7, np.uint16)], compute_masks=False)[0]
     theirs = cellpose4_flows(net, np.full((100, 120), 7, np.uint16), 1.0, False)
     np.testing.assert_allclose(np.concatenate([res.dP, res.cellprob[None]]), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_runs_close_to_float32() -> None:
+    image = load("bact_phase_neurips22", "neurips22_cell_00528")
+    fp32 = our_flows(Segmenter(ConvNet(3, 256, 30.0), rules=CP4_RULES), [image], None, False)[0]
+    bf16 = our_flows(Segmenter(ConvNet(3, 256, 30.0), rules=CP4_RULES, bf16=True), [image], None, False)[0]
+    assert bf16.dtype == np.float32
+    err = np.abs(bf16 - fp32)
+    assert 0 < err.max() <= 0.1 * np.abs(fp32).max() and err.mean() <= 0.01 * np.abs(fp32).mean()
