@@ -59,8 +59,14 @@ def _sample(field, gx, gy, half_w, half_h):
 
 
 @njit(cache=True, nogil=True)
-def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
-    """Integrate trajectories start..stop; write truncated final (y, x) pixel positions to out."""
+def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y, settle):
+    """Integrate trajectories start..stop; write truncated final (y, x) pixel positions to out.
+
+    settle > 0 also stops a trajectory that converges geometrically (step-size ratio rho < 0.97
+    over the last 3 steps) once `settle` times the remaining geometric drift d*rho/(1-rho) is
+    smaller than its distance to the nearest pixel edge, i.e. when its truncated final position
+    is settled. settle = 0: exact (only exact fixed points and cycles stop early).
+    """
     half_w = np.float32(field.shape[1] - 2) / np.float32(2.0)
     half_h = np.float32(field.shape[0] - 2) / np.float32(2.0)
     one = np.float32(1.0)
@@ -68,10 +74,14 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
     half = np.float32(0.5)
     hx = np.empty(_HISTORY, np.float32)
     hy = np.empty(_HISTORY, np.float32)
+    sx2 = np.float64(scale_x) / 2.0  # normalised -> pixel units
+    sy2 = np.float64(scale_y) / 2.0
     for n in range(start, stop):
         px = np.float32(xs[n]) / scale_x * two - one
         py = np.float32(ys[n]) / scale_y * two - one
         t = 0
+        d1 = 0.0
+        d2 = 0.0
         while t < niter:
             hx[t % _HISTORY] = px
             hy[t % _HISTORY] = py
@@ -81,6 +91,22 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
             t += 1
             if qx == px and qy == py:  # fixed point: nothing moves any more
                 break
+            if settle > 0.0:
+                d = max(abs(qx - px) * sx2, abs(qy - py) * sy2)
+                if d < 0.25 and d1 > 0.0 and d2 > 0.0:
+                    rho = max(d / d1, d1 / d2)
+                    if rho < 0.97:
+                        drift = settle * d * rho / (1.0 - rho)
+                        fx = (qx + one) * half * scale_x
+                        fy = (qy + one) * half * scale_y
+                        bx = fx - np.floor(fx)
+                        by = fy - np.floor(fy)
+                        if drift < min(bx, 1.0 - bx) and drift < min(by, 1.0 - by):
+                            px = qx
+                            py = qy
+                            break
+                d2 = d1
+                d1 = d
             px = qx
             py = qy
             if t % _HISTORY == 0 or t == niter:
@@ -104,19 +130,19 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
 
 
 @njit(cache=True, parallel=True)
-def _integrate_parallel(field, ys, xs, niter, scale_x, scale_y, nchunks):
+def _integrate_parallel(field, ys, xs, niter, scale_x, scale_y, nchunks, settle):
     out = np.empty((2, ys.shape[0]), np.int32)
     n = ys.shape[0]
     step = (n + nchunks - 1) // nchunks
     for c in prange(nchunks):
-        _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y)
+        _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y, settle)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _integrate_serial(field, ys, xs, niter, scale_x, scale_y):
+def _integrate_serial(field, ys, xs, niter, scale_x, scale_y, settle):
     out = np.empty((2, ys.shape[0]), np.int32)
-    _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y)
+    _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y, settle)
     return out
 
 
@@ -131,8 +157,13 @@ def normalised_field(dP: np.ndarray, fg: np.ndarray) -> np.ndarray:
     return field
 
 
-def integrate_numba(dP: np.ndarray, fg: np.ndarray, niter: int, parallel: bool = True) -> np.ndarray:
-    """Final truncated (2, N) int32 [y, x] positions of the N foreground pixels (row-major order)."""
+def integrate_numba(
+    dP: np.ndarray, fg: np.ndarray, niter: int, parallel: bool = True, settle: float = 0.0
+) -> np.ndarray:
+    """Final truncated (2, N) int32 [y, x] positions of the N foreground pixels (row-major order).
+
+    settle: 0 = exact; > 0 stops settled geometric convergence early (see `_integrate_range`).
+    """
     h, w = fg.shape
     field = normalised_field(dP, fg)
     ys, xs = np.nonzero(fg)
@@ -141,8 +172,8 @@ def integrate_numba(dP: np.ndarray, fg: np.ndarray, niter: int, parallel: bool =
     sx = np.float32(max(w - 1, 1))
     sy = np.float32(max(h - 1, 1))
     if parallel and len(ys) > 4096:
-        return _integrate_parallel(field, ys, xs, int(niter), sx, sy, 64)
-    return _integrate_serial(field, ys, xs, int(niter), sx, sy)
+        return _integrate_parallel(field, ys, xs, int(niter), sx, sy, 64, float(settle))
+    return _integrate_serial(field, ys, xs, int(niter), sx, sy, float(settle))
 
 
 def integrate_torch(

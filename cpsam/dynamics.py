@@ -93,7 +93,7 @@ def _cache_worker(job: tuple[str, str]) -> str:
 
     src, dst = job
     flows = masks_to_flows(read_labels(src))
-    write_tiff(dst, flows)
+    write_tiff(dst, flows, photometric="minisblack")
     return dst
 
 
@@ -175,13 +175,20 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
     return masks
 
 
-def follow_flows(dP: np.ndarray, fg: np.ndarray, niter: int = 200) -> np.ndarray:
+# A trajectory stops early when `_SETTLE` x its remaining geometric drift is below its distance
+# to the nearest pixel edge (exact=False); exact=True only stops at exact fixed points/cycles.
+_SETTLE = 4.0
+
+
+def follow_flows(dP: np.ndarray, fg: np.ndarray, niter: int = 200, *, exact: bool = True) -> np.ndarray:
     """Euler-integrate the foreground pixels through the network flows.
 
     dP: (2, H, W) flows at 5x scale; fg: (H, W) bool. Returns (2, N) int32 truncated final [y, x]
     pixel positions of the N foreground pixels in row-major order (the reference's `p_final`).
+    exact=True gives the reference's positions bit for bit; exact=False stops trajectories whose
+    truncated position has settled (a few pixels in 10^4 may land one bin away; much faster).
     """
-    return _masks.integrate_numba(dP, fg, niter)
+    return _masks.integrate_numba(dP, fg, niter, settle=0.0 if exact else _SETTLE)
 
 
 def get_masks(pos: np.ndarray, fg: np.ndarray, max_size_fraction: float = 0.4) -> np.ndarray:
@@ -253,6 +260,7 @@ def flows_to_masks(
     min_size: int = 15,
     max_size_fraction: float = 0.4,
     device: str | torch.device | None = None,
+    exact: bool = False,
 ) -> np.ndarray:
     """Label masks from network outputs, as `cellpose.dynamics.resize_and_compute_masks`.
 
@@ -261,6 +269,9 @@ def flows_to_masks(
     grown; masks larger than max_size_fraction * H * W are removed; masks whose mean squared flow
     error exceeds flow_threshold are removed (0 disables); holes are filled and masks under
     min_size pixels removed. device: None/"cpu" uses numba; a torch device uses the torch path.
+    exact=True reproduces cellpose's masks bit for bit (labels included); the default stops
+    Euler trajectories once their final pixel is settled (see `follow_flows`): 3-5x faster,
+    AP@0.5 against the exact masks >= 0.99 on our tests. The torch path is always exact.
     Returns (H, W) uint16 labels 1..N (uint32 above 65535 masks).
     """
     if device is not None and torch.device(device).type != "cpu":
@@ -273,7 +284,7 @@ def flows_to_masks(
     fg = cellprob > cellprob_threshold
     if not fg.any():
         return np.zeros(cellprob.shape, np.uint16)
-    pos = _masks.integrate_numba(dP, fg, niter)
+    pos = follow_flows(dP, fg, niter, exact=exact)
     masks = get_masks(pos, fg, max_size_fraction)
     return _finish(masks, dP, flow_threshold, min_size, None)
 
@@ -288,13 +299,15 @@ def flows_to_masks_batch(
     min_size: int = 15,
     max_size_fraction: float = 0.4,
     device: str | torch.device | None = None,
+    exact: bool = False,
 ) -> list[np.ndarray]:
     """`flows_to_masks` for many images/tiles: dPs B x (2, H_i, W_i), cellprobs B x (H_i, W_i).
 
     device None: numba on CPU, one image after the other (each kernel uses all cores).
     device given (e.g. "cuda", or "cpu" for the torch code on CPU): Euler integration runs in
-    torch `grid_sample` batched over images of equal size, the flow-error QC diffusion runs in
-    torch on that device; seeding stays on CPU (numba). Returns a list of (H_i, W_i) labels.
+    torch `grid_sample` batched over images of equal size (always all niter steps, as cellpose),
+    the flow-error QC diffusion runs in torch on that device; seeding stays on CPU (numba).
+    `exact` applies to the numba path (see `flows_to_masks`). Returns a list of (H_i, W_i) labels.
     """
     n = len(dPs)
     if len(cellprobs) != n:
@@ -302,7 +315,7 @@ def flows_to_masks_batch(
     kw = dict(niter=niter, cellprob_threshold=cellprob_threshold, flow_threshold=flow_threshold,
               min_size=min_size, max_size_fraction=max_size_fraction)
     if device is None:
-        return [flows_to_masks(_np(dPs[i]), _np(cellprobs[i]), **kw) for i in range(n)]
+        return [flows_to_masks(_np(dPs[i]), _np(cellprobs[i]), exact=exact, **kw) for i in range(n)]
     dev = torch.device(device)
     items = [_check_flows(_np(dPs[i]), _np(cellprobs[i])) for i in range(n)]
     out: list[np.ndarray | None] = [None] * n
