@@ -26,6 +26,10 @@ class InputFileError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        # picklable, so the error crosses process-pool boundaries (e.g. dynamics.write_flow_cache)
+        return (type(self), (str(self.path), self.problem))
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:

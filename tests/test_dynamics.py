@@ -6,6 +6,8 @@ use crops; whole golden images are in the slow test and in eval/bench_dynamics.p
 
 from __future__ import annotations
 
+import pickle
+
 import fastremap
 import numpy as np
 import pytest
@@ -246,10 +248,15 @@ def test_masks_to_flows_many_and_write_flow_cache(tmp_path) -> None:
         assert f.dtype == np.float32 and f.shape == e.shape
         np.testing.assert_array_equal(f, e)
     bad = tmp_path / "bad.tif"
-    tifffile.imwrite(bad, np.ones((2, 3, 8, 8), np.uint16))
+    tifffile.imwrite(bad, np.ones((2, 3, 8, 8), np.uint16), photometric="minisblack")
     with pytest.raises(InputFileError, match="bad.tif"):
-        dynamics.write_flow_cache([bad], [tmp_path / "flows" / "bad.tif"], workers=1, progress=False)
-    assert not (tmp_path / "flows" / "bad.tif").exists()
+        dynamics.write_flow_cache([src[0], bad], [tmp_path / "f" / "ok.tif", tmp_path / "f" / "bad.tif"],
+                                  workers=1, progress=False)
+    # the error survives the trip back from a worker process
+    err = pickle.loads(pickle.dumps(InputFileError(bad, "label image must be 2-D")))
+    assert isinstance(err, InputFileError) and "bad.tif" in str(err)
+    assert not (tmp_path / "f" / "bad.tif").exists()
+    assert not list((tmp_path / "f").glob(".*part*"))  # no partial files left
 
 
 # ---------------------------------------------------------------- slow: whole golden images
