@@ -213,7 +213,7 @@ class Segmenter:
                 `cpsam.dynamics.flows_to_masks`.
         Raises ImageError for an unusable image.
         """
-        if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not isinstance(images, list):
+        if isinstance(images, np.ndarray):  # one image (a stack is not split: pass a list)
             images = [images]
         return list(
             self.iter_segment(
@@ -244,7 +244,7 @@ class Segmenter:
         With skip_errors=True an unusable image yields its ImageError (in its place in the order)
         instead of stopping the stream.
         """
-        diameters = diameter if isinstance(diameter, Sequence) else None
+        diameters = list(diameter) if isinstance(diameter, (Sequence, np.ndarray)) else None
         mask_kwargs = dict(
             flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
             min_size=min_size, max_size_fraction=max_size_fraction,
