@@ -144,8 +144,9 @@ def write_flow_cache(
 def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> np.ndarray:
     """Drop masks under `min_size` pixels, fill holes of each mask, drop small ones again.
 
-    masks: (H, W) integer labels. Returns labels renumbered 1..N (same dtype as the input when
-    min_size > 0 path renumbers, as in cellpose). min_size <= 0 only fills holes.
+    masks: (H, W) integer labels (not modified). Returns a new (H, W) array of the same dtype,
+    labels renumbered 1..N; a mask whose hole holds another mask absorbs it, as in cellpose.
+    min_size <= 0 skips the size filter and only fills holes (labels still compacted).
     Behaviour of `cellpose.utils.fill_holes_and_remove_small_masks`.
     """
     masks = _check_labels(masks)
