@@ -1,4 +1,4 @@
-"""`cpsam demo`: build every model variant and run one tile through it (the self-check).
+"""`cpsam demo --self-check`: build every model variant and run one tile through it.
 
 Prints one row per model: parameters, tile, output shape, seconds, and whether the output is
 finite. Exits non-zero if any model fails.
@@ -23,8 +23,7 @@ SELF_CHECK_MODELS: tuple[tuple[str, dict], ...] = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `cpsam demo`."""
-    parser.add_argument("--self-check", action="store_true", help="run only the model self-check")
+    """Options of the self-check (also reachable as `cpsam demo --self-check`)."""
     parser.add_argument("--models", help="comma-separated subset of model names (default: all variants)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
