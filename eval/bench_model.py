@@ -5,17 +5,19 @@ Run:  .venv/bin/python eval/bench_model.py [--batches 1,4] [--repeats 3] [--devi
 Configurations: cellpose fp32 / bf16, ours math / sdpa in fp32 / bf16, on 256x256 tiles.
 Timing: all models live in one process and are timed round-robin (one forward of each per round,
 after a warm-up), so background load affects them alike; the median per configuration is
-reported with the ratio cellpose-fp32 / config (> 1 means faster than cellpose).
+reported with the ratio cellpose-fp32 / config (> 1 means faster than cellpose), for wall-clock
+time and for this process's CPU time (all its threads), which background load distorts less.
 Accuracy: max |y - y_cellpose_fp32| / max |y_cellpose_fp32| on the same input.
 Peak memory: on CUDA, torch.cuda.max_memory_allocated during one forward; on CPU, the peak
-resident-set growth of one forward measured in a fresh subprocess per configuration (an
-in-process measurement is blind to memory the allocator keeps cached).
+resident-set growth of one forward (Linux VmHWM, reset after loading) in a fresh subprocess per
+configuration, so that memory cached by the allocator from other models cannot hide it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -75,6 +77,25 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak_rss() -> None:
+    """Return freed heap to the OS and reset the kernel's peak-RSS mark (VmHWM) of this process."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def child_memory(config: str, weights: Path, device: str, batch: int) -> int:
     """Peak memory growth (bytes) of one forward of `config` (run inside a fresh process)."""
     model = build(config, weights, device)
@@ -84,9 +105,10 @@ def child_memory(config: str, weights: Path, device: str, batch: int) -> int:
         base = torch.cuda.memory_allocated()
         forward(model, x)
         return torch.cuda.max_memory_allocated() - base
+    reset_peak_rss()
     base = rss_bytes()
     forward(model, x)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return peak_rss_bytes() - base
 
 
 def measure_memory(config: str, weights: Path, device: str, batch: int) -> float:
@@ -132,25 +154,30 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(batch, 3, 256, 256, generator=torch.Generator().manual_seed(batch)).to(args.device)
         outputs = {c: forward(m, x) for c, m in models.items()}  # warm-up + accuracy
         reference = outputs["cellpose-fp32"]
-        times: dict[str, list[float]] = {c: [] for c in configs}
+        wall: dict[str, list[float]] = {c: [] for c in configs}
+        cpu: dict[str, list[float]] = {c: [] for c in configs}
         for _ in range(args.repeats):
             for c, m in models.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 forward(m, x)
-                times[c].append(time.perf_counter() - start)
-        base = statistics.median(times["cellpose-fp32"])
+                wall[c].append(time.perf_counter() - start)
+                cpu[c].append(time.process_time() - start_cpu)
+        base, base_cpu = statistics.median(wall["cellpose-fp32"]), statistics.median(cpu["cellpose-fp32"])
         for c in configs:
-            med = statistics.median(times[c])
+            med, med_cpu = statistics.median(wall[c]), statistics.median(cpu[c])
             err = float((outputs[c] - reference).abs().max() / reference.abs().max())
             mem = float("nan") if args.no_memory else measure_memory(c, weights, args.device, batch)
-            rows.append((batch, c, med, base / med, err, mem))
-            print(f"  batch {batch} {c:15s} {med:8.2f} s  x{base / med:5.2f}  rel.err {err:.1e}  "
-                  f"peak {mem:8.0f} MiB", flush=True)
+            rows.append((batch, c, med, base / med, med_cpu, base_cpu / med_cpu, err, mem))
+            print(f"  batch {batch} {c:15s} {med:8.2f} s  x{base / med:5.2f}  cpu {med_cpu:8.2f} s  "
+                  f"x{base_cpu / med_cpu:5.2f}  rel.err {err:.1e}  peak {mem:8.0f} MiB", flush=True)
 
-    print("\n| batch | model | s / batch | speed vs cellpose fp32 | max rel. diff vs cellpose fp32 | peak MiB |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for batch, c, med, ratio, err, mem in rows:
-        print(f"| {batch} | {c} | {med:.2f} | {ratio:.2f}x | {err:.1e} | {mem:.0f} |")
+    print(f"\nload average after the run: {' '.join(f'{v:.1f}' for v in os.getloadavg())} "
+          f"(wall-clock ratios are only meaningful on an otherwise idle machine; CPU-time ratios less affected)")
+    print("\n| batch | model | wall s | wall speed-up | CPU s | CPU speed-up | max rel. diff | peak MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for batch, c, med, ratio, med_cpu, ratio_cpu, err, mem in rows:
+        print(f"| {batch} | {c} | {med:.2f} | {ratio:.2f}x | {med_cpu:.2f} | {ratio_cpu:.2f}x | {err:.1e} "
+              f"| {mem:.0f} |")
     return 0
 
 
