@@ -58,18 +58,29 @@ def tiled_labels(size: int, tile: int = 256, seed: int = 0) -> np.ndarray:
     return out
 
 
+CPU_TIMES: dict[int, float] = {}  # id(result) -> CPU seconds of the call that made it
+
+
 def timed(fn, *args, **kw):
-    t = time.perf_counter()
+    """(result, wall seconds); the process CPU seconds (all threads) go to CPU_TIMES."""
+    t, c = time.perf_counter(), time.process_time()
     r = fn(*args, **kw)
+    CPU_TIMES[id(r)] = time.process_time() - c
     return r, time.perf_counter() - t
 
 
 def warm_median(repeats: int, fn, *args, **kw):
-    times = []
+    times, cpus = [], []
     for _ in range(repeats):
         r, dt = timed(fn, *args, **kw)
         times.append(dt)
+        cpus.append(CPU_TIMES[id(r)])
+    CPU_TIMES[id(r)] = float(np.median(cpus))
     return r, float(np.median(times))
+
+
+def cpu_of(result) -> float:
+    return CPU_TIMES[id(result)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         n_obj = int(lab.max())
         inside = lab > 0
         # masks -> flows
-        ref_mu, t_ref_m2f = timed(cpd.masks_to_flows_gpu, lab.astype(np.int64), device=cpu)
-        ref_mu = ref_mu[0].astype(np.float32)
+        ref_out, t_ref_m2f = timed(cpd.masks_to_flows_gpu, lab.astype(np.int64), device=cpu)
+        c_ref_m2f = cpu_of(ref_out)
+        ref_mu = ref_out[0].astype(np.float32)
         mu, t_m2f = warm_median(args.repeats, ours.masks_to_flows, lab)
+        c_m2f = cpu_of(mu)
         # cosine per object pixel; pixels where both flows are exactly zero (one-pixel objects,
         # symmetric spots) count as agreeing
         na, nb = np.linalg.norm(mu, axis=0), np.linalg.norm(ref_mu, axis=0)
@@ -119,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         dP = (5.0 * ref_mu).astype(np.float32)
         cellprob = np.where(inside, 5.0, -5.0).astype(np.float32)
         ref_masks, t_ref_f2m = timed(cpd.resize_and_compute_masks, dP, cellprob, niter=200, device=cpu)
+        c_ref_f2m = cpu_of(ref_masks)
         masks, t_f2m = warm_median(args.repeats, ours.flows_to_masks, dP, cellprob, niter=200)
+        c_f2m = cpu_of(masks)
         masks_x, t_f2m_x = warm_median(args.repeats, ours.flows_to_masks, dP, cellprob, niter=200, exact=True)
+        c_f2m_x = cpu_of(masks_x)
         ap_fast_exact = float(metrics.average_precision([masks_x], [masks])[0][0, 0])
         ap_ref = float(metrics.average_precision([ref_masks], [masks])[0][0, 0])
         ap_gt = float(metrics.average_precision([lab], [masks])[0][0, 0])
@@ -130,24 +146,29 @@ def main(argv: list[str] | None = None) -> int:
                          t_ref_f2m=t_ref_f2m, t_f2m=t_f2m, n_ref=int(ref_masks.max()), n_ours=int(masks.max()),
                          identical=bool(np.array_equal(ref_masks, masks)), ap_ref=ap_ref, ap_gt=ap_gt,
                          ap_gt_ref=ap_gt_ref, t_f2m_x=t_f2m_x, n_x=int(masks_x.max()),
-                         identical_x=bool(np.array_equal(ref_masks, masks_x)), ap_fast_exact=ap_fast_exact))
+                         identical_x=bool(np.array_equal(ref_masks, masks_x)), ap_fast_exact=ap_fast_exact,
+                         c_ref_m2f=c_ref_m2f, c_m2f=c_m2f, c_ref_f2m=c_ref_f2m, c_f2m=c_f2m, c_f2m_x=c_f2m_x))
         print(f"done {size}x{size}", flush=True)
 
     print()
-    print("| image | objects | direction | cellpose (s) | cpsam (s) | speed-up | agreement |")
+    print("| image | objects | direction | cellpose wall s (CPU s) | cpsam wall s (CPU s) | speed-up wall (CPU) "
+          "| agreement |")
     print("|---|---|---|---|---|---|---|")
+
+    def cells(r, ref, mine):
+        tr, cr, tm, cm = r["t_" + ref], r["c_" + ref], r["t_" + mine], r["c_" + mine]
+        return f"{tr:.2f} ({cr:.1f}) | {tm:.3f} ({cm:.2f}) | {tr / tm:.0f}x ({cr / cm:.0f}x)"
+
     for r in rows:
         img = f"{r['size']}x{r['size']}"
-        print(f"| {img} | {r['n']} | masks -> flows | {r['t_ref_m2f']:.2f} | {r['t_m2f']:.3f} | "
-              f"{r['t_ref_m2f'] / r['t_m2f']:.0f}x | cosine in objects min {r['cos_min']:.6f} mean "
-              f"{r['cos_mean']:.6f}; bit-identical pixels {100 * r['same']:.2f} % |")
-        print(f"| {img} | {r['n']} | flows -> masks (default) | {r['t_ref_f2m']:.2f} | {r['t_f2m']:.3f} | "
-              f"{r['t_ref_f2m'] / r['t_f2m']:.0f}x | AP@0.5 vs cellpose {r['ap_ref']:.4f}; objects {r['n_ours']} "
-              f"vs {r['n_ref']}; masks identical: {r['identical']}; AP@0.5 vs labels ours "
-              f"{r['ap_gt']:.4f} / cellpose {r['ap_gt_ref']:.4f} |")
-        print(f"| {img} | {r['n']} | flows -> masks (exact=True) | {r['t_ref_f2m']:.2f} | {r['t_f2m_x']:.3f} | "
-              f"{r['t_ref_f2m'] / r['t_f2m_x']:.0f}x | masks identical to cellpose: {r['identical_x']}; "
-              f"objects {r['n_x']}; AP@0.5 default vs exact {r['ap_fast_exact']:.4f} |")
+        print(f"| {img} | {r['n']} | masks -> flows | {cells(r, 'ref_m2f', 'm2f')} | cosine in objects min "
+              f"{r['cos_min']:.6f} mean {r['cos_mean']:.6f}; bit-identical pixels {100 * r['same']:.2f} % |")
+        print(f"| {img} | {r['n']} | flows -> masks (default) | {cells(r, 'ref_f2m', 'f2m')} | AP@0.5 vs "
+              f"cellpose {r['ap_ref']:.4f}; objects {r['n_ours']} vs {r['n_ref']}; masks identical: "
+              f"{r['identical']}; AP@0.5 vs labels ours {r['ap_gt']:.4f} / cellpose {r['ap_gt_ref']:.4f} |")
+        print(f"| {img} | {r['n']} | flows -> masks (exact=True) | {cells(r, 'ref_f2m', 'f2m_x')} | masks "
+              f"identical to cellpose: {r['identical_x']}; objects {r['n_x']}; AP@0.5 default vs exact "
+              f"{r['ap_fast_exact']:.4f} |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus (machine shared)")
     return 0
 
