@@ -16,9 +16,11 @@ Two rule sets are reproduced exactly (cpsam_recipe.md section 2): CP-SAM follows
 
 Memory for one image of H x W pixels (Hr x Wr at the network's scale, C input channels): the
 normalized input (C x Hr x Wr float32, freed once its last tile is cut), the flow accumulator
-(3 x Hr x Wr float32), the resized flows (3 x H x W float32) and what `cpsam.dynamics` needs to
-turn them into masks; the network only ever sees `batch_size` tiles. No whole-image network pass,
-no tile stack and no full-size weight image are built, so an 8192 x 8192 image runs in a few GB.
+(3 x Hr x Wr float32, whose crop is returned as dP/cellprob), the resized flows (3 x H x W
+float32, only when a diameter rescales the image) and what `cpsam.dynamics` needs to turn them
+into masks; the network only ever sees `batch_size` tiles. No whole-image network pass, no tile
+stack and no full-size weight image are built: an 8192 x 8192 grayscale image peaks at about
+16 bytes per pixel of numpy memory for its flows (measured in tests/test_segment_large.py).
 """
 
 from __future__ import annotations
@@ -291,7 +293,7 @@ class Segmenter:
         except ValueError as exc:
             raise ImageError(str(exc)) from exc
         height, width = x.shape[:2]
-        x = transforms.normalize_percentile(x)
+        x = transforms.normalize_percentile(x, inplace=True)  # x is already a fresh float32 copy
         rescale = self.rescale_for(diameter)
         scaled = (height, width)
         if rescale != 1.0:
@@ -382,7 +384,11 @@ class Segmenter:
             state.remaining -= 1
 
     def _finish(self, state: _InFlight, compute_masks: bool, mask_kwargs: dict) -> SegmentResult:
-        """Normalize the blend, crop the padding, resize to the image and run the dynamics."""
+        """Normalize the blend, crop the padding, resize to the image and run the dynamics.
+
+        Without resizing, dP and cellprob are views into the (slightly larger, padded) accumulator:
+        no copy of the flows is made.
+        """
         accum = state.accum
         assert accum is not None
         state.accum = None
@@ -394,13 +400,15 @@ class Segmenter:
         # Divide by the separable weight sum one axis at a time: no full-size weight image.
         flows /= wy[top : top + state.scaled[0], None]
         flows /= wx[None, left : left + state.scaled[1]]
-        flows = np.ascontiguousarray(flows.transpose(1, 2, 0))
         del accum
         if state.scaled != state.shape:
-            flows = transforms.resize_image(flows, *state.shape)
-        dP = np.ascontiguousarray(flows[..., :2].transpose(2, 0, 1))
-        cellprob = np.ascontiguousarray(flows[..., 2])
-        del flows
+            # One channel at a time (bounded memory); equal to cellpose's 3-channel resize to
+            # float rounding (tests compare to 1e-5).
+            resized = np.empty((3, *state.shape), np.float32)
+            for c in range(3):
+                resized[c] = transforms.resize_image(np.ascontiguousarray(flows[c]), *state.shape)
+            flows = resized
+        dP, cellprob = flows[:2], flows[2]
         if compute_masks:
             from cpsam.dynamics import flows_to_masks
 
