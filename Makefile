@@ -21,6 +21,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Speed/memory against cellpose on this machine (minutes each; run on an otherwise idle machine).
+bench: $(STAMP)
+	$(PY) -m eval.bench_dynamics
+	$(PY) -m eval.bench_metrics
+	$(PY) -m eval.bench_segment
+	$(PY) -m eval.bench_model
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
