@@ -8,8 +8,10 @@ state_dict names (`qkv`, `proj`, `rel_pos_h`, `rel_pos_w`) are exactly SAM's. It
   with the decomposed bias (see `_augmented_attention`), so no (N, N) score or bias matrix is ever
   materialised and PyTorch runs its fused kernel (flash on CPU and CUDA). Measured on a 2-core
   AVX2 CPU (single thread, 4 ViT-L blocks): 3.25 s (math) vs 2.7 s (bias passed as an explicit
-  attn_mask) vs 2.4 s (augmented). This, not the matmuls, is where the reference spends its time:
-  SAM's broadcast bias add and softmax over 16 x 1024 x 1024 scores are memory-bound.
+  attn_mask) vs 2.4 s (augmented): SAM's broadcast bias add and softmax over 16 x 1024 x 1024
+  scores are memory-bound. With two threads on the whole ViT-L the gain is smaller (1.02x at
+  batch 1, 1.23x at batch 4, eval/bench_model.py) because the linear layers dominate, but the
+  activation memory drops 2-2.7x.
 
 Both compute softmax(q k^T / sqrt(d) + B) v with B[(i, j), (k, l)] = q_(i,j) . Rh[i - k]
 + q_(i,j) . Rw[j - l], the relative-position tables being linearly resampled to length 2*L - 1
