@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # The setting ../shared/weights/README.md used with cellpose 3.1.1.2 on a DSB 2018 image
 # (AP@0.5 0.83, AP@0.75 0.22 there; we get 0.842 / 0.213 on this sample). cyto_0 is a cytoplasm
@@ -101,8 +103,9 @@ def run_demo(out: Path, device: str, batch_size: int) -> list[dict]:
     model = pretrained("cyto_0", device=device)
     segmenter = Segmenter(model, device=device, batch_size=batch_size)
     start = time.perf_counter()
-    results = segmenter.segment([s.image for s in samples], diameter=[s.diameter for s in samples],
-                                channels=[0, 0])
+    stream = segmenter.iter_segment([s.image for s in samples], diameter=[s.diameter for s in samples],
+                                    channels=[0, 0])
+    results = list(tqdm(stream, total=len(samples), unit="image", desc="cpsam demo", file=sys.stderr))
     seconds = time.perf_counter() - start
 
     rows = []
