@@ -4,6 +4,12 @@ Behaviour is that of `cellpose.dynamics` 4.2 (recipe sections 2.5-2.7 and 3.1), 
 for speed on CPU (numba: per-object diffusion on bounding-box crops, foreground-only Euler
 integration that stops at exact fixed points/cycles) with a torch path for GPUs.
 
+`rules="cp3"` (flows_to_masks, follow_flows, flow_error, masks_to_flows,
+fill_holes_and_remove_small_masks) reproduces instead what cellpose 3.1.1.2 computes on a CPU:
+Euler steps in pixel coordinates with its own bilinear sampler, a per-object flow-error
+diffusion (own centre, iteration count and 1/9 factor) and its rank-based small-mask filter;
+see `cpsam._dynamics_cp3` for the exact differences. It is CPU only (numba).
+
 Conventions: flows are (2, H, W) [dY, dX]. `masks_to_flows` returns *unit* flows (training
 targets are 5x these); `flows_to_masks` takes the network's flows at 5x scale and its
 cell-probability logits, exactly like `cellpose.dynamics.resize_and_compute_masks`.
@@ -24,6 +30,7 @@ import torch
 from scipy.ndimage import find_objects
 from tqdm import tqdm
 
+from cpsam import _dynamics_cp3 as _cp3
 from cpsam import _dynamics_flows as _flows
 from cpsam import _dynamics_masks as _masks
 
@@ -38,6 +45,20 @@ __all__ = [
     "follow_flows",
     "get_masks",
 ]
+
+
+RULES = ("cp4", "cp3")
+
+
+def _check_rules(rules: str, device: torch.device | None = None) -> str:
+    if rules not in RULES:
+        raise ValueError(f"rules must be one of {RULES}, got {rules!r}")
+    if rules == "cp3" and device is not None and device.type != "cpu":
+        raise ValueError(
+            f"rules='cp3' reproduces cellpose 3's CPU computation and runs on the CPU only (numba); "
+            f"got device {device}. Pass device=None, or rules='cp4' for the torch path."
+        )
+    return rules
 
 
 def _check_labels(masks: np.ndarray, name: str = "masks") -> np.ndarray:
@@ -69,18 +90,25 @@ def _unit_flows(lab: np.ndarray, n: int, device: torch.device | None, parallel: 
     return _flows.flows_numba(lab, n, parallel=parallel)
 
 
-def masks_to_flows(masks: np.ndarray, *, device: str | torch.device | None = None) -> np.ndarray:
+def masks_to_flows(
+    masks: np.ndarray, *, device: str | torch.device | None = None, rules: str = "cp4"
+) -> np.ndarray:
     """Unit flows of a label image, as Cellpose's `masks_to_flows` computes them.
 
     masks: (H, W) integer labels, 0 = background; ids need not be consecutive (any integer dtype
     up to uint32/int64), objects may touch the border or be split in several pieces.
     device: None/"cpu" runs the numba CPU kernels; a torch device ("cuda") runs a dense torch
     diffusion there. Returns (2, H, W) float32 [dY, dX], unit length on objects, 0 on background.
+    rules: "cp4" = cellpose 4 (one global iteration count 2 * max(h + w + 2), source at the
+    rounded mean); "cp3" = cellpose 3's CPU `masks_to_flows_cpu` (each object diffused on its own
+    for 2 * (h + w + 4) iterations from its pixel nearest to the mean; CPU only).
     Raises ValueError for a non-2-D or non-integer array.
     """
     masks = _check_labels(masks)
-    lab, n = _consecutive(masks)
     dev = None if device is None else torch.device(device)
+    lab, n = _consecutive(masks)
+    if _check_rules(rules, dev) == "cp3":
+        return _cp3.unit_flows(lab, n).astype(np.float32)
     return _unit_flows(lab, n, dev).astype(np.float32)
 
 
@@ -141,21 +169,29 @@ def write_flow_cache(
     return [Path(p) for p in _pool_map(_cache_worker, jobs, workers, progress, "flow cache")]
 
 
-def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> np.ndarray:
+def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15, *, rules: str = "cp4") -> np.ndarray:
     """Drop masks under `min_size` pixels, fill holes of each mask, drop small ones again.
 
     masks: (H, W) integer labels (not modified). Returns a new (H, W) array of the same dtype,
     labels renumbered 1..N; a mask whose hole holds another mask absorbs it, as in cellpose.
     min_size <= 0 skips the size filter and only fills holes (labels still compacted).
-    Behaviour of `cellpose.utils.fill_holes_and_remove_small_masks`.
+    Behaviour of `cellpose.utils.fill_holes_and_remove_small_masks`: rules="cp4" as cellpose 4.2;
+    rules="cp3" as cellpose 3.1, whose size filter assumes labels 1..N and a background pixel: it
+    removes label k + 1 when the k-th present label (in sorted order, after the smallest value)
+    is under min_size. With gaps in the labels (cellpose 3 leaves the flow-QC gaps) that is a
+    neighbouring label; we reproduce it for compatibility.
     """
     masks = _check_labels(masks)
     masks = masks.copy()
+    _check_rules(rules)
 
     def drop_small(m: np.ndarray) -> np.ndarray:
         uniq, counts = fastremap.unique(m, return_counts=True)
-        fgu = uniq != 0
-        small = uniq[fgu][counts[fgu] < min_size]
+        if rules == "cp3":  # by rank, see the docstring
+            small = np.nonzero(counts[1:] < min_size)[0] + 1
+        else:
+            fgu = uniq != 0
+            small = uniq[fgu][counts[fgu] < min_size]
         if len(small):
             m = fastremap.mask(m, small)
         fastremap.renumber(m, in_place=True)
@@ -181,15 +217,23 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
 _SETTLE = 4.0
 
 
-def follow_flows(dP: np.ndarray, fg: np.ndarray, niter: int = 200, *, exact: bool = True) -> np.ndarray:
+def follow_flows(
+    dP: np.ndarray, fg: np.ndarray, niter: int = 200, *, exact: bool = True, rules: str = "cp4"
+) -> np.ndarray:
     """Euler-integrate the foreground pixels through the network flows.
 
     dP: (2, H, W) flows at 5x scale; fg: (H, W) bool. Returns (2, N) int32 truncated final [y, x]
     pixel positions of the N foreground pixels in row-major order (the reference's `p_final`).
     exact=True gives the reference's positions bit for bit; exact=False stops trajectories whose
     truncated position has settled (a few pixels in 10^4 may land one bin away; much faster).
+    rules: "cp4" steps in [-1, 1] grid coordinates as torch `grid_sample` (cellpose 4);
+    "cp3" steps in pixel coordinates, clamped to [0, L - 1], with cellpose 3's CPU bilinear
+    sampler (float64 weights).
     """
-    return _masks.integrate_numba(dP, fg, niter, settle=0.0 if exact else _SETTLE)
+    settle = 0.0 if exact else _SETTLE
+    if _check_rules(rules) == "cp3":
+        return _cp3.integrate(dP, fg, niter, settle=settle)
+    return _masks.integrate_numba(dP, fg, niter, settle=settle)
 
 
 def get_masks(pos: np.ndarray, fg: np.ndarray, max_size_fraction: float = 0.4) -> np.ndarray:
@@ -210,12 +254,15 @@ def get_masks(pos: np.ndarray, fg: np.ndarray, max_size_fraction: float = 0.4) -
     return out
 
 
-def flow_error(masks: np.ndarray, dP: np.ndarray, *, device: str | torch.device | None = None) -> np.ndarray:
+def flow_error(
+    masks: np.ndarray, dP: np.ndarray, *, device: str | torch.device | None = None, rules: str = "cp4"
+) -> np.ndarray:
     """Mean squared error per mask between the flows of `masks` and the network's flows.
 
     masks: (H, W) labels 1..N (consecutive); dP: (2, H, W) network flows at 5x scale.
     Returns (N,) float64: mean over each mask's pixels of sum_c (mu_c - dP_c / 5)^2 where mu are
-    the unit flows re-diffused from `masks` (cellpose's `dynamics.flow_error`).
+    the unit flows re-diffused from `masks` (cellpose's `dynamics.flow_error`) under `rules`
+    (see `masks_to_flows`; "cp3" is CPU only and gives nan for an absent label).
     """
     masks = _check_labels(masks)
     if dP.shape[1:] != masks.shape:
@@ -225,22 +272,33 @@ def flow_error(masks: np.ndarray, dP: np.ndarray, *, device: str | torch.device 
     if n == 0:
         return np.zeros(0, np.float64)
     dev = None if device is None else torch.device(device)
+    if _check_rules(rules, dev) == "cp3":
+        return _cp3.mask_errors(lab, _cp3.unit_flows(lab, n), dP, n)
     mu = _unit_flows(lab, n, dev)
     return _masks.mask_errors(lab, mu, dP, n)
 
 
 def _finish(
-    masks: np.ndarray, dP: np.ndarray, flow_threshold: float, min_size: int, device: torch.device | None
+    masks: np.ndarray,
+    dP: np.ndarray,
+    flow_threshold: float,
+    min_size: int,
+    device: torch.device | None,
+    rules: str = "cp4",
 ) -> np.ndarray:
-    """Flow-error QC, dtype, hole filling and size filter (the tail of compute_masks)."""
+    """Flow-error QC, dtype, hole filling and size filter (the tail of compute_masks).
+
+    cellpose 3 does not renumber after the QC (its size filter then works on labels with gaps).
+    """
     if masks.max() > 0 and flow_threshold is not None and flow_threshold > 0:
-        err = flow_error(masks, dP, device=device)
+        err = flow_error(masks, dP, device=device, rules=rules)
         bad = 1 + np.nonzero(err > flow_threshold)[0]
         if len(bad):
             masks = fastremap.mask(masks, bad)
-        fastremap.renumber(masks, in_place=True)
+        if rules == "cp4":
+            fastremap.renumber(masks, in_place=True)
     masks = masks.astype(np.uint16 if masks.max() < 2**16 else np.uint32)
-    return fill_holes_and_remove_small_masks(masks, min_size=min_size)
+    return fill_holes_and_remove_small_masks(masks, min_size=min_size, rules=rules)
 
 
 def _check_flows(dP: np.ndarray, cellprob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,6 +320,7 @@ def flows_to_masks(
     max_size_fraction: float = 0.4,
     device: str | torch.device | None = None,
     exact: bool = False,
+    rules: str = "cp4",
 ) -> np.ndarray:
     """Label masks from network outputs, as `cellpose.dynamics.resize_and_compute_masks`.
 
@@ -273,9 +332,15 @@ def flows_to_masks(
     exact=True reproduces cellpose's masks bit for bit (labels included); the default stops
     Euler trajectories once their final pixel is settled (see `follow_flows`): 3-5x faster,
     AP@0.5 against the exact masks >= 0.99 on our tests. The torch path is always exact.
+    rules: "cp4" = cellpose 4.2.1.1; "cp3" = cellpose 3.1.1.2 on a CPU (its classic-model
+    masks): pixel-coordinate Euler steps with its own bilinear sampler, per-object flow-error
+    diffusion, no renumbering after the QC and its rank-based size filter (see `cpsam._dynamics_cp3`).
+    "cp3" is CPU only: a non-CPU device raises ValueError. Seeding is the same in both.
     Returns (H, W) uint16 labels 1..N (uint32 above 65535 masks).
     """
-    if device is not None and torch.device(device).type != "cpu":
+    dev = None if device is None else torch.device(device)
+    _check_rules(rules, dev)
+    if dev is not None and dev.type != "cpu":
         return flows_to_masks_batch(
             [dP], [cellprob], niter=niter, cellprob_threshold=cellprob_threshold,
             flow_threshold=flow_threshold, min_size=min_size, max_size_fraction=max_size_fraction,
@@ -285,9 +350,9 @@ def flows_to_masks(
     fg = cellprob > cellprob_threshold
     if not fg.any():
         return np.zeros(cellprob.shape, np.uint16)
-    pos = follow_flows(dP, fg, niter, exact=exact)
+    pos = follow_flows(dP, fg, niter, exact=exact, rules=rules)
     masks = get_masks(pos, fg, max_size_fraction)
-    return _finish(masks, dP, flow_threshold, min_size, None)
+    return _finish(masks, dP, flow_threshold, min_size, None, rules)
 
 
 def flows_to_masks_batch(
@@ -301,6 +366,7 @@ def flows_to_masks_batch(
     max_size_fraction: float = 0.4,
     device: str | torch.device | None = None,
     exact: bool = False,
+    rules: str = "cp4",
 ) -> list[np.ndarray]:
     """`flows_to_masks` for many images/tiles: dPs B x (2, H_i, W_i), cellprobs B x (H_i, W_i).
 
@@ -308,15 +374,17 @@ def flows_to_masks_batch(
     device given (e.g. "cuda", or "cpu" for the torch code on CPU): Euler integration runs in
     torch `grid_sample` batched over images of equal size (always all niter steps, as cellpose),
     the flow-error QC diffusion runs in torch on that device; seeding stays on CPU (numba).
-    `exact` applies to the numba path (see `flows_to_masks`). Returns a list of (H_i, W_i) labels.
+    `exact` applies to the numba path (see `flows_to_masks`). rules="cp3" (cellpose 3's CPU
+    rules) always runs the numba path: device must be None or "cpu", else ValueError.
+    Returns a list of (H_i, W_i) labels.
     """
     n = len(dPs)
     if len(cellprobs) != n:
         raise ValueError(f"{n} flow fields but {len(cellprobs)} cell-probability maps")
     kw = dict(niter=niter, cellprob_threshold=cellprob_threshold, flow_threshold=flow_threshold,
               min_size=min_size, max_size_fraction=max_size_fraction)
-    if device is None:
-        return [flows_to_masks(_np(dPs[i]), _np(cellprobs[i]), exact=exact, **kw) for i in range(n)]
+    if _check_rules(rules, None if device is None else torch.device(device)) == "cp3" or device is None:
+        return [flows_to_masks(_np(dPs[i]), _np(cellprobs[i]), exact=exact, rules=rules, **kw) for i in range(n)]
     dev = torch.device(device)
     items = [_check_flows(_np(dPs[i]), _np(cellprobs[i])) for i in range(n)]
     out: list[np.ndarray | None] = [None] * n

@@ -1,0 +1,289 @@
+"""Cellpose 3.1 (CPU path) flow -> mask rules: numba kernels for `cpsam.dynamics` rules="cp3".
+
+Private helper of `cpsam.dynamics`; see that module for the public API. What cellpose 3.1.1.2
+does on a CPU-only machine, where it differs from the cellpose 4 rules of `_dynamics_masks.py` /
+`_dynamics_flows.py` (verified bit for bit against cellpose 3.1.1.2 on real flows):
+
+* Euler integration in *pixel* coordinates (no [-1, 1] normalisation, no grid_sample): the field
+  is dP * fg / 5 (float32), sampled bilinearly with the four corner indices clamped to the image
+  and weights computed in float64 ((1 - fy) * (1 - fx) etc., summed in corner order nw, ne, sw,
+  se, then rounded to float32); each step adds the sample to the float32 position and clamps it
+  to [0, L - 1] per axis; final positions are truncated to int. Seeding is the cellpose 4 one.
+* The flow-error QC re-diffuses every mask on its own padded bounding box (h + 2, w + 2) for
+  2 * (h + w + 4) iterations of that mask (not a global count), from the mask pixel nearest to
+  its mean pixel (first in row-major order on ties; not the rounded mean), each iteration
+  multiplying the 3x3 sum by 1/9 (not dividing by 9). Errors are per-channel means summed
+  (dy first), each mean a row-major sequential sum divided by the pixel count.
+* Masks dropped by the QC are *not* renumbered before the size filter, whose small-mask removal
+  removes labels by rank (the k-th present label's count decides the fate of label k), so a
+  gap left by the QC shifts the filter onto a neighbouring label (see
+  `cpsam.dynamics.fill_holes_and_remove_small_masks`).
+
+Like the cellpose 4 kernels, trajectories stop early at exact fixed points/cycles of the float32
+position (exact), or, with settle > 0, once their truncated final pixel is settled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_HISTORY = 16  # longest cycle detected (positions remembered per trajectory)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sample(field, y, x, ly, lx):
+    """Bilinear sample (vy, vx) float32 of the (2, H, W) float32 field at pixel position (y, x).
+
+    Corner indices are clamped to the image; weights and the weighted sum are float64, the result
+    is rounded to float32 (cellpose 3's numba `map_coordinates`).
+    """
+    yi = np.int64(np.int32(y))
+    xi = np.int64(np.int32(x))
+    fy = np.float64(y) - yi
+    fx = np.float64(x) - xi
+    y0 = min(ly - 1, max(0, yi))
+    x0 = min(lx - 1, max(0, xi))
+    y1 = min(ly - 1, y0 + 1)
+    x1 = min(lx - 1, x0 + 1)
+    gy = 1.0 - fy
+    gx = 1.0 - fx
+    vy = (np.float64(field[0, y0, x0]) * gy * gx + np.float64(field[0, y0, x1]) * gy * fx
+          + np.float64(field[0, y1, x0]) * fy * gx + np.float64(field[0, y1, x1]) * fy * fx)
+    vx = (np.float64(field[1, y0, x0]) * gy * gx + np.float64(field[1, y0, x1]) * gy * fx
+          + np.float64(field[1, y1, x0]) * fy * gx + np.float64(field[1, y1, x1]) * fy * fx)
+    return np.float32(vy), np.float32(vx)
+
+
+@njit(cache=True, nogil=True)
+def _integrate_range(field, ys, xs, niter, out, start, stop, settle):
+    """Integrate trajectories start..stop; write truncated final (y, x) pixel positions to out.
+
+    Exact early stops: a fixed point, or a position that repeats within `_HISTORY` steps (the
+    remaining steps then follow the cycle). settle > 0 also stops a geometrically converging
+    trajectory (step ratio < 0.97 over 3 steps) once `settle` x its remaining drift is below its
+    distance to the nearest pixel edge (its truncated final pixel is then settled).
+    """
+    ly = field.shape[1]
+    lx = field.shape[2]
+    ymax = np.float32(ly - 1)
+    xmax = np.float32(lx - 1)
+    zero = np.float32(0.0)
+    hy = np.empty(_HISTORY, np.float32)
+    hx = np.empty(_HISTORY, np.float32)
+    for n in range(start, stop):
+        py = np.float32(ys[n])
+        px = np.float32(xs[n])
+        t = 0
+        d1 = 0.0
+        d2 = 0.0
+        while t < niter:
+            hy[t % _HISTORY] = py
+            hx[t % _HISTORY] = px
+            vy, vx = _sample(field, py, px, ly, lx)
+            qy = min(ymax, max(zero, py + vy))
+            qx = min(xmax, max(zero, px + vx))
+            t += 1
+            if qy == py and qx == px:  # fixed point
+                break
+            if settle > 0.0:
+                d = max(abs(np.float64(qy) - py), abs(np.float64(qx) - px))
+                if d < 0.25 and d1 > 0.0 and d2 > 0.0:
+                    rho = max(d / d1, d1 / d2)
+                    if rho < 0.97:
+                        drift = settle * d * rho / (1.0 - rho)
+                        by = qy - np.floor(qy)
+                        bx = qx - np.floor(qx)
+                        if drift < min(by, 1.0 - by) and drift < min(bx, 1.0 - bx):
+                            py = qy
+                            px = qx
+                            break
+                d2 = d1
+                d1 = d
+            py = qy
+            px = qx
+            if t % _HISTORY == 0 or t == niter:
+                found = False
+                for k in range(2, min(t, _HISTORY) + 1):
+                    j = (t - k) % _HISTORY
+                    if hy[j] == py and hx[j] == px:
+                        # periodic with period k from step t - k
+                        r = (t - k) + (niter - t + k) % k
+                        py = hy[r % _HISTORY]
+                        px = hx[r % _HISTORY]
+                        found = True
+                        break
+                if found:
+                    break
+        out[0, n] = np.int32(py)
+        out[1, n] = np.int32(px)
+
+
+@njit(cache=True, parallel=True)
+def _integrate_parallel(field, ys, xs, niter, nchunks, settle):
+    n = ys.shape[0]
+    out = np.empty((2, n), np.int32)
+    step = (n + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), settle)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _integrate_serial(field, ys, xs, niter, settle):
+    out = np.empty((2, ys.shape[0]), np.int32)
+    _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], settle)
+    return out
+
+
+def integrate(dP: np.ndarray, fg: np.ndarray, niter: int, settle: float = 0.0, parallel: bool = True) -> np.ndarray:
+    """(2, N) int32 truncated final [y, x] pixel positions of the N foreground pixels (row-major).
+
+    dP: (2, H, W) network flows at 5x scale; fg: (H, W) bool; niter Euler steps in pixel units.
+    """
+    field = np.ascontiguousarray(dP.astype(np.float32, copy=False) * fg / np.float32(5.0), dtype=np.float32)
+    ys, xs = np.nonzero(fg)
+    ys = ys.astype(np.int32)
+    xs = xs.astype(np.int32)
+    if parallel and len(ys) > 4096:
+        return _integrate_parallel(field, ys, xs, int(niter), 64, float(settle))
+    return _integrate_serial(field, ys, xs, int(niter), float(settle))
+
+
+# ---------------------------------------------------------------------------------- QC flows
+@njit(cache=True, nogil=True)
+def _bboxes(lab, n):
+    """(n, 4) int64 [y0, y1, x0, x1) boxes of labels 1..n; y1 = 0 for an absent label."""
+    box = np.empty((n, 4), np.int64)
+    box[:, 0] = lab.shape[0]
+    box[:, 1] = -1
+    box[:, 2] = lab.shape[1]
+    box[:, 3] = -1
+    for i in range(lab.shape[0]):
+        for j in range(lab.shape[1]):
+            v = lab[i, j]
+            if v > 0:
+                k = v - 1
+                box[k, 0] = min(box[k, 0], i)
+                box[k, 1] = max(box[k, 1], i)
+                box[k, 2] = min(box[k, 2], j)
+                box[k, 3] = max(box[k, 3], j)
+    box[:, 1] += 1
+    box[:, 3] += 1
+    return box
+
+
+@njit(cache=True, nogil=True)
+def _object_flow(lab, label, y0, y1, x0, x1, mu):
+    """Diffuse one object on its padded box and write its raw (dy, dx) heat gradient into mu."""
+    hh = y1 - y0 + 2
+    ww = x1 - x0 + 2
+    inside = np.zeros((hh, ww), np.float64)
+    sy = 0.0
+    sx = 0.0
+    cnt = 0
+    for i in range(1, hh - 1):
+        for j in range(1, ww - 1):
+            if lab[y0 + i - 1, x0 + j - 1] == label:
+                inside[i, j] = 1.0
+                sy += i  # integer sums, exact in float64 like numpy's mean
+                sx += j
+                cnt += 1
+    ym = sy / cnt
+    xm = sx / cnt
+    best = np.inf
+    ci = 0
+    cj = 0
+    for i in range(1, hh - 1):  # first pixel in row-major order nearest to the mean
+        for j in range(1, ww - 1):
+            if inside[i, j] != 0.0:
+                d = (j - xm) ** 2 + (i - ym) ** 2
+                if d < best:
+                    best = d
+                    ci = i
+                    cj = j
+    ninth = 1.0 / 9.0
+    a = np.zeros((hh, ww), np.float64)
+    b = np.zeros((hh, ww), np.float64)
+    for _ in range(2 * (hh + ww)):
+        a[ci, cj] += 1.0
+        for i in range(1, hh - 1):
+            up = a[i - 1]
+            mid = a[i]
+            dn = a[i + 1]
+            out = b[i]
+            msk = inside[i]
+            for j in range(1, ww - 1):
+                # cellpose's neighbour order; other objects and background hold 0 in this crop
+                s = mid[j] + up[j] + dn[j] + mid[j - 1] + mid[j + 1] + up[j - 1] + up[j + 1]
+                s = s + dn[j - 1] + dn[j + 1]
+                out[j] = (ninth * s) * msk[j]
+        a, b = b, a
+    for i in range(1, hh - 1):
+        for j in range(1, ww - 1):
+            if inside[i, j] != 0.0:
+                mu[0, y0 + i - 1, x0 + j - 1] = a[i + 1, j] - a[i - 1, j]
+                mu[1, y0 + i - 1, x0 + j - 1] = a[i, j + 1] - a[i, j - 1]
+
+
+@njit(cache=True, parallel=True)
+def _flows_parallel(lab, n):
+    h, w = lab.shape
+    box = _bboxes(lab, n)
+    mu = np.zeros((2, h, w), np.float64)
+    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    order = np.argsort(-area)  # largest crops first so the threads finish together
+    for t in prange(n):
+        k = order[t]
+        if box[k, 1] > 0:
+            _object_flow(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3], mu)
+    for i in prange(h):
+        for j in range(w):
+            dy = mu[0, i, j]
+            dx = mu[1, i, j]
+            nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
+            mu[0, i, j] = dy / nrm
+            mu[1, i, j] = dx / nrm
+    return mu
+
+
+def unit_flows(lab: np.ndarray, n: int) -> np.ndarray:
+    """(2, H, W) float64 unit flows of int32 labels 1..n by cellpose 3's per-object CPU diffusion.
+
+    Labels may have gaps (an absent label is skipped); each object is independent of the others.
+    """
+    return _flows_parallel(np.ascontiguousarray(lab, dtype=np.int32), int(n))
+
+
+@njit(cache=True, nogil=True)
+def _mask_errors(masks, mu, dP, n):
+    """Per-label (1..n) mean squared error, channel by channel, row-major sequential sums."""
+    h, w = masks.shape
+    five = np.float32(5.0)
+    err = np.zeros(n, np.float64)
+    cnt = np.zeros(n + 1, np.int64)
+    for i in range(h):
+        for j in range(w):
+            cnt[masks[i, j]] += 1
+    for c in range(2):
+        s = np.zeros(n + 1, np.float64)
+        for i in range(h):
+            for j in range(w):
+                m = masks[i, j]
+                if m > 0:
+                    e = mu[c, i, j] - np.float64(dP[c, i, j] / five)
+                    s[m] += e * e
+        for k in range(n):
+            # an absent label has mean 0 / 0 = nan in cellpose, which never exceeds a threshold
+            err[k] = err[k] + s[k + 1] / cnt[k + 1] if cnt[k + 1] > 0 else np.nan
+    return err
+
+
+def mask_errors(masks: np.ndarray, mu: np.ndarray, dP: np.ndarray, n: int) -> np.ndarray:
+    """(n,) float64 flow errors of labels 1..n as cellpose 3's `metrics.flow_error` on CPU."""
+    return _mask_errors(
+        np.ascontiguousarray(masks, dtype=np.int64),
+        np.ascontiguousarray(mu, dtype=np.float64),
+        np.ascontiguousarray(dP, dtype=np.float32),
+        int(n),
+    )
