@@ -11,8 +11,9 @@ Tiles are batched ACROSS images: the tiles of consecutive images fill the same n
 
 Two rule sets are reproduced exactly (cpsam_recipe.md section 2): CP-SAM follows cellpose 4.2.1.1
 (256-px tiles, images smaller than a tile padded to one tile); the classic CPnet follows cellpose
-3.1.1.2 (224-px tiles, tiles shrink to small images, float32 diameter arithmetic). Everything else
-(channels, normalization, taper blending, flips, niter) is common to both.
+3.1.1.2 (224-px tiles, tiles shrink to small images, float32 diameter and niter arithmetic, and
+cellpose 3's CPU flow -> mask rules, `cpsam.dynamics` rules="cp3"). Everything else (channels,
+normalization, taper blending, flips) is common to both.
 
 Memory for one image of H x W pixels (Hr x Wr at the network's scale, C input channels): the
 normalized input (C x Hr x Wr float32, freed once its last tile is cut), the flow accumulator
@@ -51,12 +52,17 @@ class InferenceRules:
         pad_to_tile: pad images smaller than a tile up to one full tile (cellpose 4; the ViT needs
             fixed-size tiles); otherwise tiles shrink to the image (cellpose 3).
         float32_rescale: compute diam_mean / diameter in float32 (cellpose 3 keeps diam_mean as a
-            numpy float32), else in float64 (cellpose 4).
+            numpy float32) and the default niter as float32 1 / rescale * 200, truncated; else
+            float64 diam_mean / diameter and int(200 / rescale) (cellpose 4). The two niter
+            rules differ by one step where 200 / rescale is within float32 rounding of an integer.
+        mask_rules: flow -> mask rules of `cpsam.dynamics.flows_to_masks`: "cp3" (cellpose 3.1.1.2
+            on CPU, CPU only) or "cp4" (cellpose 4.2.1.1).
     """
 
     tile_size: int
     pad_to_tile: bool
     float32_rescale: bool
+    mask_rules: str = "cp4"
 
 
 def rules_for(model: nn.Module) -> InferenceRules:
@@ -64,8 +70,8 @@ def rules_for(model: nn.Module) -> InferenceRules:
     from cpsam.models.cpnet import CPnet
 
     if isinstance(model, CPnet):
-        return InferenceRules(tile_size=int(model.tile_size), pad_to_tile=False, float32_rescale=True)
-    return InferenceRules(tile_size=int(model.tile_size), pad_to_tile=True, float32_rescale=False)
+        return InferenceRules(tile_size=int(model.tile_size), pad_to_tile=False, float32_rescale=True, mask_rules="cp3")
+    return InferenceRules(tile_size=int(model.tile_size), pad_to_tile=True, float32_rescale=False, mask_rules="cp4")
 
 
 @dataclass
@@ -156,7 +162,9 @@ class Segmenter:
         tile_overlap: fraction of tile overlap (cellpose default 0.1, clipped to [0.05, 0.5]).
         rules: override the cellpose-3/4 rule set chosen from the model type.
         masks_device: where `cpsam.dynamics` turns flows into masks: None = CPU (numba, equal to
-            cellpose), or a torch device such as "cuda" for its torch path.
+            cellpose), or a torch device such as "cuda" for its torch path (cellpose 4 mask rules
+            only: with rules.mask_rules == "cp3", the CPnet default, a non-CPU device raises
+            ValueError; pass rules=dataclasses.replace(rules_for(model), mask_rules="cp4")).
     """
 
     def __init__(
@@ -180,6 +188,11 @@ class Segmenter:
         self.tile_overlap = float(tile_overlap)
         self.rules = rules if rules is not None else rules_for(model)
         self.in_channels = int(model.in_channels)
+        if self.rules.mask_rules == "cp3" and masks_device is not None and torch.device(masks_device).type != "cpu":
+            raise ValueError(
+                f"masks_device={masks_device}: cellpose 3's mask rules (mask_rules='cp3', the default for a "
+                "classic CPnet) run on the CPU only; use masks_device=None or rules with mask_rules='cp4'"
+            )
         self.masks_device = masks_device
         self._tapers: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -210,7 +223,8 @@ class Segmenter:
             channel_axis: channel axis of 3-D images (None: guessed as cellpose 4).
             augment: flip test-time augmentation on half-overlapping tiles.
             compute_masks: run the dynamics (otherwise masks are empty arrays).
-            niter: Euler steps; None -> int(200 / rescale) (cellpose's resample=True rule).
+            niter: Euler steps; None -> 200 / rescale, truncated (cellpose's resample=True rule,
+                in float32 under the cellpose-3 rules, see `InferenceRules`).
             flow_threshold, cellprob_threshold, min_size, max_size_fraction: passed to
                 `cpsam.dynamics.flows_to_masks`.
         Raises ImageError for an unusable image.
@@ -314,7 +328,10 @@ class Segmenter:
         xstarts = transforms.tile_starts(lx, tile, self.tile_overlap, augment)
         tile_hw = (min(tile, chw.shape[1]), min(tile, chw.shape[2]))
         if niter is None or niter == 0:
-            niter = int(DEFAULT_NITER / rescale)
+            if self.rules.float32_rescale:  # cellpose 3: niter = 1 / rescale * 200 in float32
+                niter = int(np.float32(1.0) / np.float32(rescale) * np.float32(DEFAULT_NITER))
+            else:
+                niter = int(DEFAULT_NITER / rescale)
         return _InFlight(
             index=index, shape=(height, width), rescale=rescale, niter=int(niter), pads=pads, scaled=scaled,
             ystarts=ystarts, xstarts=xstarts, tile_hw=tile_hw, image=chw,
@@ -412,7 +429,9 @@ class Segmenter:
         if compute_masks:
             from cpsam.dynamics import flows_to_masks
 
-            masks = flows_to_masks(dP, cellprob, niter=state.niter, device=self.masks_device, **mask_kwargs)
+            masks = flows_to_masks(
+                dP, cellprob, niter=state.niter, device=self.masks_device, rules=self.rules.mask_rules, **mask_kwargs
+            )
         else:
             masks = np.zeros((0, 0), np.uint16)
         return SegmentResult(masks=masks, dP=dP, cellprob=cellprob, rescale=state.rescale, niter=state.niter)
