@@ -4,14 +4,12 @@
 state_dict names (`qkv`, `proj`, `rel_pos_h`, `rel_pos_w`) are exactly SAM's. It adds one choice:
 
 - ``"math"``: SAM's own forward (explicit (N, N) score matrix, bias added, softmax, matmul).
-- ``"sdpa"``: `torch.nn.functional.scaled_dot_product_attention` on queries and keys augmented
-  with the decomposed bias (see `_augmented_attention`), so no (N, N) score or bias matrix is ever
-  materialised and PyTorch runs its fused kernel (flash on CPU and CUDA). Measured on a 2-core
-  AVX2 CPU (single thread, 4 ViT-L blocks): 3.25 s (math) vs 2.7 s (bias passed as an explicit
-  attn_mask) vs 2.4 s (augmented): SAM's broadcast bias add and softmax over 16 x 1024 x 1024
-  scores are memory-bound. With two threads on the whole ViT-L the gain is smaller (1.02x at
-  batch 1, 1.23x at batch 4, eval/bench_model.py) because the linear layers dominate, but the
-  activation memory drops 2-2.7x.
+- ``"sdpa"``: `torch.nn.functional.scaled_dot_product_attention`, no (N, N) matrix ever held
+  whole. On CPU the bias is passed as SDPA's attn_mask, built one block of queries at a time
+  (`_chunked_mask_attention`; the blocks stay in cache). On CUDA the bias is folded into queries
+  and keys augmented with one-hot key codes (`_augmented_attention`), so the flash kernel, which
+  takes no mask, can run. Measured single-threaded on one ViT-L block (AVX2 CPU, batch 1):
+  103 ms (chunked mask) vs 139 ms (augmented: twice the head size) vs 302 ms (math).
 
 Both compute softmax(q k^T / sqrt(d) + B) v with B[(i, j), (k, l)] = q_(i,j) . Rh[i - k]
 + q_(i,j) . Rw[j - l], the relative-position tables being linearly resampled to length 2*L - 1
@@ -29,6 +27,8 @@ from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 AttentionPath = Literal["sdpa", "math"]
 ATTENTION_PATHS: tuple[str, ...] = ("sdpa", "math")
+# Rows (batch x heads x queries) of one attn_mask block on the CPU path: 2048 x 1024 keys x 4 B = 8 MiB.
+MASK_ROWS = 2048
 
 
 class RelPosAttention(Attention):
@@ -80,12 +80,47 @@ class RelPosAttention(Attention):
         tokens = height * width
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        if self.use_rel_pos:
-            out = self._augmented_attention(q, k, v, height, width)
-        else:  # SDPA's default scale is head_dim ** -0.5, which is SAM's `self.scale`.
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, height, width, -1)
-        return self.proj(out)
+        if not self.use_rel_pos:  # SDPA's default scale is head_dim ** -0.5, which is SAM's `self.scale`.
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        elif q.device.type == "cpu":
+            out = self._chunked_mask_attention(q, k, v, height, width)
+        else:
+            out = self._augmented_attention(q, k, v, height, width).transpose(1, 2)
+        return self.proj(out.reshape(batch, height, width, -1))
+
+    def _decomposed_bias(
+        self, q: torch.Tensor, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of the bias: q (B, heads, N, d) unscaled -> (B, heads, N, H), (B, heads, N, W)."""
+        batch, heads, tokens, dim = q.shape
+        rel_h = get_rel_pos(height, height, self.rel_pos_h).to(q.dtype)  # (H, H, d)
+        rel_w = get_rel_pos(width, width, self.rel_pos_w).to(q.dtype)  # (W, W, d)
+        r_q = q.reshape(batch, heads, height, width, dim)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rel_h).reshape(batch, heads, tokens, height)
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rel_w).reshape(batch, heads, tokens, width)
+        return bias_h, bias_w
+
+    def _chunked_mask_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int, mask_rows: int = 0
+    ) -> torch.Tensor:
+        """CPU: SDPA with the bias as attn_mask, built and consumed one block of queries at a time.
+
+        Each block's mask is (B, heads, rows, N) with B * heads * rows = MASK_ROWS (8 MiB in fp32;
+        `mask_rows` overrides it), so it stays in cache and is never materialised whole, and the
+        matmuls keep head_dim d instead of the augmented path's 2 * d.
+        q, k, v: (B, heads, N, d) -> (B, N, heads, d) (token-major, so the head merge is a view).
+        """
+        batch, heads, tokens, dim = q.shape
+        bias_h, bias_w = self._decomposed_bias(q, height, width)
+        rows = max(1, (mask_rows or MASK_ROWS) // (batch * heads))
+        out = q.new_empty(batch, tokens, heads, dim)
+        for start in range(0, tokens, rows):
+            stop = min(tokens, start + rows)
+            mask = bias_h[:, :, start:stop, :, None] + bias_w[:, :, start:stop, None, :]
+            mask = mask.reshape(batch, heads, stop - start, tokens)
+            block = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=mask)
+            out[:, start:stop] = block.transpose(1, 2)
+        return out
 
     def _augmented_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int
@@ -99,11 +134,7 @@ class RelPosAttention(Attention):
         q, k, v: (B, heads, N, d) -> (B, heads, N, d).
         """
         batch, heads, tokens, dim = q.shape
-        rel_h = get_rel_pos(height, height, self.rel_pos_h).to(q.dtype)  # (H, H, d)
-        rel_w = get_rel_pos(width, width, self.rel_pos_w).to(q.dtype)  # (W, W, d)
-        r_q = q.reshape(batch, heads, height, width, dim)
-        bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rel_h).reshape(batch, heads, tokens, height)
-        bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rel_w).reshape(batch, heads, tokens, width)
+        bias_h, bias_w = self._decomposed_bias(q, height, width)
         positions = torch.arange(tokens, device=q.device)
         row_code = F.one_hot(positions // width, height).to(q.dtype)  # (N, H)
         col_code = F.one_hot(positions % width, width).to(q.dtype)  # (N, W)

@@ -177,7 +177,9 @@ class CellposeSAM(nn.Module):
             raise ValueError(f"expected {self.tile_size}x{self.tile_size} tiles, got {tuple(x.shape[-2:])}")
         x = x.to(proj.weight.dtype)
         tokens = F.conv2d(x, proj.weight[:, : x.shape[1]], proj.bias, stride=self.patch_size)
-        return tokens.permute(0, 2, 3, 1) + self.encoder.pos_embed
+        # Contiguous once here: a permuted (channels-first in memory) residual stream would be
+        # inherited by every residual add and copied again by both LayerNorms of every block.
+        return tokens.permute(0, 2, 3, 1).contiguous() + self.encoder.pos_embed
 
     def layer_drop_rates(self) -> torch.Tensor:
         """Per-block drop probability (depth,), linear from 0 to `layer_drop`."""
