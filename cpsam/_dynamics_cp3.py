@@ -5,10 +5,10 @@ does on a CPU-only machine, where it differs from the cellpose 4 rules of `_dyna
 `_dynamics_flows.py` (verified bit for bit against cellpose 3.1.1.2 on real flows):
 
 * Euler integration in *pixel* coordinates (no [-1, 1] normalisation, no grid_sample): the field
-  is dP * fg / 5 (float32), sampled bilinearly with the four corner indices clamped to the image
-  and weights computed in float64 ((1 - fy) * (1 - fx) etc., summed in corner order nw, ne, sw,
-  se, then rounded to float32); each step adds the sample to the float32 position and clamps it
-  to [0, L - 1] per axis; final positions are truncated to int. Seeding is the cellpose 4 one.
+  is dP * fg / 5 (float32), sampled bilinearly with the four corner indices clamped to the image,
+  in the mixed precision that numba's typing gives cellpose's expression (see `_sample`); each
+  step adds the sample to the float32 position and clamps it to [0, L - 1] per axis; final
+  positions are truncated to int. Seeding is the cellpose 4 one.
 * The flow-error QC re-diffuses every mask on its own padded bounding box (h + 2, w + 2) for
   2 * (h + w + 4) iterations of that mask (not a global count), from the mask pixel nearest to
   its mean pixel (first in row-major order on ties; not the rounded mean), each iteration
@@ -35,23 +35,29 @@ _HISTORY = 16  # longest cycle detected (positions remembered per trajectory)
 def _sample(field, y, x, ly, lx):
     """Bilinear sample (vy, vx) float32 of the (2, H, W) float32 field at pixel position (y, x).
 
-    Corner indices are clamped to the image; weights and the weighted sum are float64, the result
-    is rounded to float32 (cellpose 3's numba `map_coordinates`).
+    Corner indices are clamped to the image. The precision is the one numba infers for cellpose
+    3's `map_coordinates`: fractions fy, fx are float32 and `1 - f` is float64, so the four terms
+    are  v00 (1 - fy) (1 - fx)  and  v01 (1 - fy) fx  in float64,  (v10 fy) (1 - fx)  with a
+    float32 first product, and  v11 fy fx  wholly in float32; summed left to right in float64 and
+    rounded to float32. (All-float64 weights differ in the last bit and move trajectories.)
     """
-    yi = np.int64(np.int32(y))
-    xi = np.int64(np.int32(x))
-    fy = np.float64(y) - yi
-    fx = np.float64(x) - xi
-    y0 = min(ly - 1, max(0, yi))
-    x0 = min(lx - 1, max(0, xi))
+    yi = np.int32(y)
+    xi = np.int32(x)
+    fy = y - np.float32(yi)
+    fx = x - np.float32(xi)
+    y0 = min(ly - 1, max(0, np.int64(yi)))
+    x0 = min(lx - 1, max(0, np.int64(xi)))
     y1 = min(ly - 1, y0 + 1)
     x1 = min(lx - 1, x0 + 1)
-    gy = 1.0 - fy
-    gx = 1.0 - fx
-    vy = (np.float64(field[0, y0, x0]) * gy * gx + np.float64(field[0, y0, x1]) * gy * fx
-          + np.float64(field[0, y1, x0]) * fy * gx + np.float64(field[0, y1, x1]) * fy * fx)
-    vx = (np.float64(field[1, y0, x0]) * gy * gx + np.float64(field[1, y0, x1]) * gy * fx
-          + np.float64(field[1, y1, x0]) * fy * gx + np.float64(field[1, y1, x1]) * fy * fx)
+    gy = 1.0 - np.float64(fy)
+    gx = 1.0 - np.float64(fx)
+    fx64 = np.float64(fx)
+    vy = np.float64(field[0, y0, x0]) * gy * gx + np.float64(field[0, y0, x1]) * gy * fx64
+    vy = vy + np.float64(field[0, y1, x0] * fy) * gx
+    vy = vy + np.float64(field[0, y1, x1] * fy * fx)
+    vx = np.float64(field[1, y0, x0]) * gy * gx + np.float64(field[1, y0, x1]) * gy * fx64
+    vx = vx + np.float64(field[1, y1, x0] * fy) * gx
+    vx = vx + np.float64(field[1, y1, x1] * fy * fx)
     return np.float32(vy), np.float32(vx)
 
 
