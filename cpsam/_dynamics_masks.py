@@ -12,9 +12,11 @@ Behaviour reproduced (recipe section 2.5, pitfall 11):
   the kernel stops there and reads the final position off the cycle. This is exact, and most
   pixels reach their cycle long before `niter`.
 * Seeds: histogram bins of final positions that equal their 5x5 maximum and hold > 10 pixels,
-  sorted by count (stable); each grows 5 times by 3x3 dilation inside its 11x11 window on bins
-  with > 2 pixels; later (larger) seeds overwrite earlier ones; pixels take the label of the bin
-  they converged to.
+  sorted by count with torch's default (unstable) `argsort` on the int32 counts, as cellpose does:
+  the order of seeds with equal counts decides which one wins where their windows overlap, and
+  a stable sort gives other masks there; each grows 5 times by 3x3 dilation inside its 11x11
+  window on bins with > 2 pixels; later (larger) seeds overwrite earlier ones; pixels take the
+  label of the bin they converged to.
 """
 
 from __future__ import annotations
@@ -207,8 +209,8 @@ def integrate_torch(
 
 
 @njit(cache=True, nogil=True)
-def _labels_from_positions(pos, h, w):
-    """Cellpose's histogram seeding and growth; returns (N,) int64 seed labels (0 = none), n_seeds."""
+def _find_seeds(pos, h, w):
+    """Histogram (H, W) int32 of positions and its seeds: row-major (y, x, count) int arrays."""
     n = pos.shape[1]
     hist = np.zeros((h, w), np.int32)
     for k in range(n):
@@ -234,10 +236,23 @@ def _labels_from_positions(pos, h, w):
                 seeds_x.append(j)
                 counts.append(c)
     ns = len(counts)
+    out_y = np.empty(ns, np.int64)
+    out_x = np.empty(ns, np.int64)
+    out_c = np.empty(ns, np.int32)
+    for s in range(ns):
+        out_y[s] = seeds_y[s]
+        out_x[s] = seeds_x[s]
+        out_c[s] = counts[s]
+    return hist, out_y, out_x, out_c
+
+
+@njit(cache=True, nogil=True)
+def _grow_seeds(pos, hist, seeds_y, seeds_x, order):
+    """Grow the seeds in `order` (later ones overwrite); (N,) int64 seed label of every position."""
+    h, w = hist.shape
+    n = pos.shape[1]
+    ns = order.shape[0]
     lab = np.zeros((h, w), np.int64)
-    if ns == 0:
-        return np.zeros(n, np.int64), 0
-    order = np.argsort(np.array(counts), kind="mergesort")
     win = np.zeros((11, 11), np.bool_)
     grown = np.zeros((11, 11), np.bool_)
     for r in range(ns):
@@ -272,12 +287,18 @@ def _labels_from_positions(pos, h, w):
         y = min(max(pos[0, k], 0), h - 1)
         x = min(max(pos[1, k], 0), w - 1)
         out[k] = lab[y, x]
-    return out, ns
+    return out
 
 
 def labels_from_positions(pos: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
     """Seed label (N,) int64 of every integrated pixel (0 = no seed) and the number of seeds."""
-    return _labels_from_positions(np.ascontiguousarray(pos, dtype=np.int64), int(shape[0]), int(shape[1]))
+    pos = np.ascontiguousarray(pos, dtype=np.int64)
+    hist, sy, sx, counts = _find_seeds(pos, int(shape[0]), int(shape[1]))
+    if len(counts) == 0:
+        return np.zeros(pos.shape[1], np.int64), 0
+    # torch's own unstable sort, not a stable one: it fixes the order of equal counts as cellpose
+    order = torch.argsort(torch.from_numpy(counts)).numpy().astype(np.int64)
+    return _grow_seeds(pos, hist, sy, sx, order), len(counts)
 
 
 @njit(cache=True, parallel=True)
