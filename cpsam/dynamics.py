@@ -228,7 +228,7 @@ def follow_flows(
     truncated position has settled (a few pixels in 10^4 may land one bin away; much faster).
     rules: "cp4" steps in [-1, 1] grid coordinates as torch `grid_sample` (cellpose 4);
     "cp3" steps in pixel coordinates, clamped to [0, L - 1], with cellpose 3's CPU bilinear
-    sampler (float64 weights).
+    sampler (its mixed float32/float64 precision, see `cpsam._dynamics_cp3`).
     """
     settle = 0.0 if exact else _SETTLE
     if _check_rules(rules) == "cp3":
@@ -332,8 +332,8 @@ def flows_to_masks(
     exact=True reproduces cellpose's masks bit for bit (labels included); exact=False stops
     Euler trajectories once their final pixel is settled (see `follow_flows`): 3-5x faster,
     AP@0.5 against the exact masks >= 0.99 on our tests. The torch path is always exact.
-    exact=None (default): False for "cp4", True for "cp3" (there the shortcut saves only ~20%
-    and, on real flows with other thresholds or niter, changed up to half the masks).
+    exact=None (default): False for "cp4", True for "cp3" (there the shortcut saves only ~20%,
+    and on real flows at other thresholds or niter it changed masks: AP@0.5 down to 0.5).
     rules: "cp4" = cellpose 4.2.1.1; "cp3" = cellpose 3.1.1.2 on a CPU (its classic-model
     masks): pixel-coordinate Euler steps with its own bilinear sampler, per-object flow-error
     diffusion, no renumbering after the QC and its rank-based size filter (see `cpsam._dynamics_cp3`).
