@@ -158,7 +158,8 @@ def test_flows_to_masks_matches_cellpose_on_golden_flows(name: str, y: int, x: i
     assert ref.max() > 3
     exact = dynamics.flows_to_masks(dP, cp, exact=True)
     np.testing.assert_array_equal(exact, ref)  # bit for bit, labels included
-    fast = dynamics.flows_to_masks(dP, cp)  # default: trajectories stop once settled
+    np.testing.assert_array_equal(dynamics.flows_to_masks(dP, cp), ref)  # exact is the default
+    fast = dynamics.flows_to_masks(dP, cp, exact=False)  # opt-in: trajectories stop once settled
     assert fast.dtype == np.uint16 and fast.shape == cp.shape
     assert abs(int(fast.max()) - int(ref.max())) <= 0.01 * ref.max()
     assert ap50(ref, fast) >= 0.99
