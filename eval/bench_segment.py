@@ -14,11 +14,15 @@ warm-up image, and includes normalization, tiling, the network and the dynamics 
              classic CPnet (cellpose 4 cannot load those) its own `normalize_img` -> `core.run_net`
              (224 tiles) -> `dynamics.resize_and_compute_masks`, image by image, with our CPnet.
 Prints images/s per mode, the ratios, and the AP@0.5 agreement of our masks with cellpose's.
+Our Segmenter turns a classic CPnet's flows into masks with cellpose 3's rules by default; the only
+cellpose installed is 4.2, so this benchmark uses cellpose 4's mask rules for every model unless
+--mask-rules says otherwise (like for like: same algorithm, same masks).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 
 from cpsam import io
-from cpsam.segment import Segmenter
+from cpsam.segment import Segmenter, rules_for
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--skip-cellpose", action="store_true")
+    parser.add_argument("--mask-rules", choices=("cp4", "cp3", "auto"), default="cp4",
+                        help="flow->mask rules of our Segmenter (auto: cp3 for a classic CPnet, cp4 for CP-SAM)")
     args = parser.parse_args(argv)
 
     from cellpose.metrics import average_precision
@@ -132,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device=device)
     images = bench_images(args.data, args.n_images, args.crop)
     arrays = [image for _, image in images]
-    seg = Segmenter(model, device=device, batch_size=args.batch_size, bf16=args.bf16)
+    rules = rules_for(model)
+    if args.mask_rules != "auto":
+        rules = dataclasses.replace(rules, mask_rules=args.mask_rules)
+    seg = Segmenter(model, device=device, batch_size=args.batch_size, bf16=args.bf16, rules=rules)
     size = f"cropped to {args.crop} px" if args.crop else "whole"
     print(f"model {args.model} ({type(model).__name__}), device {device}, batch_size {args.batch_size}, "
-          f"{len(arrays)} images {size}, "
+          f"{len(arrays)} images {size}, mask rules {rules.mask_rules}, "
           f"torch threads {torch.get_num_threads()}")
 
     seg.segment(arrays[:1])  # warm-up (allocations, numba compilation)
