@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-_HISTORY = 16  # longest cycle detected (positions remembered per trajectory)
+from cpsam._dynamics_flows import diffuse_crop
+from cpsam._dynamics_masks import _HISTORY, cycle_position, settled
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -94,31 +95,16 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, settle):
                 break
             if settle > 0.0:
                 d = max(abs(np.float64(qy) - py), abs(np.float64(qx) - px))
-                if d < 0.25 and d1 > 0.0 and d2 > 0.0:
-                    rho = max(d / d1, d1 / d2)
-                    if rho < 0.97:
-                        drift = settle * d * rho / (1.0 - rho)
-                        by = qy - np.floor(qy)
-                        bx = qx - np.floor(qx)
-                        if drift < min(by, 1.0 - by) and drift < min(bx, 1.0 - bx):
-                            py = qy
-                            px = qx
-                            break
+                if settled(d, d1, d2, settle, qy, qx):
+                    py = qy
+                    px = qx
+                    break
                 d2 = d1
                 d1 = d
             py = qy
             px = qx
             if t % _HISTORY == 0 or t == niter:
-                found = False
-                for k in range(2, min(t, _HISTORY) + 1):
-                    j = (t - k) % _HISTORY
-                    if hy[j] == py and hx[j] == px:
-                        # periodic with period k from step t - k
-                        r = (t - k) + (niter - t + k) % k
-                        py = hy[r % _HISTORY]
-                        px = hx[r % _HISTORY]
-                        found = True
-                        break
+                found, py, px = cycle_position(hy, hx, t, niter, py, px)
                 if found:
                     break
         out[0, n] = np.int32(py)
@@ -208,23 +194,8 @@ def _object_flow(lab, label, y0, y1, x0, x1, mu):
                     best = d
                     ci = i
                     cj = j
-    ninth = 1.0 / 9.0
-    a = np.zeros((hh, ww), np.float64)
-    b = np.zeros((hh, ww), np.float64)
-    for _ in range(2 * (hh + ww)):
-        a[ci, cj] += 1.0
-        for i in range(1, hh - 1):
-            up = a[i - 1]
-            mid = a[i]
-            dn = a[i + 1]
-            out = b[i]
-            msk = inside[i]
-            for j in range(1, ww - 1):
-                # cellpose's neighbour order; other objects and background hold 0 in this crop
-                s = mid[j] + up[j] + dn[j] + mid[j - 1] + mid[j + 1] + up[j - 1] + up[j + 1]
-                s = s + dn[j - 1] + dn[j + 1]
-                out[j] = (ninth * s) * msk[j]
-        a, b = b, a
+    # cellpose 3: 2 * (h + w) iterations of the padded box, multiplied by 1/9 rather than divided
+    a = diffuse_crop(inside, ci, cj, 2 * (hh + ww), True)
     for i in range(1, hh - 1):
         for j in range(1, ww - 1):
             if inside[i, j] != 0.0:

@@ -89,6 +89,41 @@ def _source(lab: np.ndarray, label: int, y0: int, y1: int, x0: int, x1: int) -> 
 
 
 @njit(cache=True, nogil=True)
+def diffuse_crop(inside, ci, cj, n_iter, ninth_product):
+    """Heat (hh, ww) float64 after `n_iter` steps of Cellpose's 3x3 mean diffusion on one object.
+
+    inside: (hh, ww) float64 1/0 mask of the object with a zero 1-px border (pixels of other
+    objects hold 0 in this private crop); (ci, cj): the source pixel, +1 before every step. Each
+    step replaces every inner pixel by the mean of its 3x3 neighbourhood (the reference's neighbour
+    order), masked to the object. ninth_product: (1/9) * sum, cellpose 3's CPU kernel; else
+    sum / 9, cellpose 4 (they differ in the last bit, which the flow-error QC can see).
+    """
+    hh, ww = inside.shape
+    a = np.zeros((hh, ww), np.float64)
+    b = np.zeros((hh, ww), np.float64)
+    ninth = 1.0 / 9.0
+    for _ in range(n_iter):
+        a[ci, cj] += 1.0
+        for i in range(1, hh - 1):
+            up = a[i - 1]
+            mid = a[i]
+            dn = a[i + 1]
+            out = b[i]
+            msk = inside[i]
+            for j in range(1, ww - 1):
+                # neighbour order of the reference: (0,0) (-1,0) (+1,0) (0,-1) (0,+1) (-1,-1) (-1,+1)
+                # (+1,-1) (+1,+1)
+                s = mid[j] + up[j] + dn[j] + mid[j - 1] + mid[j + 1] + up[j - 1] + up[j + 1]
+                s = s + dn[j - 1] + dn[j + 1]
+                if ninth_product:
+                    out[j] = (ninth * s) * msk[j]
+                else:
+                    out[j] = (s / 9.0) * msk[j]
+        a, b = b, a
+    return a
+
+
+@njit(cache=True, nogil=True)
 def _diffuse_object(lab, label, y0, y1, x0, x1, cy, cx, n_iter, heat):
     """Run `n_iter` heat iterations for one object on its padded bbox crop; write into `heat`.
 
@@ -101,25 +136,7 @@ def _diffuse_object(lab, label, y0, y1, x0, x1, cy, cx, n_iter, heat):
         for j in range(x0, x1):
             if lab[i, j] == label:
                 inside[i - y0 + 1, j - x0 + 1] = 1.0
-    a = np.zeros((hh, ww), np.float64)
-    b = np.zeros((hh, ww), np.float64)
-    ci = cy + 1
-    cj = cx + 1
-    for _ in range(n_iter):
-        a[ci, cj] += 1.0
-        for i in range(1, hh - 1):
-            up = a[i - 1]
-            mid = a[i]
-            dn = a[i + 1]
-            out = b[i]
-            msk = inside[i]
-            for j in range(1, ww - 1):
-                # neighbour order of the reference: (0,0) (-1,0) (+1,0) (0,-1) (0,+1) (-1,-1) (-1,+1)
-                # (+1,-1) (+1,+1); pixels of other objects hold 0 in this private crop.
-                s = mid[j] + up[j] + dn[j] + mid[j - 1] + mid[j + 1] + up[j - 1] + up[j + 1]
-                s = s + dn[j - 1] + dn[j + 1]
-                out[j] = (s / 9.0) * msk[j]
-        a, b = b, a
+    a = diffuse_crop(inside, cy + 1, cx + 1, n_iter, False)
     for i in range(1, hh - 1):
         for j in range(1, ww - 1):
             if inside[i, j] != 0.0:

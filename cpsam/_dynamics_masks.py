@@ -60,6 +60,40 @@ def _sample(field, gx, gy, half_w, half_h):
     return vx, vy
 
 
+@njit(cache=True, nogil=True, inline="always")
+def settled(d, d1, d2, settle, fy, fx):
+    """Whether a trajectory's truncated final pixel can no longer change.
+
+    d, d1, d2: its last three step lengths (pixels). True when it converges geometrically (step
+    ratio rho < 0.97, steps under 0.25 px) and `settle` times the remaining drift d*rho/(1-rho) is
+    below the distance of its position (fy, fx) (pixel units) to the nearest pixel edge.
+    """
+    if d < 0.25 and d1 > 0.0 and d2 > 0.0:
+        rho = max(d / d1, d1 / d2)
+        if rho < 0.97:
+            drift = settle * d * rho / (1.0 - rho)
+            by = fy - np.floor(fy)
+            bx = fx - np.floor(fx)
+            return drift < min(by, 1.0 - by) and drift < min(bx, 1.0 - bx)
+    return False
+
+
+@njit(cache=True, nogil=True, inline="always")
+def cycle_position(hy, hx, t, niter, py, px):
+    """Exact early stop on a cycle: (found, y, x at step niter).
+
+    hy, hx: ring buffers (_HISTORY,) of the positions at steps t - _HISTORY .. t - 1; (py, px): the
+    position at step t. If it equals the one k steps back (2 <= k <= min(t, _HISTORY)), the
+    trajectory is periodic with period k from step t - k, so p_niter = p_{t-k + (niter-t+k) % k}.
+    """
+    for k in range(2, min(t, _HISTORY) + 1):
+        j = (t - k) % _HISTORY
+        if hy[j] == py and hx[j] == px:
+            r = (t - k) + (niter - t + k) % k
+            return True, hy[r % _HISTORY], hx[r % _HISTORY]
+    return False, py, px
+
+
 @njit(cache=True, nogil=True)
 def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y, settle):
     """Integrate trajectories start..stop; write truncated final (y, x) pixel positions to out.
@@ -95,34 +129,17 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y, s
                 break
             if settle > 0.0:
                 d = max(abs(qx - px) * sx2, abs(qy - py) * sy2)
-                if d < 0.25 and d1 > 0.0 and d2 > 0.0:
-                    rho = max(d / d1, d1 / d2)
-                    if rho < 0.97:
-                        drift = settle * d * rho / (1.0 - rho)
-                        fx = (qx + one) * half * scale_x
-                        fy = (qy + one) * half * scale_y
-                        bx = fx - np.floor(fx)
-                        by = fy - np.floor(fy)
-                        if drift < min(bx, 1.0 - bx) and drift < min(by, 1.0 - by):
-                            px = qx
-                            py = qy
-                            break
+                if settled(d, d1, d2, settle, (qy + one) * half * scale_y, (qx + one) * half * scale_x):
+                    px = qx
+                    py = qy
+                    break
                 d2 = d1
                 d1 = d
             px = qx
             py = qy
             if t % _HISTORY == 0 or t == niter:
                 # p_t against p_{t-k}, k <= min(t, _HISTORY), all still in the ring
-                found = False
-                for k in range(2, min(t, _HISTORY) + 1):
-                    j = (t - k) % _HISTORY
-                    if hx[j] == px and hy[j] == py:
-                        # periodic with period k from step t-k: p_niter = p_{t-k + (niter-t+k) % k}
-                        r = (t - k) + (niter - t + k) % k
-                        px = hx[r % _HISTORY]
-                        py = hy[r % _HISTORY]
-                        found = True
-                        break
+                found, py, px = cycle_position(hy, hx, t, niter, py, px)
                 if found:
                     break
         fx = (px + one) * half * scale_x
