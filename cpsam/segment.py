@@ -37,6 +37,12 @@ from torch import nn
 from cpsam import transforms
 
 DEFAULT_NITER = 200
+# On a CPU a network call runs its tiles this many at a time. Larger CPU batches gain nothing in
+# the convolutions and matmuls, and their activations (over 32 MiB, glibc's largest heap-served
+# size) come from fresh mmap allocations that page-fault in every layer. Measured, classic CPnet on
+# 224-px tiles, one thread: 12.5k page faults and 0.76 s per tile at batch 1, 15.6k and 0.72 s at
+# 2, 58k and 0.91 s at 4, 100k and 1.06 s at 8.
+CPU_SUB_BATCH = 2
 
 
 class ImageError(ValueError):
@@ -156,7 +162,8 @@ class Segmenter:
         model: a network following the cpsam model interface (`diam_mean`, `diam_labels`,
             `tile_size`, `in_channels`; `model(x)[0]` is the (B, 3, h, w) output).
         device: torch device for the network ("cpu", "cuda", "cuda:1", ...; default: the model's).
-        batch_size: tiles per network call (tiles of several images share a call).
+        batch_size: tiles per network call (tiles of several images share a call). On a CPU the
+            call runs its tiles `CPU_SUB_BATCH` at a time (see there).
         bf16: run the network in bfloat16 (weights converted in place, as cellpose does);
             outputs are accumulated in float32 either way.
         tile_overlap: fraction of tile overlap (cellpose default 0.1, clipped to [0.05, 0.5]).
@@ -389,7 +396,10 @@ class Segmenter:
     def _forward_batch(self, batch: list[tuple[_InFlight, np.ndarray, int, int, bool, bool]]) -> None:
         """Run one batch of same-size tiles; add taper-weighted outputs into their images' accumulators."""
         x = torch.from_numpy(np.stack([item[1] for item in batch])).to(self.device, self.dtype)
-        y = self.model(x)[0][:, :3].float()
+        if x.device.type == "cpu":
+            y = torch.cat([self.model(part)[0][:, :3].float() for part in x.split(CPU_SUB_BATCH)])
+        else:
+            y = self.model(x)[0][:, :3].float()
         for k, (_, _, _, _, flip_y, flip_x) in enumerate(batch):
             if flip_y or flip_x:
                 y[k] = transforms.unflip_output(y[k], flip_y, flip_x)
