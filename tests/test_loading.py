@@ -17,14 +17,15 @@ from cpsam.models.loading import (
 
 
 def random_sam_state_dict(variant: str, seed: int) -> dict[str, torch.Tensor]:
-    """A SAM checkpoint in the official key layout (image_encoder/prompt_encoder/mask_decoder), random values."""
-    torch.manual_seed(seed)
-    sam = sam_model_registry[variant](None)
+    """A SAM checkpoint in the official key layout (image_encoder/prompt_encoder/mask_decoder), random values.
+
+    The layout comes from segment_anything's own builder on meta tensors (no 1.2 GB ViT-L init);
+    the values are seeded normals, so every tensor differs from what a fresh model would hold.
+    """
+    with torch.device("meta"):
+        layout = sam_model_registry[variant](None).state_dict()
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sam.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return sam.state_dict()
+    return {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in layout.items()}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,8 @@ def sam_vit_b_file(tmp_path_factory):
     return path, sd
 
 
-def test_sam_checkpoint_resampled_as_the_spec_says(sam_vit_b_file):
-    path, sam = sam_vit_b_file
-    assert identify_checkpoint(sam) == "sam"
-    model = cellpose_sam_from_sam(path)
-    assert isinstance(model, CellposeSAM) and model.config.embed_dim == 768 and model.config.depth == 12
+def assert_resampled_as_the_spec_says(model: CellposeSAM, sam: dict[str, torch.Tensor], global_blocks) -> None:
+    """cpsam_recipe.md 1.2: kernel taps [::2, ::2] unscaled, new patch bias, pos-embed [::2, ::2], rest copied."""
     enc = model.encoder.state_dict()
     # patch kernel: 16x16 taps at even rows/cols, no rescaling
     assert torch.equal(enc["patch_embed.proj.weight"], sam["image_encoder.patch_embed.proj.weight"][:, :, ::2, ::2])
@@ -47,24 +45,37 @@ def test_sam_checkpoint_resampled_as_the_spec_says(sam_vit_b_file):
     assert not torch.equal(enc["patch_embed.proj.bias"], sam["image_encoder.patch_embed.proj.bias"])
     # position embeddings: 64x64 grid subsampled ::2 -> 32x32
     assert torch.equal(enc["pos_embed"], sam["image_encoder.pos_embed"][:, ::2, ::2])
-    assert enc["pos_embed"].shape == (1, 32, 32, 768)
+    assert enc["pos_embed"].shape == (1, 32, 32, model.config.embed_dim)
     # everything else copied unchanged, rel-pos tables keep their 27 / 127 rows
     copied = [k for k in enc if not k.startswith(("patch_embed", "pos_embed"))]
     assert len(copied) == len(enc) - 3
     for key in copied:
         assert torch.equal(enc[key], sam[f"image_encoder.{key}"]), key
     for i, block in enumerate(model.encoder.blocks):
-        assert block.attn.rel_pos_h.shape[0] == (127 if i in (2, 5, 8, 11) else 27)
+        assert block.attn.rel_pos_h.shape[0] == (127 if i in global_blocks else 27)
+        assert block.attn.rel_pos_w.shape[0] == (127 if i in global_blocks else 27)
         assert block.window_size == 0
 
 
-def test_sam_vit_l_layout_into_cpsam_vit_l():
-    """The ViT-L key layout maps onto cpsam_vit_l (meta tensors: shapes only, no 1.2 GB allocation)."""
-    with torch.device("meta"):
-        sam_keys = {k: v for k, v in sam_model_registry["vit_l"](None).state_dict().items()}
-        model = create_model("cpsam_vit_l")
-    enc_keys = {k.removeprefix("image_encoder.") for k in sam_keys if k.startswith("image_encoder.")}
-    assert enc_keys == set(model.encoder.state_dict())
+def test_sam_checkpoint_resampled_as_the_spec_says(sam_vit_b_file):
+    path, sam = sam_vit_b_file
+    assert identify_checkpoint(sam) == "sam"
+    model = cellpose_sam_from_sam(path)
+    assert isinstance(model, CellposeSAM) and model.config.embed_dim == 768 and model.config.depth == 12
+    assert_resampled_as_the_spec_says(model, sam, global_blocks=(2, 5, 8, 11))
+
+
+def test_sam_vit_l_checkpoint_resampled_as_the_spec_says(tmp_path):
+    """The paper's initialisation: a random ViT-L SAM file (1.2 GB, official layout) loads and resamples."""
+    sam = random_sam_state_dict("vit_l", seed=3)
+    path = tmp_path / "sam_vit_l_0b3195.pth"
+    torch.save(sam, path)
+    model = cellpose_sam_from_sam(path)
+    path.unlink()
+    assert model.config.embed_dim == 1024 and model.config.depth == 24 and model.config.num_heads == 16
+    assert_resampled_as_the_spec_says(model, sam, global_blocks=(5, 11, 17, 23))
+    # the trained network's layout: 350 tensors once the readout is added (cpsam_recipe.md 1.4)
+    assert len(model.state_dict()) == 350
 
 
 def test_sam_checkpoint_of_the_wrong_width_is_refused(sam_vit_b_file):
