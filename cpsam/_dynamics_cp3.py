@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from cpsam._dynamics_flows import diffuse_crop
+from cpsam._dynamics_flows import _bboxes, diffuse_crop  # shared with the cellpose 4 flow kernels
 from cpsam._dynamics_masks import _HISTORY, cycle_position, settled
 
 
@@ -143,28 +143,6 @@ def integrate(dP: np.ndarray, fg: np.ndarray, niter: int, settle: float = 0.0, p
 
 
 # ---------------------------------------------------------------------------------- QC flows
-@njit(cache=True, nogil=True)
-def _bboxes(lab, n):
-    """(n, 4) int64 [y0, y1, x0, x1) boxes of labels 1..n; y1 = 0 for an absent label."""
-    box = np.empty((n, 4), np.int64)
-    box[:, 0] = lab.shape[0]
-    box[:, 1] = -1
-    box[:, 2] = lab.shape[1]
-    box[:, 3] = -1
-    for i in range(lab.shape[0]):
-        for j in range(lab.shape[1]):
-            v = lab[i, j]
-            if v > 0:
-                k = v - 1
-                box[k, 0] = min(box[k, 0], i)
-                box[k, 1] = max(box[k, 1], i)
-                box[k, 2] = min(box[k, 2], j)
-                box[k, 3] = max(box[k, 3], j)
-    box[:, 1] += 1
-    box[:, 3] += 1
-    return box
-
-
 @njit(cache=True, nogil=True)
 def _object_flow(lab, label, y0, y1, x0, x1, mu):
     """Diffuse one object on its padded box and write its raw (dy, dx) heat gradient into mu."""
