@@ -13,16 +13,24 @@ warm-up pass over the images, and includes normalization, tiling, the network an
 - cellpose:  the cellpose 4.2.1.1 package: `CellposeModel.eval(list)` for a Cellpose-SAM file; for a
              classic CPnet (cellpose 4 cannot load those) its own `normalize_img` -> `core.run_net`
              (224 tiles) -> `dynamics.resize_and_compute_masks`, image by image, with our CPnet.
-Prints images/s per mode, the ratios, and the AP@0.5 agreement of our masks with cellpose's.
-Our Segmenter turns a classic CPnet's flows into masks with cellpose 3's rules by default; the only
-cellpose installed is 4.2, so this benchmark uses cellpose 4's mask rules for every model unless
---mask-rules says otherwise (like for like: same algorithm, same masks).
+The modes are timed in turn, `--rounds` times over (first mode of a round alternating), and the
+median rate per mode is reported: on a 2-core machine the first pass after the warm-up was up to 20%
+slower whatever the mode. Prints images/s per mode, the ratios, and the AP@0.5 agreement of our
+masks with cellpose's.
+Rules (`--rules`): our Segmenter runs a classic CPnet under cellpose 3.1.1.2's rules by default
+(tiles shrink to images smaller than a tile, cellpose 3's flow -> mask rules); the only cellpose
+installed is 4.2, whose pipeline pads small images to a full tile and uses its own mask rules. The
+default, `--rules cp4`, runs our Segmenter under cellpose 4's rules as well (like for like: same
+algorithm, identical masks). `--rules auto` keeps each model's own rules: a CPnet then differs from
+cellpose 4 on images narrower than a tile (measured: mother-machine images 51 and 47 px wide, AP@0.5
+0.17 and 0.44 against cellpose 4's masks; CPnet's style vector averages over the padding).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +40,7 @@ import torch
 from torch import nn
 
 from cpsam import io
-from cpsam.segment import Segmenter, rules_for
+from cpsam.segment import InferenceRules, Segmenter, rules_for
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -106,6 +114,7 @@ def cellpose_runner(model: nn.Module, model_path: str | None, device: torch.devi
 
 
 def timed(fn: Callable[[], list[np.ndarray]], n_images: int) -> tuple[float, list[np.ndarray]]:
+    """(images per second, masks) of one pass of `fn` over `n_images` images."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -113,6 +122,30 @@ def timed(fn: Callable[[], list[np.ndarray]], n_images: int) -> tuple[float, lis
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return n_images / (time.perf_counter() - start), masks
+
+
+def cellpose4_rules(model: nn.Module) -> InferenceRules:
+    """Our Segmenter under cellpose 4.2's pipeline rules: small images padded to a full tile,
+    float64 diameter arithmetic, cellpose 4's flow -> mask rules (tile size: the model's own)."""
+    return dataclasses.replace(rules_for(model), pad_to_tile=True, float32_rescale=False, mask_rules="cp4")
+
+
+def run_rounds(modes: dict[str, Callable[[], list[np.ndarray]]], n_images: int, rounds: int
+               ) -> tuple[dict[str, float], dict[str, list[np.ndarray]]]:
+    """Time every mode `rounds` times, in turn, the first mode of each round alternating.
+
+    Returns the median images/s per mode and the masks of each mode's last pass.
+    """
+    names = list(modes)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    masks: dict[str, list[np.ndarray]] = {}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            rate, masks[name] = timed(modes[name], n_images)
+            rates[name].append(rate)
+            print(f"  round {r + 1}: {name:>11} {rate:7.3f} images/s", flush=True)
+    return {name: statistics.median(values) for name, values in rates.items()}, masks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--skip-cellpose", action="store_true")
-    parser.add_argument("--mask-rules", choices=("cp4", "cp3", "auto"), default="cp4",
-                        help="flow->mask rules of our Segmenter (auto: cp3 for a classic CPnet, cp4 for CP-SAM)")
+    parser.add_argument("--rules", choices=("cp4", "auto"), default="cp4",
+                        help="our Segmenter's rules: cp4 = cellpose 4's tiling and mask rules, like the "
+                             "cellpose runs (default); auto = the model's own (cellpose 3's for a CPnet)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes per mode (median reported)")
     args = parser.parse_args(argv)
 
     from cellpose.metrics import average_precision
@@ -138,30 +173,31 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device=device)
     images = bench_images(args.data, args.n_images, args.crop)
     arrays = [image for _, image in images]
-    rules = rules_for(model)
-    if args.mask_rules != "auto":
-        rules = dataclasses.replace(rules, mask_rules=args.mask_rules)
+    rules = cellpose4_rules(model) if args.rules == "cp4" else rules_for(model)
     seg = Segmenter(model, device=device, batch_size=args.batch_size, bf16=args.bf16, rules=rules)
     size = f"cropped to {args.crop} px" if args.crop else "whole"
     print(f"model {args.model} ({type(model).__name__}), device {device}, batch_size {args.batch_size}, "
-          f"{len(arrays)} images {size}, mask rules {rules.mask_rules}, "
+          f"{len(arrays)} images {size}, rules {args.rules} ({rules}), "
           f"torch threads {torch.get_num_threads()}")
 
     # Warm-up over every image: the first call on each tile shape builds its convolution kernels
     # (oneDNN primitives), which would otherwise be charged to whichever mode runs first.
     seg.segment(arrays)
-    rates: dict[str, float] = {}
-    rates["batched"], ours = timed(lambda: [r.masks for r in seg.segment(arrays)], len(arrays))
-    rates["one-by-one"], single = timed(lambda: [seg.segment([a])[0].masks for a in arrays], len(arrays))
-    agreement = np.mean([average_precision([a], [b], threshold=[0.5])[0][0, 0] if a.max() or b.max() else 1.0
-                         for a, b in zip(ours, single, strict=True)])
-    theirs: list[np.ndarray] | None = None
+    modes: dict[str, Callable[[], list[np.ndarray]]] = {
+        "batched": lambda: [r.masks for r in seg.segment(arrays)],
+        "one-by-one": lambda: [seg.segment([a])[0].masks for a in arrays],
+    }
     if not args.skip_cellpose:
         runner = cellpose_runner(model, args.model, device, args.batch_size, args.bf16)
         for array in arrays:  # the same warm-up for cellpose
             runner(array)
-        rates["cellpose"], theirs = timed(lambda: [runner(a) for a in arrays], len(arrays))
+        modes["cellpose"] = lambda: [runner(a) for a in arrays]
+    rates, masks = run_rounds(modes, len(arrays), max(1, args.rounds))
+    ours, single, theirs = masks["batched"], masks["one-by-one"], masks.get("cellpose")
+    agreement = np.mean([average_precision([a], [b], threshold=[0.5])[0][0, 0] if a.max() or b.max() else 1.0
+                         for a, b in zip(ours, single, strict=True)])
 
+    print(f"median of {max(1, args.rounds)} rounds:")
     for mode, rate in rates.items():
         print(f"{mode:>11}: {rate:7.3f} images/s")
     print(f"batched / one-by-one: {rates['batched'] / rates['one-by-one']:.2f}x "
