@@ -148,6 +148,14 @@ def run_rounds(modes: dict[str, Callable[[], list[np.ndarray]]], n_images: int, 
     return {name: statistics.median(values) for name, values in rates.items()}, masks
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "weights" / "cyto_0_cpnet_torch.pt"),
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", choices=("cp4", "auto"), default="cp4",
                         help="our Segmenter's rules: cp4 = cellpose 4's tiling and mask rules, like the "
                              "cellpose runs (default); auto = the model's own (cellpose 3's for a CPnet)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed passes per mode (median reported)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="timed passes per mode (median reported)")
     args = parser.parse_args(argv)
 
     from cellpose.metrics import average_precision
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(arrays)} images {size}, rules {args.rules} ({rules}), "
           f"torch threads {torch.get_num_threads()}")
 
+    print("warm-up pass over every image (not timed) ...", flush=True)
     # Warm-up over every image: the first call on each tile shape builds its convolution kernels
     # (oneDNN primitives), which would otherwise be charged to whichever mode runs first.
     seg.segment(arrays)
@@ -192,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         for array in arrays:  # the same warm-up for cellpose
             runner(array)
         modes["cellpose"] = lambda: [runner(a) for a in arrays]
-    rates, masks = run_rounds(modes, len(arrays), max(1, args.rounds))
+    rates, masks = run_rounds(modes, len(arrays), args.rounds)
     ours, single, theirs = masks["batched"], masks["one-by-one"], masks.get("cellpose")
     agreement = np.mean([average_precision([a], [b], threshold=[0.5])[0][0, 0] if a.max() or b.max() else 1.0
                          for a, b in zip(ours, single, strict=True)])
 
-    print(f"median of {max(1, args.rounds)} rounds:")
+    print(f"median of {args.rounds} rounds:")
     for mode, rate in rates.items():
         print(f"{mode:>11}: {rate:7.3f} images/s")
     print(f"batched / one-by-one: {rates['batched'] / rates['one-by-one']:.2f}x "
