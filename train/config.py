@@ -38,6 +38,10 @@ class ModelConfig:
     `layer_drop`: CP-SAM's maximal per-sample layer-drop rate (None = the model's default 0.4).
     `diam_mean`: the cell diameter (px) the model is trained at (None = the model's, 30).
     `tile_size`: CP-SAM input tile in px (None = 256; 128 makes a 16 x 16 token grid, for small CPU runs).
+    `sync_batchnorm`: with several CUDA processes, BatchNorm layers (CPnet, students) compute their batch
+    statistics over the global micro-batch (SyncBatchNorm; it does not run on CPU). Without it, each rank
+    normalizes with its own share of the batch and DDP broadcasts rank 0's running statistics, so a
+    BatchNorm model trained on N processes differs from the 1-process run (LayerNorm models do not).
     """
 
     name: str = "cpsam_tiny"
@@ -46,6 +50,7 @@ class ModelConfig:
     init: str = ""
     diam_mean: float | None = None
     tile_size: int | None = None
+    sync_batchnorm: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
 

@@ -261,6 +261,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if main:
             print(f"resuming {run} from step {step} (epoch {step // steps_per_epoch})", file=sys.stderr)
+    if cfg.model.sync_batchnorm and world > 1 and accelerator.device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # in place below the top module
     model_for_step = torch.compile(net) if cfg.model.compile else net
     model, optimizer = accelerator.prepare(model_for_step, optimizer)
 
