@@ -186,16 +186,75 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+RESUME_ARGS = {"schedule.samples_per_epoch": 12, "schedule.epochs": 2, "checkpoint.every_steps": 1,
+               "log.sample_keys": True}
+
+
+@pytest.fixture(scope="module")
+def reference_run(datasets, tmp_path_factory) -> Path:
+    """An uninterrupted 1-process run of 6 steps (2 epochs of 3) through the CLI."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    out = _finish(_cli(_overrides(datasets, run, **RESUME_ARGS), 1))
+    assert "world size 1," in out
+    return run
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes_exactly(datasets, reference_run, tmp_path):
+    run = tmp_path / "run"
+    proc = _cli(_overrides(datasets, run, **RESUME_ARGS), 1)
+    _wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "stopped by signal 15" in out
+    stopped = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=False)["step"]
+    assert 2 <= stopped < 6
+    _finish(_cli(_overrides(datasets, run, **RESUME_ARGS), 1))
+    ref, res = _weights(reference_run), _weights(run)
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(datasets, tmp_path, monkeypatch, capsys):
+    import train.checkpoint as ckpt
+    from train.loop import train
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def disk_full(obj, path, *a, **k):
+        if isinstance(obj, dict) and obj.get("format") == ckpt.STATE_FORMAT:
+            calls["n"] += 1
+            if calls["n"] >= 2:
+                raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    run = tmp_path / "run"
+    result = train(load_config(TINY, _overrides(datasets, run, **{"schedule.epochs": 2})))
+    assert result.step == 4
+    assert "checkpoint at step 4 not written" in capsys.readouterr().err
+    assert torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=False)["step"] == 2
+    assert not list((run / "checkpoints" / "last").glob(".*part*"))
+
+
+def test_layer_drop_under_ddp_two_processes(datasets, tmp_path):
+    """Layer drop skips dropped samples' block compute; a block dropped for a rank's whole micro-batch still
+    gives DDP a (zero) gradient for every parameter, so two processes train without find_unused_parameters.
+    At rate 0.9 the last block is dropped for a whole 2-sample micro-batch with p 0.81 per rank and step."""
+    out = _finish(_cli(_overrides(datasets, tmp_path / "run", **{"model.layer_drop": 0.9, "schedule.epochs": 2}), 2))
+    assert "world size 2," in out and "trained 4 steps" in out
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(datasets, tmp_path, nproc):
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(datasets, reference_run, tmp_path, nproc):
     """SIGKILL (no clean-up possible) at a step inside an epoch; rerunning the command finishes the run with
     bit-identical weights (1 and 2 processes). With 2 processes the ranks train on disjoint samples and the
     final weights equal a 1-process run's to 1e-5."""
-    args = {"schedule.samples_per_epoch": 12, "schedule.epochs": 2, "checkpoint.every_steps": 1,
-            "log.sample_keys": True}
-    reference = tmp_path / "reference"
-    out = _finish(_cli(_overrides(datasets, reference, **args), nproc))
-    assert f"world size {nproc}," in out  # two real processes, not two independent world-1 runs
+    args = RESUME_ARGS
+    reference = reference_run
+    if nproc == 2:
+        reference = tmp_path / "reference"
+        out = _finish(_cli(_overrides(datasets, reference, **args), nproc))
+        assert "world size 2," in out  # two real processes, not two independent world-1 runs
     killed = tmp_path / "killed"
     proc = _cli(_overrides(datasets, killed, **args), nproc, start_new_session=True)
     _wait_for_step(killed, 2, proc)  # step 2 of 3 in epoch 0 (12 samples / batch 4)
@@ -210,10 +269,28 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(datasets, tmp_path, n
         keys = [np.loadtxt(reference / "samples" / f"rank{r}.csv", delimiter=",", dtype=np.int64) for r in (0, 1)]
         positions = [set(map(tuple, k[:, 1:3])) for k in keys]
         assert not positions[0] & positions[1] and len(positions[0]) == len(positions[1]) == 12
-        single = tmp_path / "single"
-        _finish(_cli(_overrides(datasets, single, **args), 1))
-        one = _weights(single)
+        one = _weights(reference_run)
         for k in one:
             if one[k].is_floating_point():
                 diff = (one[k] - ref[k]).norm() / max(float(one[k].norm()), 1e-12)
                 assert diff < 1e-5, (k, float(diff))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from train.config import ModelConfig
+    from train.model_init import build_model, enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(name="cpsam_tiny", tile_size=128, layer_drop=0.0))
+    recomputed = build_model(ModelConfig(name="cpsam_tiny", tile_size=128, layer_drop=0.0))
+    recomputed.load_state_dict(plain.state_dict())
+    assert enable_activation_checkpointing(recomputed)
+    x = torch.randn(2, 3, 128, 128)
+    grads = []
+    for net in (plain, recomputed):
+        net(x)[0].square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+    assert not enable_activation_checkpointing(build_model(ModelConfig(name="cpnet", nbase=[2, 8, 16])))
