@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(PY) -m eval.bench_metrics
 	$(PY) -m eval.bench_segment
 	$(PY) -m eval.bench_model
+	$(PY) -m eval.bench_augment
+	$(PY) -m eval.bench_train
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -99,7 +99,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 def test_config_keys_and_errors(tmp_path):
     cfg = load_config(TINY, ["batch_size=2", "optim.lr=0.01"])
-    assert cfg.batch_size == 2 and cfg.optim.lr == 0.01 and cfg.model.name == "cpsam_tiny"
+    assert cfg.batch_size == 2 and cfg.optim.lr == 0.01 and cfg.model.name == "cpnet"
     with pytest.raises(ConfigError, match="nosuchkey"):
         load_config(TINY, ["nosuchkey=1"])
     with pytest.raises(ConfigError, match="does not exist"):

@@ -230,18 +230,34 @@ class TrainDataset(Dataset):
 
 
 class KeySampler(Sampler[SampleKey]):
-    """The DataLoader's sampler: this rank's SampleKeys of the current epoch, from the sampler's cursor on."""
+    """The DataLoader's sampler: this rank's SampleKeys from (start_epoch, start_cursor) up to end_epoch.
 
-    def __init__(self, sampler: MultiDatasetSampler) -> None:
+    Defaults: the sampler's current epoch and cursor, to the end of that epoch. The training loop asks for
+    every remaining epoch of the run in one stream, so one DataLoader (and its workers, with their file
+    and percentile caches) lives for the whole run instead of being rebuilt every epoch. Keys are a pure
+    function of (seed, epoch, position) (`MultiDatasetSampler.epoch_keys`), so the stream is the same.
+    """
+
+    def __init__(self, sampler: MultiDatasetSampler, start_epoch: int | None = None, start_cursor: int | None = None,
+                 end_epoch: int | None = None) -> None:
         self.sampler = sampler
+        self.start_epoch = sampler.epoch if start_epoch is None else int(start_epoch)
+        self.start_cursor = sampler.cursor if start_cursor is None else int(start_cursor)
+        self.end_epoch = self.start_epoch + 1 if end_epoch is None else int(end_epoch)
+        if not 0 <= self.start_cursor <= len(sampler):
+            raise ValueError(f"start_cursor {self.start_cursor} is outside this rank's epoch of {len(sampler)}")
 
     def __len__(self) -> int:
-        return len(self.sampler) - self.sampler.cursor
+        return max(0, (self.end_epoch - self.start_epoch) * len(self.sampler) - self.start_cursor)
 
     def __iter__(self) -> Iterator[SampleKey]:
-        epoch = self.sampler.epoch
-        for k in self.sampler.iter_positions():
-            yield SampleKey(epoch, int(k.position), int(k.dataset_index), int(k.example_index))
+        positions = self.sampler.shard_positions()
+        cursor = self.start_cursor
+        for epoch in range(self.start_epoch, self.end_epoch):
+            datasets, examples = self.sampler.epoch_keys(epoch)
+            for p in positions[cursor:]:
+                yield SampleKey(epoch, int(p), int(datasets[p]), int(examples[p]))
+            cursor = 0
 
 
 def _worker_init(_: int) -> None:
@@ -249,16 +265,18 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: TrainDataset, micro_batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader of micro-batches of this rank's samples, in the sampler's order, from its cursor on.
+def make_loader(dataset: TrainDataset, micro_batch_size: int, num_workers: int, pin_memory: bool = False,
+                keys: KeySampler | None = None) -> DataLoader:
+    """A DataLoader of micro-batches of this rank's samples in the sampler's order: `keys`, or by default
+    the rest of the sampler's current epoch from its cursor on.
 
-    The sampler is iterated in the main process (order and cursor are owned there, not by workers);
-    workers only build samples, so the result does not depend on `num_workers`.
+    Keys are drawn in the main process (order and cursor are owned there, not by workers); workers only
+    build samples, so the result does not depend on `num_workers`.
     """
     return DataLoader(
         dataset,
         batch_size=micro_batch_size,
-        sampler=KeySampler(dataset.sampler),
+        sampler=keys if keys is not None else KeySampler(dataset.sampler),
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers > 0 else None,
         pin_memory=pin_memory,

@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 from train import checkpoint as ckpt
 from train.config import ConfigError, TrainConfig, dataset_entries, flat_keys, to_container, to_yaml
-from train.data import PipelineSpec, TrainDataset, find_bad_examples, make_loader
+from train.data import KeySampler, PipelineSpec, TrainDataset, find_bad_examples, make_loader
 from train.logs import MetricsCSV, columns, plot_curves
 from train.loss import cellpose_loss_terms
 from train.model_init import build_model, enable_activation_checkpointing
@@ -318,12 +318,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                dynamic_ncols=True)
     device = accelerator.device
     t_start, consecutive_bad, last_val = time.perf_counter(), 0, {}
+    # one loader (and one set of workers with their caches) for every remaining epoch of the run
+    keys = KeySampler(sampler, start_epoch=step // steps_per_epoch,
+                      start_cursor=(step % steps_per_epoch) * micro * accum,
+                      end_epoch=math.ceil(total_steps / steps_per_epoch))
+    batches = iter(make_loader(dataset, micro, cfg.data.num_workers, pin_memory=device.type == "cuda", keys=keys))
     with _StopFlag() as stop:
         while step < total_steps:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch)
-            sampler.set_cursor((step % steps_per_epoch) * micro * accum)
-            batches = iter(make_loader(dataset, micro, cfg.data.num_workers, pin_memory=device.type == "cuda"))
             while step < total_steps and step // steps_per_epoch == epoch:
                 t0 = time.perf_counter()
                 lr = lr_at_step(cfg.schedule, cfg.optim.lr, step, steps_per_epoch)
@@ -416,7 +419,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                               "rerun the same command to resume", file=sys.stderr)
                     accelerator.end_training()
                     return TrainResult(run, step, step // steps_per_epoch, int(signum), best_ap, last_val, skipped)
-            del batches
+    del batches
     bar.close()
     accelerator.wait_for_everyone()
     if main:

@@ -22,7 +22,7 @@ from train.config import ConfigError, ModelConfig
 
 def _architecture_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
-    if cfg.nbase is not None:
+    if cfg.nbase is not None and not cfg.name.startswith("cpsam"):  # CP-SAM has no levels: nbase is not its key
         kwargs["nbase"] = list(cfg.nbase)
     if cfg.layer_drop is not None and cfg.name.startswith("cpsam"):
         kwargs["layer_drop"] = float(cfg.layer_drop)
