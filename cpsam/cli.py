@@ -22,7 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval.cli", "score predicted label images against ground truth (AP, error rate, F1, AJI, IoU)"),
     "prep": ("data_prep.cli", "datasets: list, download, convert, flow cache, synthetic cells, crops"),
     "segment": ("cpsam.segment_cli", "segment images or a folder with any model; writes masks, _seg.npy, overlays"),
-    "train": ("train.cli", "train any model from a YAML config (accelerate: 1 CPU to many GPUs); preview augmentations"),
+    "train": ("train.cli", "train any model from a YAML config (1 CPU to many GPUs, accelerate); preview crops"),
 }
 
 
