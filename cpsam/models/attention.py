@@ -76,6 +76,12 @@ class RelPosAttention(Attention):
         return bias.reshape(batch, heads, height * width, height * width)
 
     def _forward_sdpa(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_rel_pos and x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
+            # training on a CPU: with a bias that needs a gradient, SDPA runs its plain (math) kernel per
+            # query block and keeps two scaled copies of K per block for backward (measured with
+            # eval/bench_train.py: 2.1x the time and 1.75x the memory of SAM's block at batch 2, so a
+            # ViT-L step at batch 2 ran out of 24 GB); SAM's own computation is faster there
+            return super().forward(x)
         batch, height, width, _ = x.shape
         tokens = height * width
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
