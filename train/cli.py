@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if result.interrupted:
         return 128 + result.interrupted
+    if not result.is_main:
+        return 0
     best = f", best val AP@0.5 {result.best_ap50:.3f}" if result.best_ap50 is not None else ""
     print(f"trained {result.step} steps ({result.epoch} epochs) in {result.output_dir}{best}")
     return 0

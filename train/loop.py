@@ -68,6 +68,7 @@ class TrainResult:
     best_ap50: float | None = None
     final_metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    is_main: bool = True  # False on the other ranks of a multi-process run (they print nothing)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -418,14 +419,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                         print(f"stopped by signal {signum} at step {step}; checkpoint written to {ckpt.last_dir(run)}; "
                               "rerun the same command to resume", file=sys.stderr)
                     accelerator.end_training()
-                    return TrainResult(run, step, step // steps_per_epoch, int(signum), best_ap, last_val, skipped)
+                    return TrainResult(run, step, step // steps_per_epoch, int(signum), best_ap, last_val, skipped,
+                                       main)
     del batches
     bar.close()
     accelerator.wait_for_everyone()
     if main:
         plot_curves(run / "metrics.csv", run / "curves.png")
     accelerator.end_training()
-    return TrainResult(run, step, step // steps_per_epoch, 0, best_ap, last_val, skipped)
+    return TrainResult(run, step, step // steps_per_epoch, 0, best_ap, last_val, skipped, main)
 
 
 def _due(cfg: TrainConfig, epoch: int, last: bool) -> bool:
