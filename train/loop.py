@@ -72,8 +72,8 @@ class TrainResult:
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int(torch.tensor([seed, step, rank], dtype=torch.int64).mul(torch.tensor([1_000_003, 7919, 104_729]))
-               .sum().remainder(2**62))
+    """torch's seed before step `step` on rank `rank`: a pure function of the three."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % 2**62
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -127,7 +127,10 @@ def prepare_run_folder(cfg: TrainConfig) -> dict[str, Any] | None:
     saved = run / "config.yaml"
     state = None
     if saved.is_file() and cfg.resume:
-        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        try:
+            old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged config.yaml gets one clear message
+            raise TrainingError(f"{saved} cannot be read ({exc}); fix it, or resume=false to start over") from exc
         diff = _config_differences(old, to_container(cfg))  # type: ignore[arg-type]
         if diff:
             raise TrainingError(
@@ -397,6 +400,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                         channels=channels, use_true_diameter=use_true_diameter, batch_size=cfg.val.batch_size,
                         niter=cfg.val.niter, flow_threshold=cfg.val.flow_threshold,
                         cellprob_threshold=cfg.val.cellprob_threshold, device=device, dataset_names=val_names,
+                        progress=cfg.log.progress,
                     )
                     net.train()
                     if last_val and (best_ap is None or last_val["val_ap50"] > best_ap):

@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from cpsam.segment import Segmenter
 from data_prep.canonical import CanonicalDataset
+from train.augment import to_model_channels
 
 THRESHOLDS = (0.5, 0.75, 0.9)
 # per (dataset, threshold): sum AP, sum error rate, images, TP, FP, FN
@@ -62,6 +63,7 @@ def validate(
     cellprob_threshold: float = 0.0,
     device: torch.device | None = None,
     dataset_names: Sequence[str] | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Segment images[rank::world_size], score them, sum over ranks; returns the metrics dict.
 
@@ -74,12 +76,10 @@ def validate(
     sums = torch.zeros(n_datasets, len(THRESHOLDS), _FIELDS, dtype=torch.float64)
     segmenter = Segmenter(model, device=device, batch_size=batch_size, bf16=False)
     mine = list(images[rank::world_size])
+    bar = tqdm(mine, desc="validate", disable=not (progress and rank == 0), leave=False, dynamic_ncols=True)
     with torch.no_grad():
-        for item in mine:
-            image = item.data.image(item.index)
-            image = image[None] if image.ndim == 2 else image
-            chans = np.zeros((channels, *image.shape[-2:]), image.dtype)
-            chans[: min(channels, image.shape[0])] = image[:channels]
+        for item in bar:
+            chans = to_model_channels(item.data.image(item.index), channels)  # as in training
             diameter = item.data[item.index].median_diameter if use_true_diameter else None
             result = segmenter.segment(
                 [chans], diameter=diameter, channel_axis=0, niter=niter,
