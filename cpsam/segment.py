@@ -90,6 +90,13 @@ class SegmentResult:
     cellprob: (H, W) float32 cell-probability logits.
     rescale: factor the image was resized by for the network (diam_mean / diameter).
     niter: Euler steps used by the dynamics.
+    diameter: the cell diameter in pixels of the input image that the image was segmented at
+        (diam_mean / rescale): the one given, the model's own, or the size model's estimate.
+    diameter_source: "given", "model" (the model's diam_labels) or "size model" (estimated, see
+        `cpsam.size`).
+    style: (S,) float32 style vector of the image (the L2-normalized sum of its tiles' styles, as
+        cellpose 3's `run_net`), or None for models without one (CP-SAM).
+    diameter_style: the size model's style-only estimate (cellpose 3's `diam_style`), when estimated.
     """
 
     masks: np.ndarray
@@ -97,6 +104,10 @@ class SegmentResult:
     cellprob: np.ndarray
     rescale: float
     niter: int
+    diameter: float = 0.0
+    diameter_source: str = "given"
+    style: np.ndarray | None = None
+    diameter_style: float | None = None
 
     @property
     def n_cells(self) -> int:
