@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from cpsam import transforms
+from cpsam.size import SizeModel
 
 DEFAULT_NITER = 200
 # On a CPU a network call runs its tiles this many at a time. Larger CPU batches gain nothing in
@@ -157,6 +158,10 @@ class _InFlight:
     accum: np.ndarray | None = None
     remaining: int = 0
     flips: list[tuple[bool, bool]] = field(default_factory=list)
+    style_sum: np.ndarray | None = None
+    diameter: float = 0.0
+    diameter_source: str = "given"
+    diameter_style: float | None = None
 
 
 def _failed(index: int, error: ImageError) -> _InFlight:
@@ -183,6 +188,9 @@ class Segmenter:
             cellpose), or a torch device such as "cuda" for its torch path (cellpose 4 mask rules
             only: with rules.mask_rules == "cp3", the CPnet default, a non-CPU device raises
             ValueError; pass rules=dataclasses.replace(rules_for(model), mask_rules="cp4")).
+        size_model: a `cpsam.size.SizeModel` used when no diameter is given (default: the model's
+            `size_model` attribute, which `pretrained("cyto_0")` and the model loaders set when a
+            size file is found beside the weights). Only models with a style vector (CPnet) use it.
     """
 
     def __init__(
@@ -194,6 +202,7 @@ class Segmenter:
         tile_overlap: float = 0.1,
         rules: InferenceRules | None = None,
         masks_device: str | torch.device | None = None,
+        size_model: SizeModel | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -213,6 +222,14 @@ class Segmenter:
             )
         self.masks_device = masks_device
         self._tapers: dict[tuple[int, int], torch.Tensor] = {}
+        self.style_channels = int(getattr(model, "style_channels", 0) or 0)  # 0: no style vector (CP-SAM)
+        size_model = size_model if size_model is not None else getattr(model, "size_model", None)
+        if size_model is not None and size_model.style_channels != self.style_channels:
+            raise ValueError(
+                f"the size model expects {size_model.style_channels}-value styles, the model has "
+                f"{self.style_channels or 'no'} style vector"
+            )
+        self.size_model = size_model
 
     # ------------------------------------------------------------------ public API
     def segment(
@@ -229,13 +246,15 @@ class Segmenter:
         cellprob_threshold: float = 0.0,
         min_size: int = 15,
         max_size_fraction: float = 0.4,
+        estimate_diameters: bool = True,
     ) -> list[SegmentResult]:
         """Segment a list of images (or one image); returns one SegmentResult per image, in order.
 
         Args:
             images: a list of 2-D / 3-D arrays, or a single such array.
             diameter: typical cell diameter in pixels, one for all images or one per image;
-                None or 0 uses the model's own (rescale = diam_mean / diam_labels).
+                None or 0: estimated by the size model when there is one (see `estimate_diameter`),
+                else the model's own (rescale = diam_mean / diam_labels).
             channels: [channel to segment, nuclear channel] in the cellpose 1-3 convention
                 (0 = grayscale / none, 1..C); None feeds the first `in_channels` channels.
             channel_axis: channel axis of 3-D images (None: guessed as cellpose 4).
@@ -245,6 +264,7 @@ class Segmenter:
                 in float32 under the cellpose-3 rules, see `InferenceRules`).
             flow_threshold, cellprob_threshold, min_size, max_size_fraction: passed to
                 `cpsam.dynamics.flows_to_masks`.
+            estimate_diameters: False ignores the size model (None then means the model's own).
         Raises ImageError for an unusable image.
         """
         if isinstance(images, np.ndarray):  # one image (a stack is not split: pass a list)
@@ -254,6 +274,7 @@ class Segmenter:
                 images, diameter=diameter, channels=channels, channel_axis=channel_axis, augment=augment,
                 compute_masks=compute_masks, niter=niter, flow_threshold=flow_threshold,
                 cellprob_threshold=cellprob_threshold, min_size=min_size, max_size_fraction=max_size_fraction,
+                estimate_diameters=estimate_diameters,
             )
         )
 
@@ -272,6 +293,7 @@ class Segmenter:
         min_size: int = 15,
         max_size_fraction: float = 0.4,
         skip_errors: bool = False,
+        estimate_diameters: bool = True,
     ) -> Iterator[SegmentResult | ImageError]:
         """Like `segment` but lazy: consumes `images` as tiles are needed, yields results in order.
 
@@ -284,11 +306,21 @@ class Segmenter:
             min_size=min_size, max_size_fraction=max_size_fraction,
         )
 
+        estimate = estimate_diameters and self.size_model is not None
+
         def prepared() -> Iterator[_InFlight]:
             for index, image in enumerate(images):
                 diam = diameters[index] if diameters is not None else diameter
                 try:
-                    yield self._prepare(index, image, diam, channels, channel_axis, augment, niter)
+                    source, diam_style = ("given", None) if diam is not None and diam > 0 else ("model", None)
+                    if source == "model" and estimate:
+                        diam, diam_style = self.estimate_diameter(
+                            image, channels=channels, channel_axis=channel_axis, augment=augment
+                        )
+                        source = "size model"
+                    state = self._prepare(index, image, diam, channels, channel_axis, augment, niter)
+                    state.diameter_source, state.diameter_style = source, diam_style
+                    yield state
                 except ImageError as exc:
                     if not skip_errors:
                         raise
@@ -296,6 +328,39 @@ class Segmenter:
 
         for state in self._run_tiles(prepared(), augment):
             yield state.error if state.error is not None else self._finish(state, compute_masks, mask_kwargs)
+
+    def estimate_diameter(
+        self,
+        image: np.ndarray,
+        *,
+        channels: Sequence[int] | None = None,
+        channel_axis: int | None = None,
+        augment: bool = False,
+    ) -> tuple[float, float]:
+        """Cell diameter of one image in pixels by the size model, as cellpose 3.1's `SizeModel.eval`:
+        (diameter, diameter_style).
+
+        diameter_style comes from the image's style vector at the model's own scale; diameter is the
+        median mask diameter (`cpsam.size.median_diameter`) of a segmentation at diameter_style, or the
+        size model's diam_mean when that finds no cells. Deviation: the refining segmentation resizes
+        flows back to the image before the dynamics (cellpose 3 runs them at the network's scale with
+        interp=False); the result agrees with cellpose 3.1.1.2 within 2 % (tests/test_size.py).
+        Raises ValueError without a size model, ImageError for an unusable image.
+        """
+        from cpsam.size import median_diameter
+
+        if self.size_model is None:
+            raise ValueError("this model has no size model: give a diameter")
+        common = dict(channels=channels, channel_axis=channel_axis, augment=augment, estimate_diameters=False)
+        first = self.segment([image], compute_masks=False, **common)[0]
+        assert first.style is not None
+        size = self.size_model
+        diam_style = size.style_diameter(first.style)
+        diam_mean = float(self.model.diam_mean.detach().float().cpu()[0])
+        # cellpose rescales by the size model's diam_mean / diam_style; a diameter in the model's terms:
+        refine = self.segment([image], diameter=diam_style * diam_mean / size.diam_mean, **common)[0]
+        diam = median_diameter(refine.masks)
+        return (size.diam_mean if diam == 0 or math.isnan(diam) else diam), diam_style
 
     def rescale_for(self, diameter: float | None) -> float:
         """Resize factor for a given cell diameter: diam_mean / diameter (diam_mean / diam_labels if None)."""
@@ -350,9 +415,12 @@ class Segmenter:
                 niter = int(np.float32(1.0) / np.float32(rescale) * np.float32(DEFAULT_NITER))
             else:
                 niter = int(DEFAULT_NITER / rescale)
+        used = float(diameter) if diameter is not None and diameter > 0 else float(
+            self.model.diam_labels.detach().float().cpu()[0])
         return _InFlight(
             index=index, shape=(height, width), rescale=rescale, niter=int(niter), pads=pads, scaled=scaled,
-            ystarts=ystarts, xstarts=xstarts, tile_hw=tile_hw, image=chw,
+            ystarts=ystarts, xstarts=xstarts, tile_hw=tile_hw, image=chw, diameter=used,
+            style_sum=np.zeros(self.style_channels, np.float32) if self.style_channels else None,
         )
 
     def _tiles(self, state: _InFlight, augment: bool) -> Iterator[tuple[np.ndarray, int, int, bool, bool]]:
@@ -407,10 +475,13 @@ class Segmenter:
     def _forward_batch(self, batch: list[tuple[_InFlight, np.ndarray, int, int, bool, bool]]) -> None:
         """Run one batch of same-size tiles; add taper-weighted outputs into their images' accumulators."""
         x = torch.from_numpy(np.stack([item[1] for item in batch])).to(self.device, self.dtype)
-        if x.device.type == "cpu":
-            y = torch.cat([self.model(part)[0][:, :3].float() for part in x.split(CPU_SUB_BATCH)])
-        else:
-            y = self.model(x)[0][:, :3].float()
+        outputs = [self.model(part)[:2] for part in (x.split(CPU_SUB_BATCH) if x.device.type == "cpu" else [x])]
+        y = torch.cat([out[0][:, :3].float() for out in outputs])
+        if self.style_channels:
+            styles = torch.cat([out[1].float() for out in outputs]).cpu().numpy()
+            for k, item in enumerate(batch):
+                assert item[0].style_sum is not None
+                item[0].style_sum += styles[k]
         for k, (_, _, _, _, flip_y, flip_x) in enumerate(batch):
             if flip_y or flip_x:
                 y[k] = transforms.unflip_output(y[k], flip_y, flip_x)
@@ -455,7 +526,15 @@ class Segmenter:
             )
         else:
             masks = np.zeros((0, 0), np.uint16)
-        return SegmentResult(masks=masks, dP=dP, cellprob=cellprob, rescale=state.rescale, niter=state.niter)
+        style = None
+        if state.style_sum is not None:  # cellpose 3's run_net: the tiles' styles summed, L2-normalized
+            norm = float(np.sqrt((state.style_sum.astype(np.float64) ** 2).sum()))
+            style = state.style_sum / np.float32(norm) if norm > 0 else state.style_sum
+        return SegmentResult(
+            masks=masks, dP=dP, cellprob=cellprob, rescale=state.rescale, niter=state.niter,
+            diameter=state.diameter, diameter_source=state.diameter_source, style=style,
+            diameter_style=state.diameter_style,
+        )
 
 
 def tiles_per_image(shape: tuple[int, int], rescale: float, rules: InferenceRules, augment: bool = False,

