@@ -1,7 +1,17 @@
-"""`python -m cpsam` is the `cpsam` command."""
+"""`python -m cpsam` is the `cpsam` command; Ctrl-C anywhere (even while it imports) is one line, exit 130."""
 
 import sys
 
-from cpsam.cli import main
 
-sys.exit(main())
+def _main() -> int:
+    """Run `cpsam.cli.main`, turning a KeyboardInterrupt that no subcommand handled into one line."""
+    try:
+        from cpsam.cli import main
+
+        return main()
+    except KeyboardInterrupt:
+        print("cpsam: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+sys.exit(_main())

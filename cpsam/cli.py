@@ -54,11 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cpsam: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
         return 2
     module_path, help_ = SUBCOMMANDS[name]
-    module = importlib.import_module(module_path)
-    parser = argparse.ArgumentParser(prog=f"cpsam {name}", description=help_)
-    module.add_arguments(parser)
-    parsed = parser.parse_args(args[1:])
-    return int(module.run(parsed) or 0)
+    try:
+        module = importlib.import_module(module_path)
+        parser = argparse.ArgumentParser(prog=f"cpsam {name}", description=help_)
+        module.add_arguments(parser)
+        parsed = parser.parse_args(args[1:])
+        return int(module.run(parsed) or 0)
+    except KeyboardInterrupt:  # one line, not a traceback (subcommands that clean up catch it first)
+        print(f"cpsam {name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,19 +3,25 @@
 For every input image NAME.ext it writes, into --output:
   NAME_masks.tif     uint16 (uint32 above 65535 cells) labels, 0 = background
   NAME_seg.npy       the cellpose GUI's file (masks, outlines, flows), see cpsam.io.seg_npy_dict
-  NAME_outlines.png  the image with mask outlines in red
-Unreadable, empty or malformed files are reported one per line and skipped; the exit code is 1
-if any file failed, 2 for a usage error, 0 otherwise. Every file is written atomically.
+  NAME_outlines.png  the image with mask outlines in red (written last: it marks a complete set)
+Unreadable, empty or malformed files, dangling links, FIFOs and images whose names would collide in
+--output are reported one per line and skipped; files that look like outputs of an image beside them
+are listed and left alone. Every file is written atomically; an interrupted set (Ctrl-C, SIGTERM, a
+full disk) is removed, and --skip-existing resumes a folder run where it stopped.
+Exit code: 0 all done, 1 some file failed, 2 usage error (bad option, unusable --input/--output/--model),
+130 Ctrl-C, 143 SIGTERM (128 + the signal number).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,67 @@ from cpsam import io
 from cpsam.segment import ImageError, Segmenter, SegmentResult
 
 OUTPUT_SUFFIXES = ("_masks", "_outlines", "_seg", "_flows", "_cp_masks")
+OUTPUT_FILES = ("_masks.tif", "_seg.npy", "_outlines.png")  # the last one is written last
+
+
+# --------------------------------------------------------------------------- option types
+
+
+def _number(kind: Callable[[str], float], text: str) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0 (NaN, Inf and negative values are usage errors)."""
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative (give 0 for the default)")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float."""
+    return _number(float, text)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(_number(int, text))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(_number(int, text))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def torch_device(text: str) -> torch.device:
+    """argparse type: a torch device that exists here (cpu, cuda, cuda:1, mps)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and mps devices are supported")
+    return device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,108 +102,245 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "name such as cyto_0")
     parser.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, type=Path, help="folder for the outputs (created)")
-    parser.add_argument("--diameter", type=float, default=0.0,
-                        help="typical cell diameter in pixels (0: the model's own, no rescaling)")
-    parser.add_argument("--channels", type=int, nargs=2, metavar=("SEG", "NUC"), default=None,
+    parser.add_argument("--diameter", type=non_negative_float, default=0.0,
+                        help="typical cell diameter in pixels (0: estimated by the model's size model if it "
+                             "has one, else the model's own diameter)")
+    parser.add_argument("--channels", type=non_negative_int, nargs=2, metavar=("SEG", "NUC"), default=None,
                         help="cellpose-3 channels: channel to segment (0 = grayscale, 1..C) and nuclear "
                              "channel (0 = none); default: the first channels of the image")
     parser.add_argument("--channel-axis", type=int, default=None, help="channel axis of 3-D images")
-    parser.add_argument("--batch-size", type=int, default=8, help="tiles per network call (default 8)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="tiles per network call (default 8)")
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--bf16", action="store_true", help="run the network in bfloat16")
     parser.add_argument("--augment", action="store_true", help="flip test-time augmentation")
-    parser.add_argument("--niter", type=int, default=None, help="dynamics steps (default 200 / rescale)")
-    parser.add_argument("--flow-threshold", type=float, default=0.4)
-    parser.add_argument("--cellprob-threshold", type=float, default=0.0)
-    parser.add_argument("--min-size", type=int, default=15)
+    parser.add_argument("--niter", type=non_negative_int, default=None,
+                        help="dynamics steps (default or 0: 200 / rescale)")
+    parser.add_argument("--flow-threshold", type=non_negative_float, default=0.4)
+    parser.add_argument("--cellprob-threshold", type=finite_float, default=0.0)
+    parser.add_argument("--min-size", type=int, default=15, help="smallest mask in pixels (<= 0: keep all)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="leave out images whose output set (masks, _seg.npy, outlines) is complete and "
+                             "not older than the image: a rerun continues where a killed run stopped")
 
 
-def list_inputs(path: Path) -> list[Path]:
-    """The image files to segment: `path` itself, or the images directly inside a folder (sorted),
-    leaving out hidden files and our own outputs (NAME_masks.tif, NAME_seg.npy, ...)."""
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class InputListing:
+    """What `list_inputs` found: images to segment, entries that fail (path, problem) and files left
+    alone because they look like outputs of an image beside them (path, why)."""
+
+    images: list[Path] = field(default_factory=list)
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def output_paths(out_dir: Path, image: Path) -> list[Path]:
+    """NAME_masks.tif, NAME_seg.npy, NAME_outlines.png of one input image (the last is written last)."""
+    return [out_dir / f"{image.stem}{suffix}" for suffix in OUTPUT_FILES]
+
+
+def _output_of(stem: str, stems: set[str]) -> str | None:
+    """The image stem whose output `stem` looks like (NAME_masks -> NAME when NAME is an input), else None."""
+    for suffix in OUTPUT_SUFFIXES:
+        if stem.endswith(suffix) and stem[: -len(suffix)] in stems:
+            return stem[: -len(suffix)]
+    return None
+
+
+def list_inputs(path: Path) -> InputListing:
+    """The image files to segment: `path` itself, or the entries directly inside a folder (sorted).
+
+    Hidden files and files without an image suffix are passed over in silence. Reported as bad:
+    dangling or looping symbolic links, FIFOs and other non-files, and every image of a group whose
+    names differ only in the suffix (a.tif, a.png: both would write a_masks.tif). Left alone (listed):
+    NAME_seg.npy files, and NAME_masks / _outlines / _seg / _flows / _cp_masks files when NAME is an
+    input too (they are its outputs, or would be overwritten by them); a raw cell_masks.tif without
+    a cell.* beside it is an image like any other. Raises FileNotFoundError when `path` is neither.
+    """
     if path.is_file():
-        return [path]
+        return InputListing(images=[path])
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    return sorted(
-        p for p in path.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in io.IMAGE_SUFFIXES
-        and not p.stem.endswith(OUTPUT_SUFFIXES)
-    )
+        problem = io.not_a_file_problem(path)
+        raise FileNotFoundError(f"{path}: {'no such file or folder' if problem == 'file does not exist' else problem}")
+    listing = InputListing()
+    candidates: list[Path] = []
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith(".") or entry.suffix.lower() not in io.IMAGE_SUFFIXES:
+            continue
+        problem = io.not_a_file_problem(entry)
+        if problem == "not a regular file (a folder)":
+            listing.ignored.append((entry, "a folder"))
+        elif problem is not None:
+            listing.bad.append((entry, problem))
+        elif entry.name.endswith("_seg.npy"):
+            listing.ignored.append((entry, "a cellpose _seg.npy file"))
+        else:
+            candidates.append(entry)
+    stems = {p.stem for p in candidates}
+    by_stem: dict[str, list[Path]] = {}
+    for entry in candidates:
+        owner = _output_of(entry.stem, stems)
+        if owner is not None:
+            listing.ignored.append((entry, f"output of {owner}"))
+        else:
+            by_stem.setdefault(entry.stem, []).append(entry)
+    for stem, group in by_stem.items():
+        if len(group) == 1:
+            listing.images.append(group[0])
+            continue
+        for entry in group:
+            others = ", ".join(p.name for p in group if p != entry)
+            listing.bad.append((entry, f"same name as {others}: both would write {stem}_masks.tif (rename one)"))
+    listing.bad.sort()
+    return listing
+
+
+def is_complete(out_dir: Path, image: Path) -> bool:
+    """True when the image's three output files exist, none empty, and the last-written one
+    (NAME_outlines.png) is not older than the image."""
+    try:
+        stats = [p.stat() for p in output_paths(out_dir, image)]
+        image_mtime = image.stat().st_mtime
+    except OSError:
+        return False
+    return all(s.st_size > 0 for s in stats) and stats[-1].st_mtime >= image_mtime
 
 
 def resolve_model(spec: str, device: torch.device) -> torch.nn.Module:
-    """A model file path (any format `cpsam.models.loading.load_model` knows) or a pretrained name."""
+    """A model file path (any format `cpsam.models.loading.load_model` knows), a run folder holding a
+    model.pt, or a pretrained name. A classic model's size model beside the file (`MODEL_size.npy`,
+    `size_STEM.npy`; see `cpsam.size`) is attached as `model.size_model`, so that no diameter means
+    an estimated one; an unreadable size file is reported and ignored."""
     from cpsam.models.pretrained import list_pretrained, pretrained
 
+    if Path(spec).is_dir() and (Path(spec) / "model.pt").is_file():
+        spec = str(Path(spec) / "model.pt")
     if Path(spec).is_file():
         from cpsam.models.loading import load_model
+        from cpsam.size import SizeModelError, find_size_model
 
-        return load_model(spec, device=device)
+        model = load_model(spec, device=device)
+        try:
+            model.size_model = find_size_model(spec)
+        except SizeModelError as exc:
+            print(f"cpsam: size model ignored: {exc}", file=sys.stderr)
+        return model
     if spec in list_pretrained():
         return pretrained(spec, device=device)
+    if Path(spec).exists():
+        raise FileNotFoundError(f"--model {spec}: {io.not_a_file_problem(spec)}")
     known = ", ".join(list_pretrained())
     raise FileNotFoundError(f"--model {spec!r} is neither a file nor a pretrained name ({known})")
 
 
+# --------------------------------------------------------------------------- outputs
+
+
+def remove_stale_temps(out_dir: Path, images: list[Path]) -> int:
+    """Delete the temporary files a killed run (SIGKILL) left for these images' outputs; returns how many."""
+    n = 0
+    for image in images:
+        for target in output_paths(out_dir, image):
+            for stale in io.stale_temp_files(target):
+                stale.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
 def write_outputs(out_dir: Path, path: Path, image: np.ndarray, result: SegmentResult, args) -> None:
-    """Write NAME_masks.tif, NAME_seg.npy and NAME_outlines.png; on any failure none of them stays."""
-    name = path.stem
-    targets = [out_dir / f"{name}_masks.tif", out_dir / f"{name}_seg.npy", out_dir / f"{name}_outlines.png"]
+    """Write NAME_masks.tif, NAME_seg.npy and NAME_outlines.png; on any failure none of them stays.
+
+    The old NAME_outlines.png is removed first and the new one written last, so a set is complete
+    exactly when its outlines file exists (what --skip-existing checks).
+    """
+    masks_path, seg_path, outlines_path = output_paths(out_dir, path)
+    outlines_path.unlink(missing_ok=True)
     written: list[Path] = []
     try:
-        written.append(io.write_labels(targets[0], result.masks))
+        written.append(io.write_labels(masks_path, result.masks))
         seg = io.seg_npy_dict(result.masks, result.dP, result.cellprob, path.resolve(),
-                              channels=args.channels, diameter=args.diameter)
-        written.append(io.write_seg_npy(targets[1], seg))
+                              channels=args.channels, diameter=result.diameter or None)
+        written.append(io.write_seg_npy(seg_path, seg))
         overlay = io.outline_overlay(image, result.masks, channel_axis=args.channel_axis)
-        written.append(io.write_png(targets[2], overlay))
+        written.append(io.write_png(outlines_path, overlay))
     except BaseException:
         for target in written:
             target.unlink(missing_ok=True)
         raise
 
 
-def run(args: argparse.Namespace) -> int:
-    """Segment every input image; returns the process exit code."""
+def channel_warning(image: np.ndarray, args: argparse.Namespace) -> str | None:
+    """Why --channels cannot apply to this image (it has fewer channels than asked), or None."""
+    if args.channels is None or image.ndim not in (2, 3):
+        return None
     try:
-        files = list_inputs(args.input)
-    except FileNotFoundError as exc:
-        print(f"cpsam segment: {exc}", file=sys.stderr)
-        return 2
-    if not files:
-        print(f"cpsam segment: no image files ({', '.join(io.IMAGE_SUFFIXES)}) in {args.input}", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        model = resolve_model(args.model, device)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"cpsam segment: cannot load the model: {exc}", file=sys.stderr)
-        return 2
-    segmenter = Segmenter(model, device=device, batch_size=args.batch_size, bf16=args.bf16)
-    args.output.mkdir(parents=True, exist_ok=True)
+        from cpsam.transforms import to_channels_last
 
-    failures: list[str] = []
+        n_channels = to_channels_last(image, args.channel_axis).shape[-1]
+    except ValueError:
+        return None  # the segmenter reports the bad channel axis
+    if n_channels == 1 and max(args.channels) > 1:
+        return f"--channels {args.channels[0]} {args.channels[1]} ignored: the image has one channel"
+    return None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _StopRun(Exception):
+    """Nothing more can be written (disk full, read-only): the run stops after this image."""
+
+
+@dataclass
+class _Run:
+    """Counters and messages of one `cpsam segment` run."""
+
+    progress: tqdm
+    failures: list[str] = field(default_factory=list)
+    n_done: int = 0
+    n_cells: int = 0
+
+    def note(self, message: str) -> None:
+        """One line on stderr that does not break the progress bar."""
+        self.progress.write(f"cpsam segment: {message}", file=sys.stderr)
+
+    def fail(self, path: Path, problem: str, *, counted: bool = True) -> None:
+        """Report one skipped input (one line naming it and the problem)."""
+        self.failures.append(f"{path}: {problem}")
+        self.note(f"skipped {path}: {problem}")
+        if counted:
+            self.progress.update()
+
+
+def _report_listing(listing: InputListing, run: _Run) -> None:
+    for path, problem in listing.bad:
+        run.fail(path, problem, counted=False)
+    if listing.ignored:
+        shown = ", ".join(f"{p.name} ({why})" for p, why in listing.ignored[:5])
+        more = f" and {len(listing.ignored) - 5} more" if len(listing.ignored) > 5 else ""
+        run.note(f"not segmented: {len(listing.ignored)} file(s) that are not input images: {shown}{more}")
+
+
+def _segment_all(files: list[Path], segmenter: Segmenter, args: argparse.Namespace, run: _Run) -> None:
+    """Read, segment and write every file; failures are reported per file, a full disk stops the run."""
     in_flight: deque[tuple[Path, np.ndarray]] = deque()
-    progress = tqdm(total=len(files), unit="image", desc="cpsam segment", file=sys.stderr)
-
-    def fail(path: Path, problem: str) -> None:
-        failures.append(f"{path}: {problem}")
-        progress.write(f"cpsam segment: skipped {path}: {problem}", file=sys.stderr)
-        progress.update()
 
     def readable_images() -> Iterator[np.ndarray]:
         for path in files:
             try:
                 image = io.read_image(path)
             except io.InputFileError as exc:
-                fail(path, exc.problem)
+                run.fail(path, exc.problem)
                 continue
+            warning = channel_warning(image, args)
+            if warning:
+                run.note(f"{path}: {warning}")
             in_flight.append((path, image))
             yield image
 
-    start = time.perf_counter()
-    n_done = n_cells = 0
     results = segmenter.iter_segment(
         readable_images(), diameter=args.diameter or None, channels=args.channels,
         channel_axis=args.channel_axis, augment=args.augment, niter=args.niter,
@@ -146,19 +350,89 @@ def run(args: argparse.Namespace) -> int:
     for result in results:
         path, image = in_flight.popleft()
         if isinstance(result, ImageError):
-            fail(path, str(result))
+            run.fail(path, str(result))
             continue
+        if result.diameter_source == "size model":
+            run.progress.write(f"{path.stem}: estimated diameter {result.diameter:.1f} px", file=sys.stderr)
         try:
             write_outputs(args.output, path, image, result, args)
         except OSError as exc:
-            fail(path, f"cannot write outputs ({exc})")
+            run.fail(path, f"cannot write outputs ({io.describe_os_error(exc)})")
+            if io.is_storage_error(exc):
+                raise _StopRun(io.describe_os_error(exc)) from exc
             continue
-        n_done += 1
-        n_cells += result.n_cells
-        progress.update()
-    progress.close()
+        run.n_done += 1
+        run.n_cells += result.n_cells
+        run.progress.update()
+
+
+def _prepare_inputs(args: argparse.Namespace) -> tuple[InputListing, list[Path]] | int:
+    """List the inputs and check --output; returns (listing, files to segment) or an exit code."""
+    try:
+        listing = list_inputs(args.input)
+    except FileNotFoundError as exc:
+        print(f"cpsam segment: {exc}", file=sys.stderr)
+        return 2
+    if not listing.images and not listing.bad:
+        print(f"cpsam segment: no image files ({', '.join(io.IMAGE_SUFFIXES)}) in {args.input}", file=sys.stderr)
+        return 2
+    try:
+        io.check_output_dir(args.output)
+    except io.OutputPathError as exc:
+        print(f"cpsam segment: --output {exc}", file=sys.stderr)
+        return 2
+    remove_stale_temps(args.output, listing.images)
+    files = listing.images
+    if args.skip_existing:
+        files = [p for p in files if not is_complete(args.output, p)]
+        if len(files) < len(listing.images):
+            print(f"cpsam segment: --skip-existing: {len(listing.images) - len(files)} of {len(listing.images)} "
+                  "images already have a complete output set", file=sys.stderr)
+    return listing, files
+
+
+def _run(args: argparse.Namespace, run_holder: list[_Run]) -> int:
+    prepared = _prepare_inputs(args)
+    if isinstance(prepared, int):
+        return prepared
+    listing, files = prepared
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = _Run(progress=tqdm(total=len(files), unit="image", desc="cpsam segment", file=sys.stderr,
+                             disable=not files))
+    run_holder.append(run)
+    _report_listing(listing, run)
+    start = time.perf_counter()
+    stopped = ""
+    if files:
+        try:
+            model = resolve_model(args.model, device)
+            segmenter = Segmenter(model, device=device, batch_size=args.batch_size, bf16=args.bf16)
+        except (OSError, ValueError, RuntimeError) as exc:
+            run.progress.close()
+            print(f"cpsam segment: cannot load the model: {exc}", file=sys.stderr)
+            return 2
+        try:
+            _segment_all(files, segmenter, args, run)
+        except _StopRun as exc:
+            stopped = f"; stopped early, {len(files) - run.progress.n} images not attempted: {exc}"
+    run.progress.close()
     seconds = time.perf_counter() - start
-    print(f"cpsam segment: {n_done} images, {n_cells} cells, {seconds:.1f} s"
-          f" ({n_done / seconds if seconds > 0 else 0:.2f} images/s), {len(failures)} failed"
-          f" -> {os.fspath(args.output)}")
-    return 1 if failures else 0
+    print(f"cpsam segment: {run.n_done} images, {run.n_cells} cells, {seconds:.1f} s"
+          f" ({run.n_done / seconds if seconds > 0 else 0:.2f} images/s), {len(run.failures)} failed"
+          f" -> {os.fspath(args.output)}{stopped}")
+    return 1 if run.failures else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment every input image; returns the process exit code (see the module docstring)."""
+    holder: list[_Run] = []
+    with io.terminate_as_interrupt():
+        try:
+            return _run(args, holder)
+        except KeyboardInterrupt as exc:
+            done = holder[0].n_done if holder else 0
+            if holder:
+                holder[0].progress.close()
+            print(f"cpsam segment: interrupted by {io.interrupt_name(exc)} after {done} images; the image in "
+                  "progress left no output (rerun with --skip-existing to continue)", file=sys.stderr)
+            return io.interrupt_exit_code(exc)

@@ -14,6 +14,7 @@ Spec: ../shared/research/cpsam_recipe.md sections 2.1-2.4 and pitfalls 7-10.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import cv2
@@ -30,6 +31,10 @@ PERCENTILE_SUBSAMPLE_STEP = 224
 TAPER_MIN_SIZE = 224
 TAPER_MARGIN = 20
 TAPER_SLOPE = 7.5
+# Largest image (pixels) the network may see after diameter rescaling: about 2**30 = 1.07e9 pixels,
+# i.e. 4 GiB per float32 channel (an 8192 x 8192 image at up to 4x). Above it a typo such as
+# --diameter 0.001 would try to allocate terabytes.
+MAX_SCALED_PIXELS = 2**30
 
 
 def to_channels_last(image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
@@ -132,11 +137,23 @@ def normalize_percentile(
 
 
 def scaled_shape(height: int, width: int, rescale: float) -> tuple[int, int]:
-    """(int(H * rescale), int(W * rescale)): the size the network sees; raises if it is empty."""
+    """(int(H * rescale), int(W * rescale)): the size the network sees.
+
+    Raises ValueError when the rescale is not a positive finite number, when it leaves no pixels
+    (diameter too large) or when the rescaled image would exceed MAX_SCALED_PIXELS (diameter too
+    small: a 256 x 256 image at diameter 0.001 would need terabytes).
+    """
+    if not (math.isfinite(rescale) and rescale > 0):
+        raise ValueError(f"cannot rescale a {height}x{width} image by {rescale} (the diameter must be positive)")
     shape = (int(height * rescale), int(width * rescale))
     if min(shape) < 1:
         raise ValueError(
             f"rescaling a {height}x{width} image by {rescale:.4g} leaves no pixels (diameter too large)"
+        )
+    if shape[0] * shape[1] > MAX_SCALED_PIXELS:
+        raise ValueError(
+            f"rescaling a {height}x{width} image by {rescale:.4g} would make it {shape[0]}x{shape[1]} pixels, "
+            f"over the limit of {MAX_SCALED_PIXELS:,} (diameter too small for this image)"
         )
     return shape
 

@@ -22,8 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cpsam.io import InputFileError, atomic_path, read_image, read_labels, write_labels, write_tiff
-from data_prep.labels import count_objects, median_diameter, relabel_consecutive
+from cpsam.io import (
+    InputFileError,
+    atomic_path,
+    read_image,
+    read_labels,
+    squeeze_to_2d,
+    write_labels,
+    write_tiff,
+)
+from data_prep.labels import count_objects, median_diameter, relabel_consecutive, validate_labels
 
 INDEX_NAME = "index.csv"
 SPLITS = ("train", "val", "test")
@@ -55,7 +63,8 @@ def to_chw(image: np.ndarray, *, path: str | os.PathLike[str] = "<array>") -> np
     """Bring an image to the canonical (H, W) or (C, H, W) layout.
 
     A trailing axis of size 2-4 on a 3-D array is taken as the channel axis (RGB/RGBA, YXS);
-    an alpha channel (4th of 4) is dropped; a single channel is squeezed to (H, W).
+    an alpha channel (4th of 4) is dropped; a single channel is squeezed to (H, W). Any positive
+    size is accepted (a 1 x 1 or 1 x N image is odd but valid).
     Raises InputFileError (naming `path`) for anything that is not a 2-D image.
     """
     image = np.asarray(image)
@@ -64,9 +73,19 @@ def to_chw(image: np.ndarray, *, path: str | os.PathLike[str] = "<array>") -> np
         image = np.moveaxis(image, -1, 0)
     if image.ndim == 3 and image.shape[0] == 1:
         image = image[0]
-    if image.ndim not in (2, 3) or min(image.shape[-2:]) < 2:
-        raise InputFileError(path, f"expected a 2-D image (H, W) or (C, H, W), got shape {image.shape}")
+    if image.ndim not in (2, 3) or image.size == 0:
+        raise InputFileError(path, f"expected a 2-D image (H, W) or (C, H, W) with pixels, got shape {image.shape}")
     return np.ascontiguousarray(image)
+
+
+def check_finite(image: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
+    """Return `image`, or raise InputFileError naming `path` when it holds NaN or Inf pixels
+    (`cpsam segment` refuses such images; a training set must not contain them either)."""
+    if np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.complexfloating):
+        n_bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if n_bad:
+            raise InputFileError(path, f"image contains {n_bad} NaN/Inf pixel values")
+    return image
 
 
 def image_path(root: str | os.PathLike[str], name: str) -> Path:
@@ -111,17 +130,25 @@ def write_example(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if "/" in name or name.startswith("."):
         raise ValueError(f"invalid example name {name!r}")
-    image = to_chw(image, path=source or name)
-    labels = np.squeeze(np.asarray(labels))
+    where = source or name
+    image = check_finite(to_chw(image, path=where), where)
+    labels = squeeze_to_2d(np.asarray(labels))
     if labels.shape != image.shape[-2:]:
-        raise InputFileError(
-            source or name, f"mask shape {labels.shape} does not match image shape {image.shape[-2:]}"
-        )
-    labels = relabel_consecutive(labels)
-    write_tiff(image_path(root, name), image, photometric="minisblack" if image.ndim == 3 else None)
-    if ignore is not None:
-        write_tiff(ignore_path(root, name), (np.asarray(ignore) > 0).astype(np.uint8))
-    write_labels(mask_path(root, name), labels)
+        raise InputFileError(where, f"mask shape {labels.shape} does not match image shape {image.shape[-2:]}")
+    try:
+        labels = relabel_consecutive(labels)
+    except (ValueError, TypeError) as exc:
+        raise InputFileError(where, f"mask: {exc}") from exc
+    written: list[Path] = []
+    try:
+        written.append(write_tiff(image_path(root, name), image, photometric="minisblack" if image.ndim == 3 else None))
+        if ignore is not None:
+            written.append(write_tiff(ignore_path(root, name), (np.asarray(ignore) > 0).astype(np.uint8)))
+        write_labels(mask_path(root, name), labels)
+    except BaseException:  # no image without its mask (disk full, Ctrl-C, SIGTERM)
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return make_row(
         name,
         image,
@@ -255,8 +282,9 @@ class CanonicalDataset(Sequence[IndexRow]):
         return flow_path(self._root_of[i], self._rows[i].name)
 
     def image(self, i: int) -> np.ndarray:
-        """Image i as stored: (H, W) or (C, H, W), original dtype."""
-        return to_chw(read_image(self.image_path(i)), path=self.image_path(i))
+        """Image i as stored: (H, W) or (C, H, W), original dtype. InputFileError for NaN/Inf pixels."""
+        path = self.image_path(i)
+        return check_finite(to_chw(read_image(path), path=path), path)
 
     def mask(self, i: int) -> np.ndarray:
         """Mask i: (H, W) uint16/uint32, 0 = background, 1..N."""
@@ -291,6 +319,23 @@ class CanonicalDataset(Sequence[IndexRow]):
             (d, s, len(rs), sum(r.n_objects for r in rs), float(np.median([r.median_diameter for r in rs])))
             for (d, s), rs in sorted(groups.items())
         ]
+
+    def problem(self, i: int) -> str | None:
+        """Why example i is unusable ('PATH: problem': unreadable image or mask, NaN/Inf pixels, sizes
+        that differ from each other or from index.csv, ids not 1..N), or None when it is fine."""
+        try:
+            image, mask = self.image(i), self.mask(i)
+        except InputFileError as exc:
+            return str(exc)
+        if image.shape[-2:] != mask.shape:
+            return f"{self.mask_path(i)}: mask shape {mask.shape} differs from image shape {image.shape[-2:]}"
+        if mask.shape != self._shape(i):
+            return f"{self.mask_path(i)}: shape {mask.shape} differs from index.csv {self._shape(i)}"
+        try:
+            validate_labels(mask)
+        except ValueError as exc:
+            return f"{self.mask_path(i)}: {exc}"
+        return None
 
     def _shape(self, i: int) -> tuple[int, int]:
         return (self._rows[i].height, self._rows[i].width)

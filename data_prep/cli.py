@@ -3,11 +3,12 @@
 cpsam prep list [-v]                               datasets, licence, size, what to get by hand
 cpsam prep download NAME --out DIR                  public URLs: resumable, sha256-checked
 cpsam prep convert NAME --raw DIR --out DIR         raw layout -> canonical dataset (parallel)
-cpsam prep flows DIR                                flow cache flows/NAME.tif (cpsam.dynamics)
+cpsam prep flows DIR                                flow cache flows/NAME.tif (cpsam.dynamics); checks examples
 cpsam prep synth OUT [--n 8 --modality phase]       synthetic cells with masks
 cpsam prep timelapse STACK... --out DIR             N random frames x K x K crops per stack
 cpsam prep subimages ROOT --out DIR                 fixed-size tiles or per-cell windows
 cpsam prep export ROOT --out DIR                    canonical -> NAME_img.tif / NAME_masks.tif
+cpsam prep info ROOT... [--quick]                   summary; reads and checks every example
 """
 
 from __future__ import annotations
@@ -17,7 +18,26 @@ import os
 import sys
 from pathlib import Path
 
-from cpsam.io import InputFileError
+from cpsam.io import (
+    InputFileError,
+    OutputPathError,
+    check_output_dir,
+    describe_os_error,
+    interrupt_exit_code,
+    interrupt_name,
+    terminate_as_interrupt,
+)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 and negative values are usage errors)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--raw", required=True, type=Path, help="the raw folder in the documented layout")
     p.add_argument("--out", required=True, type=Path, help="canonical dataset folder (created / extended)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes")
-    p.add_argument("--limit", type=int, default=None, help="convert only the first N examples")
+    p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="processes")
+    p.add_argument("--limit", type=positive_int, default=None, help="convert only the first N examples (N >= 1)")
     p.add_argument(
         "--split",
         default="train",
@@ -48,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("flows", help="fill the flow cache flows/NAME.tif of a canonical dataset")
     p.add_argument("root", type=Path)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--force", action="store_true", help="recompute existing flow files")
 
     p = sub.add_parser("synth", help="write synthetic cells with masks as a canonical dataset")
@@ -83,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "info", help="images, objects and diameters per dataset and split of canonical folders"
     )
     p.add_argument("roots", nargs="+", type=Path)
+    p.add_argument("--quick", action="store_true",
+                   help="read index.csv only (by default every image and mask is read and checked: NaN/Inf "
+                        "pixels, unreadable files, sizes)")
 
     p = sub.add_parser("export", help="write a canonical dataset as NAME_img.tif / NAME_masks.tif pairs")
     p.add_argument("root", type=Path)
@@ -134,22 +157,46 @@ def _convert(args) -> int:
         if args.name in ("folder", "seg_npy")
         else get_source(args.name)
     )
-    rep = convert(src, args.raw, args.out, workers=args.workers, limit=args.limit)
+    try:
+        check_output_dir(args.out)
+    except OutputPathError as exc:
+        print(f"cpsam prep convert: --out {exc}", file=sys.stderr)
+        return 2
+    rep = convert(src, args.raw, args.out, workers=args.workers, limit=args.limit)  # prints each failure once
     print(
         f"{src.name}: {rep.written} written, {rep.skipped} already done, {len(rep.failed)} failed "
         f"of {rep.total} -> {args.out}"
     )
-    for name, why in rep.failed.items():
-        print(f"  failed {name}: {why}", file=sys.stderr)
-    return 1 if rep.failed else 0
+    if rep.stopped:
+        print(f"cpsam prep convert: stopped early: {rep.stopped}; the examples written are complete, "
+              "rerun the same command to continue", file=sys.stderr)
+    return 1 if rep.failed or rep.stopped else 0
+
+
+def _report_bad_examples(ds, action: str) -> int:
+    """Check every example of `ds` (see CanonicalDataset.problem); one line per bad one; returns how many."""
+    from tqdm import tqdm
+
+    n_bad = 0
+    for i in tqdm(range(len(ds)), desc="checking", unit="img", file=sys.stderr, disable=len(ds) < 50):
+        problem = ds.problem(i)
+        if problem is not None:
+            n_bad += 1
+            tqdm.write(f"cpsam prep {action}: bad example {ds[i].name}: {problem}", file=sys.stderr)
+    return n_bad
 
 
 def _flows(args) -> int:
+    from data_prep.canonical import CanonicalDataset
     from data_prep.flows import fill_flow_cache
 
+    n_bad = _report_bad_examples(CanonicalDataset(args.root), "flows")
     n = fill_flow_cache(args.root, workers=args.workers, force=args.force)
     print(f"{n} flow files written under {args.root / 'flows'}")
-    return 0
+    if n_bad:
+        print(f"cpsam prep flows: {n_bad} bad example(s) in {args.root} (listed above): fix or remove them "
+              "before training", file=sys.stderr)
+    return 1 if n_bad else 0
 
 
 def _synth(args) -> int:
@@ -197,12 +244,14 @@ def _info(args) -> int:
     from data_prep.canonical import CanonicalDataset
 
     ds = CanonicalDataset(args.roots)
+    n_bad = 0 if args.quick else _report_bad_examples(ds, "info")
     print(f"{'dataset':16s} {'split':6s} {'images':>7s} {'objects':>9s} {'median diam px':>15s}")
     for dataset, split, n, objects, diam in ds.summary():
         print(f"{dataset:16s} {split:6s} {n:7d} {objects:9d} {diam:15.1f}")
     flows = sum(ds.has_flows(i) for i in range(len(ds)))
-    print(f"{len(ds)} images, flow cache {flows}/{len(ds)}")
-    return 0
+    checked = "not checked (--quick)" if args.quick else f"{n_bad} bad"
+    print(f"{len(ds)} images, flow cache {flows}/{len(ds)}, {checked}")
+    return 1 if n_bad else 0
 
 
 def _export(args) -> int:
@@ -226,12 +275,21 @@ _ACTIONS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one `cpsam prep` action; errors about files are reported in one line, exit code 1."""
+    """Run one `cpsam prep` action; errors about files are reported in one line, exit code 1
+    (2 for an unusable --out, 130 / 143 when interrupted by Ctrl-C / SIGTERM)."""
     from data_prep.download import DownloadError
 
-    try:
-        return _ACTIONS[args.action](args)
-    except (InputFileError, DownloadError, KeyError, ValueError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"cpsam prep {args.action}: error: {msg}", file=sys.stderr)
-        return 1
+    with terminate_as_interrupt():
+        try:
+            return _ACTIONS[args.action](args)
+        except (InputFileError, DownloadError, KeyError, ValueError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"cpsam prep {args.action}: error: {msg}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"cpsam prep {args.action}: error: {describe_os_error(exc)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as exc:
+            print(f"cpsam prep {args.action}: interrupted by {interrupt_name(exc)}; finished files are complete "
+                  "(each is written atomically), rerun the same command to continue", file=sys.stderr)
+            return interrupt_exit_code(exc)

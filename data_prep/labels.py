@@ -25,8 +25,14 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.size == 0:
         return np.zeros(labels.shape, np.uint16)
+    if np.issubdtype(labels.dtype, np.floating):  # e.g. float64 .npy / .mat masks holding whole numbers
+        if not (np.isfinite(labels).all() and np.all(np.mod(labels, 1) == 0)):
+            raise ValueError(f"label image must hold integer ids, got {labels.dtype} values with fractions or NaN")
+        labels = labels.astype(np.int64)
+    elif not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"label image must hold integer ids, got dtype {labels.dtype}")
     if labels.min() < 0:
-        raise ValueError("label image has negative ids")
+        raise ValueError(f"label image has negative ids (min {labels.min()}; 0 = background, 1..N objects)")
     ids = fastremap.unique(labels)
     ids = ids[ids != 0]
     dtype = label_dtype(len(ids))

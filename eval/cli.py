@@ -75,44 +75,82 @@ def _evaluate(pred: Path, ref: Path, title: str, out: Path | None, args: argpars
     if problems:
         print("\n" + problems, file=sys.stderr)
     if out is not None:
-        written = report.write_report(out, title, pairing, results, args.thresholds)
+        plot = None
         if summary:
             from eval.plots import error_rate_bars
 
             metric = f"error_rate@{args.thresholds[0]:g}"
-            png = out.with_name(f"{out.with_suffix('').name}_error_rate.png")
-            written.append(
-                error_rate_bars(
-                    {pred.name: summary}, png, metric=metric, title=f"{metric} per dataset: {pred.name} vs {ref.name}"
-                )
-            )
+
+            def plot(png: Path) -> None:
+                error_rate_bars({pred.name: summary}, png, metric=metric,
+                                title=f"{metric} per dataset: {pred.name} vs {ref.name}")
+
+        from cpsam.io import describe_os_error
+
+        try:
+            written = report.write_report(out, title, pairing, results, args.thresholds, plot=plot)
+        except OSError as exc:
+            print(f"cpsam eval: cannot write the report ({describe_os_error(exc)}); none of its files was "
+                  "written", file=sys.stderr)
+            return 1
         for path in written:
             print(f"wrote {path}")
     n_bad = sum(r.error is not None for r in results)
     return n_bad + (0 if summary else 1)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of `cpsam eval`; returns the exit code."""
+def _report_files(args: argparse.Namespace) -> list[Path]:
+    """The --out CSV of each report this run writes (vs ground truth, vs --compare)."""
+    if args.out is None:
+        return []
+    outs = [args.out] if args.gt is not None else []
+    if args.compare is not None:
+        outs.append(args.out if args.gt is None else args.out.with_name(
+            f"{args.out.stem}_vs_{args.compare.resolve().name}{args.out.suffix or '.csv'}"
+        ))
+    return outs
+
+
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """The usage problem of these arguments (checked before any scoring), or None."""
     if args.gt is None and args.compare is None:
-        print("cpsam eval: give --gt DIR (ground truth) and/or --compare DIR2 (reference predictions)", file=sys.stderr)
-        return 2
+        return "give --gt DIR (ground truth) and/or --compare DIR2 (reference predictions)"
     for name in ("pred", "gt", "compare"):
         folder = getattr(args, name)
         if folder is not None and not folder.is_dir():
-            print(f"cpsam eval: --{name} {folder}: not a folder", file=sys.stderr)
-            return 2
-    if any(not 0.0 < t <= 1.0 for t in args.thresholds):
-        print(f"cpsam eval: thresholds must lie in (0, 1], got {args.thresholds}", file=sys.stderr)
+            return f"--{name} {folder}: not a folder"
+    if any(not 0.0 < t <= 1.0 for t in args.thresholds):  # NaN fails this test too
+        return f"thresholds must lie in (0, 1], got {args.thresholds}"
+    from cpsam.io import OutputPathError, check_output_file
+
+    for out in _report_files(args):
+        try:
+            check_output_file(out)
+        except OutputPathError as exc:
+            return f"--out {exc}"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `cpsam eval`; returns the exit code (130 / 143 when interrupted)."""
+    from cpsam.io import interrupt_exit_code, interrupt_name, terminate_as_interrupt
+
+    problem = _check_arguments(args)
+    if problem:
+        print(f"cpsam eval: {problem}", file=sys.stderr)
         return 2
+    outs = iter(_report_files(args))
     failures = 0
-    if args.gt is not None:
-        failures += _evaluate(args.pred, args.gt, f"{args.pred} vs ground truth {args.gt}", args.out, args)
-    if args.compare is not None:
-        out = None
-        if args.out is not None:
-            out = args.out if args.gt is None else args.out.with_name(
-                f"{args.out.stem}_vs_{args.compare.resolve().name}{args.out.suffix or '.csv'}"
-            )
-        failures += _evaluate(args.pred, args.compare, f"{args.pred} vs reference {args.compare}", out, args)
+    with terminate_as_interrupt():
+        try:
+            if args.gt is not None:
+                out = next(outs, None)
+                failures += _evaluate(args.pred, args.gt, f"{args.pred} vs ground truth {args.gt}", out, args)
+            if args.compare is not None:
+                out = next(outs, None)
+                failures += _evaluate(args.pred, args.compare, f"{args.pred} vs reference {args.compare}", out, args)
+        except KeyboardInterrupt as exc:
+            print(f"cpsam eval: interrupted by {interrupt_name(exc)}; the report in progress was not written",
+                  file=sys.stderr)
+            return interrupt_exit_code(exc)
     return 1 if failures else 0

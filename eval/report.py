@@ -9,14 +9,15 @@ over every image (not over dataset means).
 from __future__ import annotations
 
 import csv
+import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from cpsam.io import InputFileError, atomic_path, read_labels
+from cpsam.io import InputFileError, atomic_path, atomic_paths, read_labels
 from eval.metrics import COUNT_FIELDS, DEFAULT_THRESHOLDS, ImageScores, score_image
 from eval.pairing import Pair, Pairing
 
@@ -133,13 +134,19 @@ def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) ->
     return "\n".join(lines)
 
 
+def _csv_text(rows: Sequence[dict[str, object]], columns: Sequence[str] | None = None) -> str:
+    cols = list(columns) if columns is not None else (list(rows[0]) if rows else [])
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=cols, extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def write_csv(path: Path, rows: Sequence[dict[str, object]], columns: Sequence[str] | None = None) -> Path:
     """Write rows as CSV atomically (full float precision); columns default to the first row's keys."""
-    cols = list(columns) if columns is not None else (list(rows[0]) if rows else [])
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(_csv_text(rows, columns), newline="")
     return Path(path)
 
 
@@ -180,19 +187,33 @@ def report_markdown(
     return "\n\n".join(parts) + "\n"
 
 
-def write_report(
-    out_csv: Path, title: str, pairing: Pairing, results: Sequence[ImageResult], thresholds: Sequence[float]
-) -> list[Path]:
-    """Write `out_csv` (per image, every column), `<stem>_summary.csv` and `<stem>.md`, atomically.
-
-    Returns the written paths.
-    """
+def report_paths(out_csv: Path) -> list[Path]:
+    """The files of one report: `out_csv`, `<stem>_summary.csv`, `<stem>.md`, `<stem>_error_rate.png`."""
     out_csv = Path(out_csv)
-    stem = out_csv.with_suffix("")
-    summary_csv = stem.parent / f"{stem.name}_summary.csv"
-    md = stem.parent / f"{stem.name}.md"
-    write_csv(out_csv, image_rows(results))
-    write_csv(summary_csv, summary_rows(results))
-    with atomic_path(md) as tmp:
-        tmp.write_text(report_markdown(title, pairing, results, thresholds))
-    return [out_csv, summary_csv, md]
+    stem = out_csv.with_suffix("").name
+    return [out_csv, *(out_csv.with_name(f"{stem}{tail}") for tail in ("_summary.csv", ".md", "_error_rate.png"))]
+
+
+def write_report(
+    out_csv: Path,
+    title: str,
+    pairing: Pairing,
+    results: Sequence[ImageResult],
+    thresholds: Sequence[float],
+    *,
+    plot: Callable[[Path], object] | None = None,
+) -> list[Path]:
+    """Write `out_csv` (per image, every column), `<stem>_summary.csv`, `<stem>.md` and, with `plot`
+    (called with the path to draw the PNG into), `<stem>_error_rate.png`: all or none of them.
+
+    The files are written to temporary names and renamed together at the end (`cpsam.io.atomic_paths`),
+    so a full disk or an interruption never leaves a report without its tables. Returns the paths.
+    """
+    targets = report_paths(out_csv)[: 4 if plot is not None else 3]
+    with atomic_paths(targets) as temps:
+        temps[0].write_text(_csv_text(image_rows(results)), newline="")
+        temps[1].write_text(_csv_text(summary_rows(results)), newline="")
+        temps[2].write_text(report_markdown(title, pairing, results, thresholds))
+        if plot is not None:
+            plot(temps[3])
+    return targets

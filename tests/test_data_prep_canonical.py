@@ -152,8 +152,9 @@ def test_bad_input_names_the_file(tmp_path):
     (raw / "im1_masks.tif").write_bytes(b"not a tiff")
     rep = convert(get_source("folder"), raw, tmp_path / "out", progress=False)
     assert rep.written == 1 and "im1_masks.tif" in rep.failed["im1"]
-    (raw / "orphan_masks.tif").write_bytes(b"x")
-    with pytest.raises(InputFileError, match="orphan_masks.tif"):
-        convert(get_source("folder"), raw, tmp_path / "out2", progress=False)
+    (raw / "orphan_masks.tif").write_bytes(b"x")  # listed and counted; the others still convert
+    rep = convert(get_source("folder"), raw, tmp_path / "out2", progress=False)
+    assert rep.written == 1 and len(rep.failed) == 2
+    assert f"{raw / 'orphan_masks.tif'}: mask without an image beside it" in rep.failed["orphan_masks.tif#unpaired"]
     with pytest.raises(InputFileError, match="index.csv missing"):
         CanonicalDataset(tmp_path / "nothing")

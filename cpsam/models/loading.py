@@ -16,7 +16,6 @@ was expected, instead of a raw KeyError/RuntimeError from torch.
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,23 +44,65 @@ class CheckpointError(ValueError):
         super().__init__(f"{source}: {problem}")
 
 
+_MAGIC = (
+    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"), (b"BM", "a BMP image"), (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x89HDF", "an HDF5 file (e.g. Keras weights)"), (b"\x1f\x8b", "a gzip archive"),
+    (b"PK\x03\x04", "a zip archive"),
+)
+
+
+def sniff_file(path: str | os.PathLike[str]) -> str:
+    """What a file looks like from its first bytes: 'a TIFF image', 'a text file starting "..."', ..."""
+    with open(path, "rb") as fh:
+        head = fh.read(256)
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    if head[:1] == b"\x80":
+        return "a Python pickle"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of an unknown kind"
+    if text.isprintable() or all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        first = " ".join(text.split())[:40]
+        return f"a text file starting {first!r}"
+    return "binary data of an unknown kind"
+
+
+def _load_problem(path: Path, size: int, exc: Exception) -> str:
+    """One sentence for a failed weights-only torch.load, without torch's advice to load unsafely."""
+    detail = str(exc).strip()
+    first = detail.splitlines()[0] if detail else type(exc).__name__
+    kind = sniff_file(path)
+    if "Weights only load failed" in first:
+        if kind == "a zip archive" or kind == "a Python pickle":
+            what = "a torch file" if kind == "a zip archive" else kind
+            return (f"not a readable torch weight file ({size} bytes): {what} holding Python objects other "
+                    "than tensors, which the safe (weights-only) loader refuses")
+        return f"not a readable torch weight file ({size} bytes): it is {kind}"
+    if kind == "a zip archive" or isinstance(exc, EOFError):
+        return f"truncated or corrupt torch file ({size} bytes): {first}"
+    return f"not a readable torch weight file ({size} bytes): it is {kind}"
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """torch.load a weight file on CPU (weights_only=True), turning every failure into CheckpointError."""
+    """torch.load a weight file on CPU (weights_only=True), turning every failure into CheckpointError.
+
+    The error says what the file is instead (an image, a text file, a pickle with other objects...);
+    it never suggests loading with weights_only=False.
+    """
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(p, "file does not exist")
+        raise CheckpointError(p, "file does not exist" if not p.exists() else "not a regular file")
     size = p.stat().st_size
     if size == 0:
         raise CheckpointError(p, "file is empty (0 bytes)")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch's unpickler raises many types on bad bytes
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if zipfile.is_zipfile(p) or "zip" in detail.lower() or isinstance(exc, EOFError):
-            problem = f"truncated or corrupt torch file ({size} bytes): {detail}"
-        else:
-            problem = f"not a readable torch weight file ({size} bytes): {detail}"
-        raise CheckpointError(p, problem) from exc
+        raise CheckpointError(p, _load_problem(p, size, exc)) from exc
 
 
 def strip_module_prefix(state_dict: StateDict) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cpsam.io import IMAGE_SUFFIXES, InputFileError, read_image, read_labels
-from data_prep.sources.base import Example, Item, LayoutError, Source, rel, safe_name
+from data_prep.sources.base import Example, Item, Source, rel, safe_name
 
 _MASK_TAGS = ("_masks", "_mask", "_labels", "_label")
 _IMG_TAGS = ("_img", "_image", "")
@@ -40,7 +40,8 @@ class Folder(Source):
         self.split = split
 
     def items(self, raw: Path) -> list[Item]:
-        pairs: list[tuple[Path, Path]] = []
+        """Image/mask pairs; every image without a mask and every mask without an image becomes an
+        item whose `load` raises InputFileError naming the file (listed and counted, never fatal)."""
         files = sorted(
             p
             for p in raw.rglob("*")
@@ -51,50 +52,57 @@ class Folder(Source):
             and not p.stem.endswith("_flows")
         )
         by_stem = {(p.parent, p.stem): p for p in files}
-        used: set[Path] = set()
-        for p in files:
-            tag = next((t for t in _MASK_TAGS if p.stem.endswith(t)), None)
-            if tag is None:
-                continue
-            base = p.stem[: -len(tag)]
-            img = next(
-                (by_stem[(p.parent, base + t)] for t in _IMG_TAGS if (p.parent, base + t) in by_stem), None
-            )
+        tagged = {p: _image_of(p, by_stem) for p in files if _mask_tag(p.stem) is not None}
+        # a tagged name that is the image of another mask is an image (cell_mask.tif + cell_mask_masks.tif)
+        images_of_masks = {img for img in tagged.values() if img is not None}
+        masks = {m: img for m, img in tagged.items() if m not in images_of_masks}
+        pairs: list[tuple[Path, Path]] = []
+        orphans: list[tuple[Path, str]] = []
+        for m, img in masks.items():
             if img is None:
-                raise LayoutError(p, f"mask has no image beside it (looked for {base}{{_img,}}.*)")
-            pairs.append((img, p))
-            used |= {img, p}
+                base = m.stem[: -len(_mask_tag(m.stem) or "")]
+                orphans.append((m, f"mask without an image beside it (looked for {base}{{_img,_image,}}.*)"))
+            else:
+                pairs.append((img, m))
+        used = {p for pair in pairs for p in pair} | {m for m, _ in orphans}
         for mask_dir in sorted(d for d in raw.rglob("masks") if d.is_dir()):
             for m in sorted(q for q in mask_dir.iterdir() if q in set(files) - used):
-                img = next(
-                    (
-                        by_stem[(mask_dir.parent / "images", m.stem)]
-                        for _ in [0]
-                        if (mask_dir.parent / "images", m.stem) in by_stem
-                    ),
-                    None,
-                )
+                img = by_stem.get((mask_dir.parent / "images", m.stem))
                 if img is None:
-                    raise LayoutError(
-                        mask_dir.parent / "images" / m.name, f"image of mask {m.name} is missing"
-                    )
-                pairs.append((img, m))
-        items = []
-        for img, m in pairs:
-            stem = img.stem[: -len("_img")] if img.stem.endswith("_img") else img.stem
-            name = safe_name(Path(rel(img.with_name(stem), raw)).as_posix().replace("/images/", "/"))
-            items.append(
-                Item(
-                    name=name,
-                    split=_split_of(img, raw, self.split),
-                    ref=(rel(img, raw), rel(m, raw)),
-                    source=rel(img, raw),
-                )
-            )
+                    orphans.append((m, f"mask without an image (looked for {mask_dir.parent / 'images' / m.stem}.*)"))
+                else:
+                    pairs.append((img, m))
+                used |= {m} if img is None else {img, m}
+        for p in files:
+            if p not in used:
+                orphans.append((p, "image without a mask (looked for NAME_masks.*, _mask, _labels, _label, "
+                                   "or masks/NAME.* beside images/)"))
+        items = [self._pair_item(raw, img, m) for img, m in pairs]
+        items += [Item(name=f"{rel(p, raw)}#unpaired", split=_split_of(p, raw, self.split),
+                       ref=(rel(p, raw), problem), source=rel(p, raw)) for p, problem in sorted(orphans)]
         return items
 
+    def _pair_item(self, raw: Path, img: Path, m: Path) -> Item:
+        stem = img.stem[: -len("_img")] if img.stem.endswith("_img") else img.stem
+        name = safe_name(Path(rel(img.with_name(stem), raw)).as_posix().replace("/images/", "/"))
+        return Item(name=name, split=_split_of(img, raw, self.split), ref=(rel(img, raw), rel(m, raw)),
+                    source=rel(img, raw))
+
     def load(self, raw: Path, item: Item) -> Example:
+        if item.name.endswith("#unpaired"):  # ref = (file, problem), see `items`
+            raise InputFileError(raw / item.ref[0], item.ref[1])
         return Example(read_image(raw / item.ref[0]), read_labels(raw / item.ref[1]))
+
+
+def _mask_tag(stem: str) -> str | None:
+    """The mask marker a file stem ends with (_masks, _mask, _labels, _label), or None."""
+    return next((t for t in _MASK_TAGS if stem.endswith(t)), None)
+
+
+def _image_of(mask: Path, by_stem: dict[tuple[Path, str], Path]) -> Path | None:
+    """The image beside a tagged mask file (BASE_img.*, BASE_image.*, BASE.*), or None."""
+    base = mask.stem[: -len(_mask_tag(mask.stem) or "")]
+    return next((by_stem[(mask.parent, base + t)] for t in _IMG_TAGS if (mask.parent, base + t) in by_stem), None)
 
 
 class SegNpy(Source):
