@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,6 +83,12 @@ def timelapse_crops(
                 raise InputFileError(
                     mp, f"mask stack shape {mstack.shape} does not match image stack {stack.shape}"
                 )
+        low, high = float(stack.min()), float(stack.max())
+        if border > 0 and low > 0.05 * high:
+            # percentile normalization (cellpose's and ours) would take the zero border as the darkest 1 %
+            print(f"warning: {sp}: every pixel is >= {low:g} (an offset?), so the zero border is far below the "
+                  "image and will flatten it in normalization; subtract the background first or use --border 0",
+                  file=sys.stderr)
         key = int(hashlib.sha1(sp.name.encode()).hexdigest()[:8], 16)
         rng = np.random.default_rng([seed, key])
         for t, y, x in crop_positions(stack.shape[0], stack.shape[-2:], frames=frames, crop=crop, rng=rng):

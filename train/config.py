@@ -195,6 +195,22 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     return cfg
 
 
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | None) -> TrainConfig:
+    """`cfg` with `key=value` overrides (OmegaConf dotlist) applied on top; validated. Raises ConfigError."""
+    try:
+        base = OmegaConf.structured(cfg)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must be key=value, got {bad}")
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        out: TrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from exc
+    validate(out)
+    return out
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check values that types cannot express; raises ConfigError naming the key."""
     checks = [

@@ -17,6 +17,7 @@ so switching one of them off does not change the others' draws.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -273,9 +274,14 @@ def make_loader(dataset: TrainDataset, micro_batch_size: int, num_workers: int, 
     Keys are drawn in the main process (order and cursor are owned there, not by workers); workers only
     build samples, so the result does not depend on `num_workers`.
     """
+    # Workers start from a fork server, not a fork of this process: a process that has already run
+    # numba's OpenMP threading layer (the dynamics of a validation or of fine-tuning's first scoring)
+    # kills its forked children ("fork() called from a process already using GNU OpenMP").
+    context = "forkserver" if num_workers > 0 and "forkserver" in multiprocessing.get_all_start_methods() else None
     return DataLoader(
         dataset,
         batch_size=micro_batch_size,
+        multiprocessing_context=context,
         sampler=keys if keys is not None else KeySampler(dataset.sampler),
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers > 0 else None,

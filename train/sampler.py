@@ -199,6 +199,10 @@ class MultiDatasetSampler:
         """(dataset_index, name, reason) of every left-out row, in dataset then row order."""
         return [(d, self.datasets[d][i].name, r[i]) for d, r in enumerate(self._reasons) for i in sorted(r)]
 
+    def used_rows(self) -> list[IndexRow]:
+        """The index rows the sampler may draw (excluded rows left out), in dataset then row order."""
+        return [row for d, ds in enumerate(self.datasets) for i, row in enumerate(ds) if i not in self._reasons[d]]
+
     def probabilities(self, dataset_index: int) -> np.ndarray:
         """float64 (n_rows,) draw probability of each row of dataset `dataset_index` (0 for excluded rows)."""
         return self._probs[dataset_index].copy()

@@ -1,0 +1,440 @@
+"""The user fine-tuning workflow: a model + a folder of your labelled images -> a better model.
+
+    cpsam finetune --model cyto_0 --images my_images/ --out runs/mine [--masks DIR] [--val-fraction 0.2]
+                   [--diameter D] [--channels SEG NUC] [key=value ...]
+
+Steps (each visible in RUN):
+1. labels are found the way users keep them (`find_labelled_images`): a --masks folder, or beside
+   each image NAME_masks.*, NAME_cp_masks.*, NAME_mask.*, NAME_labels.*, or the Cellpose GUI's
+   NAME_seg.npy; a canonical dataset folder (index.csv) is used as it is;
+2. a seeded random split (`train.txt`, `val.txt`) and a canonical dataset of the pairs in RUN/data
+   (images in the model's input channels, `--channels` applied);
+3. the base model is scored on the validation images (AP at 0.5/0.75/0.9, error rate at 0.5);
+4. training through the one loop (`train.loop.train`) with the preset of the model kind
+   (`finetune_config`): cellpose 4's fine-tuning defaults for CP-SAM, cellpose 3's for classic
+   models; any config key can be overridden;
+5. classic models: a size model is fitted on the training images (`train.size_fit`) and saved as
+   RUN/model.pt_size.npy (cellpose's `MODEL_size.npy` naming), so `cpsam segment --diameter 0`
+   estimates diameters with the fine-tuned model;
+6. the fine-tuned model is scored on the same images with the same diameter rule; RUN gets
+   `results.csv` (one row per run), `val_report.md`, `overlays/NAME_{before,after}.png` and the
+   loop's `metrics.csv` / `curves.png`.
+
+Diameters for scoring: --diameter D for both models when given; otherwise each model's size model
+when it has one (cyto_0 does; a fine-tuned classic model gets one in step 5), else the model's own
+diameter (a classic model fine-tuned with rescaling keeps the mean training diameter, as cellpose).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cpsam import io
+from cpsam.models.cellpose_sam import CellposeSAM
+from cpsam.segment import Segmenter
+from cpsam.transforms import select_channels, to_channels_last
+from train.augment import AugmentConfig
+from train.config import ConfigError, TrainConfig, apply_overrides, preset
+from train.degrade import DegradeConfig
+from train.schedule import ScheduleConfig
+
+LABEL_TAGS = ("_masks", "_cp_masks", "_mask", "_labels", "_label")
+OUTPUT_TAGS = LABEL_TAGS + ("_seg", "_outlines", "_flows", "_img_outlines")
+MIN_IMAGES = 2  # one to train on, one to validate
+THRESHOLDS = (0.5, 0.75, 0.9)
+RESULT_COLUMNS = (
+    "run", "base_model", "model_kind", "n_train", "n_val", "epochs", "lr", "weight_decay", "batch_size",
+    "steps", "seconds", "diameter", "seed",
+    "ap50_before", "ap75_before", "ap90_before", "err50_before",
+    "ap50_after", "ap75_after", "ap90_after", "err50_after",
+)
+
+
+class FinetuneError(RuntimeError):
+    """A fine-tuning request that cannot run (too few labels, unreadable model, ...); one clear line."""
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """An image file and its label source: a label image file, a `_seg.npy`, or a canonical example."""
+
+    name: str
+    image: Path
+    labels: Path
+    canonical_index: int | None = None
+
+
+@dataclass
+class Scores:
+    """Per-image and mean scores of one model on the validation images."""
+
+    per_image: list[dict[str, float]] = field(default_factory=list)
+
+    def mean(self, key: str) -> float:
+        """Mean over images of one column (AP is averaged per image, as cellpose reports it)."""
+        values = [row[key] for row in self.per_image]
+        return float(np.mean(values)) if values else float("nan")
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` did: the run folder, the split, both scores and the training time (s)."""
+
+    run: Path
+    train_names: list[str]
+    val_names: list[str]
+    before: Scores
+    after: Scores
+    seconds: float
+    model_path: Path
+    size_model_path: Path | None
+
+
+# --------------------------------------------------------------------------------------------- labels
+def _is_image(path: Path) -> bool:
+    return (path.is_file() and not path.name.startswith(".") and path.suffix.lower() in io.IMAGE_SUFFIXES
+            and not path.stem.endswith(OUTPUT_TAGS))
+
+
+def _label_beside(image: Path, masks_dir: Path | None) -> Path | None:
+    stem = image.stem[: -len("_img")] if image.stem.endswith("_img") else image.stem
+    folders = [masks_dir] if masks_dir is not None else [image.parent]
+    for folder in folders:
+        candidates = [folder / f"{image.stem}{s}" for s in io.IMAGE_SUFFIXES] if masks_dir is not None else []
+        for tag in LABEL_TAGS:
+            candidates += [folder / f"{stem}{tag}{s}" for s in io.IMAGE_SUFFIXES]
+            if stem != image.stem:
+                candidates += [folder / f"{image.stem}{tag}{s}" for s in io.IMAGE_SUFFIXES]
+        candidates += [folder / f"{image.stem}_seg.npy", folder / f"{stem}_seg.npy"]
+        for candidate in candidates:
+            if candidate.is_file() and candidate != image:
+                return candidate
+    return None
+
+
+def looked_for(images: Path, masks: Path | None) -> str:
+    """Where labels were looked for, in words (for the 'too few labelled images' message)."""
+    where = f"in {masks} (NAME.* or NAME_masks.*)" if masks is not None else (
+        f"beside the images in {images} (NAME_masks.*, NAME_cp_masks.*, NAME_mask.*, NAME_labels.*, NAME_seg.npy)")
+    return where
+
+
+def find_labelled_images(images: str | os.PathLike[str], masks: str | os.PathLike[str] | None = None
+                         ) -> tuple[list[LabelledImage], list[Path]]:
+    """(labelled images sorted by name, images without labels) in the folder `images`.
+
+    A canonical dataset folder (with index.csv) yields all of its examples. Raises FinetuneError
+    when the folder does not exist or two labelled images share a name.
+    """
+    root = Path(images)
+    if not root.is_dir():
+        raise FinetuneError(f"--images {root}: no such folder")
+    if (root / "index.csv").is_file() and (root / "images").is_dir():
+        from data_prep.canonical import CanonicalDataset, image_path, mask_path
+
+        ds = CanonicalDataset(root)
+        return [LabelledImage(row.name, image_path(root, row.name), mask_path(root, row.name), i)
+                for i, row in enumerate(ds)], []
+    masks_dir = Path(masks) if masks is not None else None
+    if masks_dir is not None and not masks_dir.is_dir():
+        raise FinetuneError(f"--masks {masks_dir}: no such folder")
+    found, unlabelled, seen = [], [], {}
+    for image in sorted(p for p in root.iterdir() if _is_image(p)):
+        label = _label_beside(image, masks_dir)
+        if label is None:
+            unlabelled.append(image)
+            continue
+        name = image.stem[: -len("_img")] if image.stem.endswith("_img") else image.stem
+        if name in seen:
+            raise FinetuneError(f"{image} and {seen[name]} have the same name {name!r}; rename one")
+        seen[name] = image
+        found.append(LabelledImage(name, image, label))
+    return found, unlabelled
+
+
+def read_label_file(path: Path) -> np.ndarray:
+    """(H, W) labels from a label image, or the 'masks' of a Cellpose GUI `_seg.npy` (read safely)."""
+    if path.name.endswith("_seg.npy"):
+        from cpsam.safe_npy import UnsafeOrInvalidNpy, load_npy_dict
+
+        try:
+            data = load_npy_dict(path)
+        except (OSError, UnsafeOrInvalidNpy) as exc:
+            raise io.InputFileError(path, f"not a readable Cellpose _seg.npy file ({exc})") from exc
+        if "masks" not in data or np.asarray(data["masks"]).ndim != 2:
+            raise io.InputFileError(path, "no 2-D 'masks' entry (not a Cellpose _seg.npy file)")
+        masks = np.asarray(data["masks"])
+        if not np.issubdtype(masks.dtype, np.integer) or (masks.size and masks.min() < 0):
+            raise io.InputFileError(path, f"'masks' must hold non-negative integer ids, got {masks.dtype}")
+        return masks
+    return io.read_labels(path)
+
+
+def split_names(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded random split: (train names, val names), each sorted. At least one image in each part
+    when val_fraction > 0 (the seed's 80:20 by default)."""
+    n = len(names)
+    if not 0 <= val_fraction < 1:
+        raise FinetuneError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 else min(n - 1, max(1, int(round(n * val_fraction))))
+    order = np.random.default_rng(seed).permutation(n)
+    val = sorted(names[i] for i in order[:n_val])
+    train = sorted(names[i] for i in order[n_val:])
+    return train, val
+
+
+# --------------------------------------------------------------------------------------------- models
+def load_base_model(spec: str) -> nn.Module:
+    """A model as `cpsam segment --model` takes it (pretrained name, model file, run folder), with
+    its size model attached when one is stored beside it. Raises FinetuneError with the reason."""
+    from cpsam.segment_cli import resolve_model
+
+    try:
+        return resolve_model(spec, torch.device("cpu"))
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise FinetuneError(f"cannot load the model: {exc}") from exc
+
+
+def is_classic(model: nn.Module) -> bool:
+    """Classic Cellpose (CPnet family) rather than CP-SAM."""
+    return not isinstance(model, CellposeSAM)
+
+
+def finetune_config(model: nn.Module, model_spec: str, run: Path, n_train: int, seed: int,
+                    overrides: Sequence[str] = ()) -> TrainConfig:
+    """The run config: the preset of the model kind, the run's data, then the user's overrides.
+
+    CP-SAM (cellpose 4 `train_seg` fine-tuning defaults): batch 1, AdamW lr 1e-5 / wd 0.1, 100
+    epochs with train_seg's schedule, scale 0.75-1.25, no rescaling, no intensity augmentation.
+    Classic (cellpose 3 `train_seg` defaults): batch 8, AdamW lr 0.005 / wd 1e-5, 224-px crops,
+    images rescaled so cells are diam_mean wide then scale 0.75-1.25, 100 epochs (cellpose 3's
+    retraining length; its 2000 are for training from scratch) with the same schedule.
+    Both: an epoch is min(800, max(8, n_train)) samples (cellpose's paper fine-tuning), images with
+    at least one object are used (cellpose's GUI retraining uses all labelled images; its
+    min_train_masks=5 would drop small crops), validation every 10 epochs.
+    """
+    diam_mean = float(model.diam_mean.detach().float().cpu()[0])
+    if is_classic(model):
+        cfg = TrainConfig(batch_size=8)
+        cfg.augment = AugmentConfig(scale_mode="range", scale_range=0.5, rescale_to_diam_mean=True,
+                                    diam_mean=diam_mean, intensity=False)
+        cfg.degrade = DegradeConfig(fraction=0.0)
+        cfg.optim.lr, cfg.optim.weight_decay = 0.005, 1e-5
+        cfg.schedule = ScheduleConfig(kind="cellpose", epochs=100)
+        cfg.model.name = "cpnet"
+    else:
+        cfg = preset("finetune")
+        cfg.augment.diam_mean = diam_mean
+        cfg.model.name = str(getattr(model, "model_name", "cpsam_vit_l"))
+    cfg.model.init = model_spec
+    cfg.output_dir = str(run)
+    cfg.seed = int(seed)
+    cfg.data.train = [str(run / "data")]
+    cfg.data.val = [str(run / "data")]
+    cfg.data.min_train_masks = 1
+    cfg.schedule.samples_per_epoch = min(800, max(8, n_train))
+    cfg.val.every_epochs = 10
+    cfg.checkpoint.every_steps = 100
+    try:
+        return apply_overrides(cfg, list(overrides))
+    except ConfigError as exc:
+        raise FinetuneError(f"bad key=value override: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------- data
+def build_dataset(run: Path, items: Sequence[LabelledImage], train_names: Sequence[str], n_channels: int,
+                  channels: Sequence[int] | None, progress: bool = True) -> tuple[set[str], list[str]]:
+    """Write RUN/data (canonical: images in the model's `n_channels` input channels, `channels`
+    applied) with the split in index.csv; returns (names written, 'FILE: problem' of those left out)."""
+    from data_prep.canonical import CanonicalDataset, read_index, write_example, write_index
+
+    root = run / "data"
+    train_set = set(train_names)
+    rows, problems = [], []
+    existing = {r.name: r for r in read_index(root)}
+    for item in tqdm(items, desc="prepare data", disable=not progress, leave=False):
+        split = "train" if item.name in train_set else "val"
+        done = item.name in existing and (root / "masks" / f"{item.name}.tif").is_file()
+        if done and existing[item.name].split == split:
+            rows.append(existing[item.name])
+            continue
+        try:
+            if item.canonical_index is not None:
+                ds = CanonicalDataset(item.image.parent.parent)
+                image, labels = ds.image(item.canonical_index), ds.mask(item.canonical_index)
+                hwc = to_channels_last(image, 0 if image.ndim == 3 else None)
+            else:
+                image, labels = io.read_image(item.image), read_label_file(item.labels)
+                hwc = to_channels_last(image)
+            picked = select_channels(hwc, channels, n_channels)  # (H, W, n_channels), zero-filled
+            rows.append(write_example(root, item.name, picked.transpose(2, 0, 1), labels, dataset="finetune",
+                                      split=split, license="yours", source=str(item.image)))
+        except (io.InputFileError, ValueError) as exc:
+            problems.append(f"{item.image}: {exc}")
+    write_index(root, rows)
+    return {row.name for row in rows}, problems
+
+
+def score_model(model: nn.Module, run: Path, names: Sequence[str], diameter: float | None, *, label: str,
+                progress: bool = True, overlay_dir: Path | None = None, overlay_count: int = 4) -> Scores:
+    """Segment the validation examples of RUN/data with `model` and score them (AP, error rate)."""
+    from data_prep.canonical import CanonicalDataset
+    from eval.metrics import score_image  # eval is imported lazily: never bound at module level
+
+    ds = CanonicalDataset(run / "data")
+    index = {row.name: i for i, row in enumerate(ds)}
+    segmenter = Segmenter(model, device="cpu" if not torch.cuda.is_available() else "cuda")
+    scores = Scores()
+    for k, name in enumerate(tqdm(list(names), desc=f"score {label}", disable=not progress, leave=False)):
+        i = index[name]
+        image, truth = ds.image(i), ds.mask(i)
+        result = segmenter.segment([image], diameter=diameter, channel_axis=0 if image.ndim == 3 else None)[0]
+        s = score_image(truth, result.masks, thresholds=THRESHOLDS)
+        scores.per_image.append({
+            "name": name, "n_true": s.n_true, "n_pred": s.n_pred, "diameter": result.diameter,
+            "diameter_source": result.diameter_source,
+            **{f"ap{int(t * 100)}": s.at(t).ap for t in THRESHOLDS}, "err50": s.at(0.5).error_rate,
+        })
+        if overlay_dir is not None and k < overlay_count:
+            overlay_dir.mkdir(parents=True, exist_ok=True)
+            io.write_png(overlay_dir / f"{name}_{label}.png",
+                         io.outline_overlay(image, result.masks, channel_axis=0 if image.ndim == 3 else None))
+    return scores
+
+
+# --------------------------------------------------------------------------------------------- reports
+def append_results(run: Path, row: dict) -> Path:
+    """Append one row to RUN/results.csv (header written when the file is new), atomically."""
+    path = run / "results.csv"
+    previous = path.read_text() if path.is_file() else ""
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        if previous:
+            fh.write(previous if previous.endswith("\n") else previous + "\n")
+        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        if not previous:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def write_report(run: Path, base: str, cfg: TrainConfig, result: FinetuneResult, diameter: float | None,
+                 problems: Sequence[str]) -> Path:
+    """RUN/val_report.md: the split, the training parameters and the before/after table per image."""
+    kind = "classic Cellpose (cellpose 3 defaults)" if cfg.model.name == "cpnet" else "CP-SAM (cellpose 4 defaults)"
+    lines = [f"# Fine-tuning report: {base} -> {result.model_path}", "",
+             f"- training images: {len(result.train_names)} ({', '.join(result.train_names)})",
+             f"- validation images: {len(result.val_names)} ({', '.join(result.val_names)})",
+             f"- preset: {kind};"
+             f" batch {cfg.batch_size}, AdamW lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
+             f"{cfg.schedule.epochs} epochs of {cfg.schedule.samples_per_epoch} samples, seed {cfg.seed}",
+             f"- diameter for scoring: {diameter if diameter else 'estimated (size model) or the model own'}",
+             f"- wall time: {result.seconds:.0f} s", ""]
+    if problems:
+        lines += ["Left out (unreadable):", *[f"- {p}" for p in problems], ""]
+    lines += ["| image | cells | diameter before / after (px) | AP@0.5 before | after | AP@0.75 before | after |"
+              " AP@0.9 before | after |", "|---|---|---|---|---|---|---|---|---|"]
+    for b, a in zip(result.before.per_image, result.after.per_image, strict=True):
+        lines.append(f"| {b['name']} | {b['n_true']} | {b['diameter']:.1f} ({b['diameter_source']}) / "
+                     f"{a['diameter']:.1f} ({a['diameter_source']}) | {b['ap50']:.3f} | {a['ap50']:.3f} | "
+                     f"{b['ap75']:.3f} | {a['ap75']:.3f} | {b['ap90']:.3f} | {a['ap90']:.3f} |")
+    m = lambda s, k: s.mean(k)  # noqa: E731
+    lines += [f"| **mean** | | | **{m(result.before, 'ap50'):.3f}** | **{m(result.after, 'ap50'):.3f}** | "
+              f"{m(result.before, 'ap75'):.3f} | {m(result.after, 'ap75'):.3f} | {m(result.before, 'ap90'):.3f} | "
+              f"{m(result.after, 'ap90'):.3f} |", "",
+              f"Error rate at 0.5: {m(result.before, 'err50'):.3f} before, {m(result.after, 'err50'):.3f} after.",
+              "Overlays (red outlines): overlays/NAME_before.png, overlays/NAME_after.png. "
+              "Training curves: curves.png.",
+              ""]
+    path = run / "val_report.md"
+    with io.atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(lines))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- main
+def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[str], *,
+             masks: str | os.PathLike[str] | None = None, val_fraction: float = 0.2, diameter: float | None = None,
+             channels: Sequence[int] | None = None, seed: int = 0, overrides: Sequence[str] = (),
+             size_epochs: int = 10, progress: bool = True) -> FinetuneResult:
+    """Run the whole workflow (module docstring) and return what it measured. Raises FinetuneError
+    (too few labelled images, bad model, bad override) and train.loop.TrainingError."""
+    from train.loop import train
+
+    start = time.perf_counter()
+    run = Path(out)
+    if run.exists() and not run.is_dir():
+        raise FinetuneError(f"--out {run} exists and is not a folder")
+    if diameter is not None and not (math.isfinite(diameter) and diameter >= 0):
+        raise FinetuneError(f"--diameter must be a positive number of pixels (0 = estimate), got {diameter}")
+    diameter = diameter or None
+    items, unlabelled = find_labelled_images(images, masks)
+    if len(items) < MIN_IMAGES:
+        raise FinetuneError(
+            f"found {len(items)} labelled image{'s' if len(items) != 1 else ''} (and {len(unlabelled)} without labels) "
+            f"{looked_for(Path(images), None if masks is None else Path(masks))}; need at least {MIN_IMAGES} "
+            "(one to train on, one to validate)")
+    base = load_base_model(model)
+    train_names, val_names = split_names([it.name for it in items], val_fraction, seed)
+    run.mkdir(parents=True, exist_ok=True)
+    for fname, names in (("train.txt", train_names), ("val.txt", val_names)):
+        with io.atomic_path(run / fname) as tmp:
+            Path(tmp).write_text("".join(f"{n}\n" for n in names))
+    written, problems = build_dataset(run, items, train_names, int(base.in_channels), channels, progress)
+    for p in problems:
+        print(f"cpsam finetune: left out {p}", file=sys.stderr)
+    train_names = [n for n in train_names if n in written]
+    val_names = [n for n in val_names if n in written]
+    if not train_names:
+        raise FinetuneError("no readable training image left")
+    print(f"cpsam finetune: {len(train_names)} training and {len(val_names)} validation images "
+          f"(split with seed {seed}: {run / 'train.txt'}, {run / 'val.txt'})", file=sys.stderr)
+    cfg = finetune_config(base, model, run, len(train_names), seed, overrides)
+    before = score_model(base, run, val_names, diameter, label="before", progress=progress,
+                         overlay_dir=run / "overlays") if val_names else Scores()
+    del base
+    train(cfg)
+    from cpsam.models.loading import load_model
+
+    tuned = load_model(run / "model.pt")
+    size_path = None
+    if is_classic(tuned):
+        from data_prep.canonical import CanonicalDataset
+
+        ds = CanonicalDataset(run / "data", split="train")
+        from train.size_fit import fit_size_model
+
+        report = fit_size_model(tuned, [ds.image(i) for i in range(len(ds))], [ds.mask(i) for i in range(len(ds))],
+                                n_epochs=size_epochs, seed=seed, progress=progress)
+        size_path = report.size_model.save(run / "model.pt_size.npy")
+        tuned.size_model = report.size_model
+        print(f"cpsam finetune: size model fitted on {report.n_samples} crops (train correlation "
+              f"{report.train_correlation:.3f}) -> {size_path}", file=sys.stderr)
+    after = score_model(tuned, run, val_names, diameter, label="after", progress=progress,
+                        overlay_dir=run / "overlays") if val_names else Scores()
+    seconds = time.perf_counter() - start
+    result = FinetuneResult(run, train_names, val_names, before, after, seconds, run / "model.pt", size_path)
+    steps = cfg.schedule.epochs * math.ceil(cfg.schedule.samples_per_epoch / cfg.batch_size)
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    append_results(run, {
+        "run": str(run), "base_model": model, "model_kind": "classic" if cfg.model.name == "cpnet" else "cpsam",
+        "n_train": len(train_names), "n_val": len(val_names), "epochs": cfg.schedule.epochs, "lr": cfg.optim.lr,
+        "weight_decay": cfg.optim.weight_decay, "batch_size": cfg.batch_size, "steps": steps,
+        "seconds": round(seconds, 1), "diameter": diameter if diameter else "auto", "seed": seed,
+        **{f"{k}_before": before.mean(k) for k in ("ap50", "ap75", "ap90", "err50")},
+        **{f"{k}_after": after.mean(k) for k in ("ap50", "ap75", "ap90", "err50")},
+    })
+    write_report(run, model, cfg, result, diameter, problems)
+    return result

@@ -1,0 +1,85 @@
+"""`cpsam finetune`: retrain a model on your own labelled images (see train/finetune.py).
+
+    cpsam finetune --model cyto_0 --images my_images/ --out runs/mine --channels 0 0
+    cpsam finetune --model runs/cpsam/model.pt --images crops/ --masks labels/ --out runs/mine schedule.epochs=50
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from cpsam import io
+
+
+def _diameter(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of pixels >= 0 (0 = estimate), got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _channel(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"channels are 0 (grayscale / none) or 1..C, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cpsam finetune` (extra key=value pairs are training-config overrides, see `cpsam train --help`)."""
+    parser.add_argument("--model", required=True,
+                        help="the model to start from: a pretrained name (cyto_0), a classic Cellpose file, an "
+                             "official cpsam file, one of our model.pt files or run folders")
+    parser.add_argument("--images", required=True, type=Path,
+                        help="folder of images with labels beside them (NAME_masks.tif, NAME_cp_masks.png, "
+                             "NAME_seg.npy) or a canonical dataset folder")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (created; rerun to resume)")
+    parser.add_argument("--masks", type=Path, default=None, help="folder of label images NAME.* / NAME_masks.*")
+    parser.add_argument("--val-fraction", type=_fraction, default=0.2,
+                        help="fraction of labelled images kept for validation (default 0.2, at least one)")
+    parser.add_argument("--diameter", type=_diameter, default=0.0,
+                        help="cell diameter in pixels for scoring before/after (0: the size model's estimate or the "
+                             "model's own)")
+    parser.add_argument("--channels", type=_channel, nargs=2, metavar=("SEG", "NUC"), default=None,
+                        help="cellpose-3 channels: channel to segment (0 = grayscale) and nuclear channel (0 = none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
+    parser.add_argument("--size-epochs", type=int, default=10,
+                        help="passes over the training images when fitting the size model (classic models; default 10)")
+    parser.add_argument("overrides", nargs="*", help="training config overrides key=value, e.g. schedule.epochs=50")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the workflow; prints the before/after summary. Exit 0 done, 1 failed run, 2 bad request."""
+    from train.config import ConfigError
+    from train.finetune import FinetuneError, finetune
+    from train.loop import TrainingError
+
+    try:
+        result = finetune(
+            args.model, args.images, args.out, masks=args.masks, val_fraction=args.val_fraction,
+            diameter=args.diameter or None, channels=args.channels, seed=args.seed, overrides=args.overrides,
+            size_epochs=args.size_epochs,
+        )
+    except (FinetuneError, ConfigError) as exc:
+        print(f"cpsam finetune: {exc}", file=sys.stderr)
+        return 2
+    except (TrainingError, io.InputFileError) as exc:
+        print(f"cpsam finetune: {exc}", file=sys.stderr)
+        return 1
+    b, a = result.before, result.after
+    print(f"cpsam finetune: {len(result.train_names)} train / {len(result.val_names)} val images, "
+          f"{result.seconds:.0f} s; validation AP@0.5 {b.mean('ap50'):.3f} -> {a.mean('ap50'):.3f}, "
+          f"AP@0.75 {b.mean('ap75'):.3f} -> {a.mean('ap75'):.3f}, AP@0.9 {b.mean('ap90'):.3f} -> {a.mean('ap90'):.3f}; "
+          f"model {result.model_path}" + (f" (size model {result.size_model_path})" if result.size_model_path else "")
+          + f"; report {result.run / 'val_report.md'}")
+    return 0
