@@ -12,8 +12,8 @@ target [cellprob, dY, dX]:
   zero_grad before backward as in train_seg (last step's gradients stay alive during the forward).
 - ours:     `cpsam.models.loading.cellpose_sam_from_state_dict` on the same state_dict (ViT-L; attention path
   `--attention`, default sdpa as in training; `--activation-checkpointing` as the training option
-  model.activation_checkpointing), `train.loss.cellpose_loss`, zero_grad(set_to_none) after the
-  optimizer step as in train/loop.py.
+  model.activation_checkpointing), `train.loss.cellpose_loss`, the loop's `make_optimizer` (fused AdamW),
+  zero_grad(set_to_none) after the optimizer step as in train/loop.py.
 
 Every configuration runs in its own fresh process (allocator state and page faults matter): it loads
 the weight file, runs one warm-up step and `--steps` timed steps; medians are reported, split into
@@ -180,7 +180,13 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
 
             enable_activation_checkpointing(net)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    if side == "ours":  # the training loop's optimizer (fused AdamW)
+        from train.config import OptimConfig
+        from train.loop import make_optimizer
+
+        optimizer = make_optimizer(params, OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY), torch.device("cpu"))
+    else:
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
     loss_fn = loss_function(side)
     x, target = make_batch(batch)
     counter = BlockCounter(net.encoder.blocks)
