@@ -182,11 +182,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"{p}: a config must be a YAML mapping, got {type(loaded).__name__}")
             base = OmegaConf.merge(base, loaded)
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must be key=value, got {bad}")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        base = _merge_overrides(base, overrides)
         cfg: TrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         where = f"{path}: " if path is not None else ""
@@ -195,15 +191,19 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     return cfg
 
 
+def _merge_overrides(base: DictConfig, overrides: list[str] | None) -> DictConfig:
+    if not overrides:
+        return base
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    return OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str] | None) -> TrainConfig:
     """`cfg` with `key=value` overrides (OmegaConf dotlist) applied on top; validated. Raises ConfigError."""
     try:
-        base = OmegaConf.structured(cfg)
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must be key=value, got {bad}")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        base = _merge_overrides(OmegaConf.structured(cfg), overrides)
         out: TrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from exc

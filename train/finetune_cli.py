@@ -7,31 +7,17 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from cpsam import io
-
-
-def _diameter(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of pixels >= 0 (0 = estimate), got {text}")
-    return value
+from cpsam.segment_cli import finite_float, non_negative_float, non_negative_int, positive_int
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _channel(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"channels are 0 (grayscale / none) or 1..C, got {text}")
     return value
 
 
@@ -47,13 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", type=Path, default=None, help="folder of label images NAME.* / NAME_masks.*")
     parser.add_argument("--val-fraction", type=_fraction, default=0.2,
                         help="fraction of labelled images kept for validation (default 0.2, at least one)")
-    parser.add_argument("--diameter", type=_diameter, default=0.0,
+    parser.add_argument("--diameter", type=non_negative_float, default=0.0,
                         help="cell diameter in pixels for scoring before/after (0: the size model's estimate or the "
                              "model's own)")
-    parser.add_argument("--channels", type=_channel, nargs=2, metavar=("SEG", "NUC"), default=None,
+    parser.add_argument("--channels", type=non_negative_int, nargs=2, metavar=("SEG", "NUC"), default=None,
                         help="cellpose-3 channels: channel to segment (0 = grayscale) and nuclear channel (0 = none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
-    parser.add_argument("--size-epochs", type=int, default=10,
+    parser.add_argument("--size-epochs", type=positive_int, default=10,
                         help="passes over the training images when fitting the size model (classic models; default 10)")
     parser.add_argument("overrides", nargs="*", help="training config overrides key=value, e.g. schedule.epochs=50")
 
