@@ -58,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(module_path)
         parser = argparse.ArgumentParser(prog=f"cpsam {name}", description=help_)
         module.add_arguments(parser)
-        parsed = parser.parse_args(args[1:])
+        # key=value overrides may stand before and after options (`... a=1 --opt X b=2`) where a module asks
+        parse = parser.parse_intermixed_args if getattr(module, "INTERMIXED_ARGS", False) else parser.parse_args
+        parsed = parse(args[1:])
         return int(module.run(parsed) or 0)
     except KeyboardInterrupt:  # one line, not a traceback (subcommands that clean up catch it first)
         print(f"cpsam {name}: interrupted (Ctrl-C)", file=sys.stderr)

@@ -67,7 +67,9 @@ def test_too_few_labelled_images_says_how_many_and_where(tmp_path, capsys):
     write_tiff(tmp_path / "other.tif", np.zeros((8, 8), np.uint8))
     with pytest.raises(FinetuneError, match=r"found 1 labelled image \(and 1 without labels\) beside the images in"):
         finetune("cyto_0", tmp_path, tmp_path / "run")
-    code = cpsam_main(["finetune", "--model", "cyto_0", "--images", str(tmp_path), "--out", str(tmp_path / "r")])
+    # key=value overrides may stand before and after options (argparse alone would refuse the second)
+    code = cpsam_main(["finetune", "--model", "cyto_0", "--images", str(tmp_path), "optim.lr=1e-4",
+                       "--out", str(tmp_path / "r"), "schedule.epochs=3"])
     err = capsys.readouterr().err
     assert code == 2 and "found 1 labelled image" in err and "NAME_masks" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()

@@ -21,6 +21,9 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
+INTERMIXED_ARGS = True  # key=value overrides may come before and after the options (cpsam.cli)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cpsam train` (the epilog lists every config key with its default)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -21,6 +21,9 @@ def _fraction(text: str) -> float:
     return value
 
 
+INTERMIXED_ARGS = True  # key=value overrides may come before and after the options (cpsam.cli)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `cpsam finetune` (extra key=value pairs are training-config overrides, see `cpsam train --help`)."""
     parser.add_argument("--model", required=True,
