@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from cpsam.io import label_dtype
+from cpsam.size import median_diameter  # noqa: F401 - re-exported: one definition, in cpsam
 
 
 def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
@@ -50,17 +51,6 @@ def object_areas(labels: np.ndarray) -> np.ndarray:
     """Pixel count of each object 1..N of a label image (background excluded), int64 (N,)."""
     ids, counts = fastremap.unique(np.asarray(labels), return_counts=True)
     return counts[ids > 0].astype(np.int64)
-
-
-def median_diameter(labels: np.ndarray) -> float:
-    """Median over objects of the equivalent-circle diameter 2*sqrt(area/pi), in pixels.
-
-    This is Cellpose's definition (cellpose.utils.diameters); 0.0 for an image without objects.
-    """
-    areas = object_areas(labels)
-    if areas.size == 0:
-        return 0.0
-    return float(2.0 * np.median(np.sqrt(areas)) / np.sqrt(np.pi))
 
 
 def count_objects(labels: np.ndarray) -> int:

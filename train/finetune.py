@@ -264,6 +264,7 @@ def build_dataset(run: Path, items: Sequence[LabelledImage], train_names: Sequen
     train_set = set(train_names)
     rows, problems = [], []
     existing = {r.name: r for r in read_index(root)}
+    sources: dict[Path, CanonicalDataset] = {}  # canonical inputs: one index read per source folder
     for item in tqdm(items, desc="prepare data", disable=not progress, leave=False):
         split = "train" if item.name in train_set else "val"
         done = item.name in existing and (root / "masks" / f"{item.name}.tif").is_file()
@@ -272,7 +273,10 @@ def build_dataset(run: Path, items: Sequence[LabelledImage], train_names: Sequen
             continue
         try:
             if item.canonical_index is not None:
-                ds = CanonicalDataset(item.image.parent.parent)
+                folder = item.image.parent.parent
+                if folder not in sources:
+                    sources[folder] = CanonicalDataset(folder)
+                ds = sources[folder]
                 image, labels = ds.image(item.canonical_index), ds.mask(item.canonical_index)
                 hwc = to_channels_last(image, 0 if image.ndim == 3 else None)
             else:
