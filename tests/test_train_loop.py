@@ -147,9 +147,10 @@ def test_run_folder_validation_resume_and_refusal(datasets, tmp_path):
 
 def test_nan_losses_are_skipped_then_stop_the_run(datasets, tmp_path, monkeypatch):
     import train.loop as loop
+    import train.objective as objective
     from train.loss import LossTerms
 
-    real = loop.cellpose_loss_terms
+    real = objective.cellpose_loss_terms
     calls = {"n": 0}
 
     def poisoned(output, target, valid=None):
@@ -160,11 +161,11 @@ def test_nan_losses_are_skipped_then_stop_the_run(datasets, tmp_path, monkeypatc
             return LossTerms(nan, terms.flow, terms.cellprob)
         return terms
 
-    monkeypatch.setattr(loop, "cellpose_loss_terms", poisoned)
+    monkeypatch.setattr(objective, "cellpose_loss_terms", poisoned)
     result = loop.train(load_config(TINY, _overrides(datasets, tmp_path / "a", **{"schedule.epochs": 2})))
     assert result.step == 4 and result.skipped_steps == 1
 
-    monkeypatch.setattr(loop, "cellpose_loss_terms",
+    monkeypatch.setattr(objective, "cellpose_loss_terms",
                         lambda o, t, v=None: LossTerms(*(x * float("nan") for x in real(o, t, v))))
     run = tmp_path / "b"
     with pytest.raises(loop.TrainingError, match="NaN/Inf loss"):

@@ -132,6 +132,49 @@ class LogConfig:
 
 
 @dataclass
+class KDConfig:
+    """Knowledge distillation (objective=distill; distill/objective.py reads it).
+
+    `teacher`: the teacher model(s) (what `cpsam segment --model` takes; several = an ensemble averaging raw
+    outputs). `cache`: a teacher-output cache folder (`cpsam distill cache`); empty = online (the teacher runs
+    inside the training step). `loss`: "mse" (our default: a true mean squared error of the features) or
+    "distillcellsegtrack" (the seed's published feature term, the squared mean difference). The loss is
+    `alpha * feature term + beta * (flow MSE / 2 + BCE(student logit / T, sigmoid(teacher logit / T)))`
+    plus `gt_weight` times the Cellpose loss against ground truth where masks exist. `features`: which teacher
+    features the feature term matches ("auto": CPnet's 32-channel map, CP-SAM's neck; "none": no feature term).
+    `flat_field`: student input flat-field corrected (normalized convolution, Gaussian sigma 30 px).
+    `brightness`: brightness augmentation range (0 = off).
+    """
+
+    teacher: list[str] = field(default_factory=list)
+    cache: str = ""
+    loss: str = "mse"
+    alpha: float = 2.0
+    beta: float = 1.0
+    temperature: float = 1.0
+    features: str = "auto"
+    gt_weight: float = 0.0
+    flat_field: bool = False
+    brightness: float = 0.0
+
+
+@dataclass
+class BinaryConfig:
+    """Cell / background segmentation (objective=binary or binary_distill; train/binary.py reads it).
+
+    `class_weights`: cross-entropy weight per class [background, cell] (raising the cell weight trades
+    precision for recall). `loading_code`: how channels are loaded per sample (see the README's table).
+    `teacher` / `temperature`: soft targets of binary distillation.
+    """
+
+    num_classes: int = 2
+    class_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    loading_code: str = ""
+    teacher: str = ""
+    temperature: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     """One training run. `batch_size` is the GLOBAL batch (all processes, all accumulation steps).
 
@@ -139,7 +182,11 @@ class TrainConfig:
     accumulation). Gradient accumulation steps = batch_size / (processes * micro_batch_size).
     `precision`: "auto" (bf16 on CUDA, fp32 on CPU where bf16 is slow), "fp32" or "bf16".
     `max_bad_steps`: a NaN/Inf loss skips the step; this many in a row stop the run.
+    `objective`: what the run optimizes (train.objective): "cellpose" (flows), "distill" (a student from a
+    teacher, section `kd`), "binary" / "binary_distill" (cell / background U-Nets, section `binary`).
     """
+
+    objective: str = "cellpose"
 
     output_dir: str = "runs/train"
     seed: int = 0
@@ -158,6 +205,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     val: ValConfig = field(default_factory=ValConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    binary: BinaryConfig = field(default_factory=BinaryConfig)
 
 
 def _structured() -> DictConfig:

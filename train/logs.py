@@ -16,14 +16,19 @@ from pathlib import Path
 
 from cpsam.io import atomic_path
 
-TRAIN_COLUMNS = ("step", "epoch", "lr", "loss", "loss_flow", "loss_cellprob", "grad_norm", "samples_per_s",
-                 "skipped_steps", "seconds")
+LOSS_TERMS = ("loss_flow", "loss_cellprob")  # the Cellpose objective's loss parts
 VAL_COLUMNS = ("val_ap50", "val_ap75", "val_ap90", "val_err50", "val_ap50_pooled", "val_images")
 
 
-def columns(val_dataset_names: Sequence[str]) -> list[str]:
-    """The metrics.csv header of a run validating on these datasets."""
-    return [*TRAIN_COLUMNS, *VAL_COLUMNS, *(f"val_ap50/{n}" for n in val_dataset_names)]
+def columns(val_dataset_names: Sequence[str], loss_terms: Sequence[str] = LOSS_TERMS,
+            val_columns: Sequence[str] | None = None) -> list[str]:
+    """The metrics.csv header of a run validating on these datasets: step, epoch, lr, loss, the objective's
+    loss parts, grad_norm, samples_per_s, skipped_steps, seconds, then the validation columns (default:
+    AP columns and one `val_ap50/DATASET` per dataset)."""
+    if val_columns is None:
+        val_columns = [*VAL_COLUMNS, *(f"val_ap50/{n}" for n in val_dataset_names)]
+    return ["step", "epoch", "lr", "loss", *loss_terms, "grad_norm", "samples_per_s", "skipped_steps", "seconds",
+            *val_columns]
 
 
 class MetricsCSV:

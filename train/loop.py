@@ -41,13 +41,12 @@ from omegaconf import OmegaConf
 from train import checkpoint as ckpt
 from train.augment import MIN_DIAMETER
 from train.config import ConfigError, OptimConfig, TrainConfig, dataset_entries, flat_keys, to_container, to_yaml
-from train.data import KeySampler, PipelineSpec, TrainDataset, find_bad_examples, make_loader
+from train.data import KeySampler, PipelineSpec, find_bad_examples, make_loader
 from train.logs import MetricsCSV, columns, plot_curves
-from train.loss import cellpose_loss_terms
 from train.model_init import build_model, enable_activation_checkpointing
+from train.objective import Objective, StepModule, objective_for
 from train.sampler import MultiDatasetSampler
 from train.schedule import lr_at_step
-from train.validate import list_val_images, validate
 
 # keys whose change does not change what a run computes (a rerun may differ in them)
 _FREE_KEYS = {"resume", "output_dir", "max_steps", "data.num_workers", "data.cache_mb", "val.batch_size",
@@ -193,8 +192,17 @@ def _broadcast(accelerator, obj: Any) -> Any:
     return box[0]
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) the training described by `cfg`; see the module docstring."""
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
+    """Run (or resume) the training described by `cfg`; see the module docstring.
+
+    `objective`: what the run optimizes (train.objective); None = the one the config key `objective` names.
+    """
+    if objective is None:
+        objective = objective_for(cfg)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -249,26 +257,29 @@ def train(cfg: TrainConfig) -> TrainResult:
               f"{accum} accumulation steps, device {accelerator.device}, {accelerator.mixed_precision} precision",
               file=sys.stderr)
         print(sampler.summary_line(), file=sys.stderr)
-    if cfg.augment.rescale_to_diam_mean:
+    if cfg.augment.rescale_to_diam_mean and hasattr(net, "diam_labels"):
         # cellpose's train_seg: the model's own diameter (the default at inference) is the mean training
         # diameter, so that a model trained on rescaled images rescales new images of the same kind
         diameters = [max(float(row.median_diameter), MIN_DIAMETER) for row in sampler.used_rows()]
         if diameters:
             with torch.no_grad():
                 net.diam_labels.fill_(math.fsum(diameters) / len(diameters))
-    dataset = TrainDataset(sampler, PipelineSpec(tile, channels, cfg.augment, cfg.degrade), cfg.seed,
-                           cfg.data.cache_mb)
+    dataset = objective.dataset(sampler, PipelineSpec(tile, channels, cfg.augment, cfg.degrade), cfg.seed,
+                                cfg.data.cache_mb)
     steps_per_epoch = samples // cfg.batch_size
     total_steps = cfg.schedule.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, int(cfg.max_steps))
 
     step, best_ap, best_step, skipped = 0, None, None, 0
+    aux = objective.aux_modules(net)
     net.to(accelerator.device)
-    params = [p for p in net.parameters() if p.requires_grad]
+    aux.to(accelerator.device)
+    params = [p for p in (*net.parameters(), *aux.parameters()) if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim, accelerator.device)
     if state is not None:
         net.load_state_dict(state["model"])
+        aux.load_state_dict(state.get("aux", {}))
         optimizer.load_state_dict(state["optimizer"])
         step, best_ap, best_step, skipped = state["step"], state["best_ap50"], state["best_step"], state["skipped"]
         # the data order is a function of the step, not of the number of processes: a run may resume on
@@ -283,14 +294,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             print(f"resuming {run} from step {step} (epoch {step // steps_per_epoch})", file=sys.stderr)
     if cfg.model.sync_batchnorm and world > 1 and accelerator.device.type == "cuda":
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # in place below the top module
-    model_for_step = torch.compile(net) if cfg.model.compile else net
-    model, optimizer = accelerator.prepare(model_for_step, optimizer)
+    step_module = StepModule(net, aux, objective, run_net=torch.compile(net) if cfg.model.compile else None)
+    model, optimizer = accelerator.prepare(step_module, optimizer)
 
     val_roots = [str(p) for p in dataset_entries(cfg.data.val)[0]] if cfg.data.val else []
-    val_images = list_val_images(val_roots, cfg.data.val_split, cfg.val.max_images) if val_roots else []
+    val_images = objective.list_val_images(val_roots, cfg.data.val_split, cfg.val.max_images) if val_roots else []
     val_names = [Path(p).name for p in val_roots]
     use_true_diameter = cfg.val.diameter == "true" or (cfg.val.diameter == "auto" and cfg.augment.rescale_to_diam_mean)
-    metrics = MetricsCSV(run / "metrics.csv", columns(val_names), step) if main else None
+    term_names = tuple(objective.term_names)
+    header = columns(val_names, term_names, objective.val_columns(val_names))
+    metrics = MetricsCSV(run / "metrics.csv", header, step) if main else None
     if main and accelerator.trackers == [] and cfg.log.tensorboard and accelerator.log_with:
         accelerator.init_trackers("tensorboard", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                          for k, v in flat_keys(cfg)})
@@ -304,7 +317,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if not main:
             return
         payload = {
-            "model": ckpt.cpu_state_dict(net), "optimizer": optimizer.state_dict(), "step": step,
+            "model": ckpt.cpu_state_dict(net), "aux": ckpt.cpu_state_dict(aux), "objective": objective.name,
+            "optimizer": optimizer.state_dict(), "step": step,
             "epoch": step // steps_per_epoch,
             "sampler": {**sampler.state_dict(), "epoch": step // steps_per_epoch,
                         "cursor": (step % steps_per_epoch) * micro * accum},
@@ -353,7 +367,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 torch.manual_seed(_step_seed(cfg.seed, step, rank))
-                totals = torch.zeros(3, dtype=torch.float64)
+                totals = torch.zeros(1 + len(term_names), dtype=torch.float64)
                 for k in range(accum):
                     batch = next(batches)
                     if keys_log is not None:
@@ -362,15 +376,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                                               strict=True):
                             keys_log.write(f"{step},{e},{p},{d},{i}\n")
                         keys_log.flush()
-                    x = batch["image"].to(device, non_blocking=True)
-                    target = batch["target"].to(device, non_blocking=True)
-                    valid = batch["valid"].to(device, non_blocking=True)
+                    batch = _to_device(batch, device)
+                    with torch.no_grad(), accelerator.autocast():
+                        batch = objective.prepare_batch(batch, device)
                     sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        output = model(x)[0]
-                        terms = cellpose_loss_terms(output, target, valid)
-                        accelerator.backward(terms.loss / accum)
-                    totals += torch.tensor([float(t.detach()) for t in (terms.loss, terms.flow, terms.cellprob)],
+                        out = model(batch)
+                        accelerator.backward(out["loss"] / accum)
+                    totals += torch.tensor([float(out[n].detach()) for n in ("loss", *term_names)],
                                            dtype=torch.float64) / accum
                 # agree on skipping across ranks: a NaN on any rank poisons the all-reduced gradient
                 flags = torch.tensor([0.0 if torch.isfinite(totals).all() else 1.0, float(stop.signum)], device=device)
@@ -401,7 +414,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss_mean[0]):.4f}", lr=f"{lr:.2e}", epoch=epoch)
                 row = {"step": step, "epoch": epoch, "lr": lr, "loss": float(loss_mean[0]),
-                       "loss_flow": float(loss_mean[1]), "loss_cellprob": float(loss_mean[2]), "grad_norm": grad_norm,
+                       **{n: float(v) for n, v in zip(term_names, loss_mean[1:].tolist(), strict=True)},
+                       "grad_norm": grad_norm,
                        "samples_per_s": cfg.batch_size / max(time.perf_counter() - t0, 1e-9),
                        "skipped_steps": skipped, "seconds": time.perf_counter() - t_start}
                 if main and (step % cfg.log.every_steps == 0 or step == total_steps):
@@ -411,7 +425,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 epoch_done = step % steps_per_epoch == 0 or step == total_steps
                 improved = False
                 if epoch_done and val_images and _due(cfg, epoch, step == total_steps):
-                    last_val = validate(
+                    last_val = objective.validate(
                         net, val_images, len(val_roots), rank, world, reduce_sum,
                         channels=channels, use_true_diameter=use_true_diameter, batch_size=cfg.val.batch_size,
                         niter=cfg.val.niter, flow_threshold=cfg.val.flow_threshold,
@@ -419,8 +433,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                         progress=cfg.log.progress,
                     )
                     net.train()
-                    if last_val and (best_ap is None or last_val["val_ap50"] > best_ap):
-                        best_ap, best_step, improved = last_val["val_ap50"], step, True
+                    best_key = objective.best_metric
+                    if last_val and best_key in last_val and (best_ap is None or last_val[best_key] > best_ap):
+                        best_ap, best_step, improved = last_val[best_key], step, True
                     if main:
                         metrics.write({"step": step, "epoch": epoch, **last_val})
                         if accelerator.log_with:

@@ -28,7 +28,7 @@ def _architecture_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         kwargs["layer_drop"] = float(cfg.layer_drop)
     if cfg.tile_size is not None and cfg.name.startswith("cpsam"):
         kwargs["tile_size"] = int(cfg.tile_size)
-    if cfg.diam_mean is not None and cfg.name == "cpnet":
+    if cfg.diam_mean is not None and cfg.name.startswith("cpnet"):
         kwargs["diam_mean"] = float(cfg.diam_mean)
     return kwargs
 
@@ -70,11 +70,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise ConfigError(f"model: {exc}") from exc
     if cfg.layer_drop is not None:
         set_layer_drop(model, cfg.layer_drop)
-    if cfg.diam_mean is not None:
-        with torch.no_grad():
-            model.diam_mean.fill_(float(cfg.diam_mean))
-    with torch.no_grad():  # a trained model's own diameter is the one it was trained at
-        model.diam_labels.copy_(model.diam_mean)
+    if hasattr(model, "diam_mean"):  # flow models; the binary family has no cell diameter
+        if cfg.diam_mean is not None:
+            with torch.no_grad():
+                model.diam_mean.fill_(float(cfg.diam_mean))
+        with torch.no_grad():  # a trained model's own diameter is the one it was trained at
+            model.diam_labels.copy_(model.diam_mean)
     return model.float().train()
 
 

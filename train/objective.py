@@ -1,0 +1,126 @@
+"""What a run optimizes: the objective that plugs into the one training loop (`train.loop.train`).
+
+The loop owns everything that is the same for every model kind (accelerate, data order, accumulation,
+checkpoints, resume, logging, the schedule); an Objective owns what differs:
+
+- `dataset(...)`: the map-style dataset the loop's sampler keys index (default: `train.data.TrainDataset`,
+  the Cellpose flow targets); distillation wraps it to add cached teacher outputs, the binary family to
+  add loading codes and 0/1 targets. Every dataset returns a dict of tensors with at least `image`.
+- `aux_modules(net)`: trainable modules beside the network (e.g. a feature adapter of a KD loss). They are
+  optimized with the network and saved in the full-state checkpoint (`aux`), never in `model.pt`.
+- `prepare_batch(batch, device)`: runs on each rank after the batch reached its device, outside autograd
+  (the online teacher of distillation fills its targets here).
+- `loss(net, aux, batch)`: the micro-batch's loss and its named parts (`term_names`, logged in metrics.csv).
+- `validate(net, ...)` and `val_columns`, `best_metric`: how a run is scored on `data.val` and which metric
+  picks `checkpoints/best` (default: AP by `train.validate`, best by `val_ap50`).
+
+`objective_for(cfg)` picks the objective named by the config key `objective`. Objectives of the
+distillation wing live in `distill/` (which imports train/, never the other way round at import time);
+they are found by a lazy import of the module named in `_LAZY` the first time a run names them, so that
+`cpsam train CONFIG.yaml` and `accelerate launch -m cpsam train` resume a distillation run too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from train.config import ConfigError, TrainConfig
+from train.logs import VAL_COLUMNS
+from train.loss import cellpose_loss_terms
+
+
+class Objective:
+    """The Cellpose flow objective (CP-SAM, CPnet, any flow model); the base of every other objective."""
+
+    name = "cellpose"
+    term_names: tuple[str, ...] = ("loss_flow", "loss_cellprob")
+    best_metric = "val_ap50"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    # ----------------------------------------------------------------- data
+    def dataset(self, sampler, spec, seed: int, cache_mb: int) -> torch.utils.data.Dataset:
+        """The dataset the loop's SampleKeys index (see train.data.TrainDataset for the keys and tensors)."""
+        from train.data import TrainDataset
+
+        return TrainDataset(sampler, spec, seed, cache_mb)
+
+    def aux_modules(self, net: nn.Module) -> nn.ModuleDict:
+        """Trainable modules optimized beside `net` (none for the flow objective)."""
+        return nn.ModuleDict()
+
+    def prepare_batch(self, batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+        """Called on the device-resident micro-batch before the forward pass, under no_grad."""
+        return batch
+
+    # ----------------------------------------------------------------- loss
+    def loss(self, net: nn.Module, aux: nn.ModuleDict, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, {term name: value}) of one micro-batch: 0-d float32 tensors, `loss` on the autograd graph."""
+        output = net(batch["image"])[0]
+        terms = cellpose_loss_terms(output, batch["target"], batch.get("valid"))
+        return terms.loss, {"loss_flow": terms.flow, "loss_cellprob": terms.cellprob}
+
+    # ----------------------------------------------------------------- validation
+    def val_columns(self, dataset_names: Sequence[str]) -> list[str]:
+        """metrics.csv columns of a validation row."""
+        return [*VAL_COLUMNS, *(f"val_ap50/{n}" for n in dataset_names)]
+
+    def validate(self, net: nn.Module, images: Sequence[Any], n_datasets: int, rank: int, world: int,
+                 reduce_sum: Callable[[Tensor], Tensor], **kwargs: Any) -> dict[str, float]:
+        """Score `net` on this rank's share of `images`, summed over ranks (train.validate.validate's contract)."""
+        from train.validate import validate
+
+        return validate(net, images, n_datasets, rank, world, reduce_sum, **kwargs)
+
+    def list_val_images(self, roots: Sequence[str], split: str | None, max_images: int | None) -> list[Any]:
+        """The validation images of `data.val` (default: rows of canonical datasets)."""
+        from train.validate import list_val_images
+
+        return list_val_images(roots, split, max_images)
+
+
+class StepModule(nn.Module):
+    """The module accelerate wraps (DDP): the network plus the objective's trainable aux modules.
+
+    `forward(batch)` returns {"loss": ..., **terms}; DDP all-reduces the gradients of `net` and `aux` together.
+    `run_net` is the module the forward calls (the network, or its torch.compile wrapper); it is kept out of the
+    module tree so that the parameters are registered once, under `net`.
+    """
+
+    def __init__(self, net: nn.Module, aux: nn.ModuleDict, objective: Objective, run_net: nn.Module | None = None):
+        super().__init__()
+        self.net = net
+        self.aux = aux
+        self.__dict__["objective"] = objective
+        self.__dict__["run_net"] = run_net if run_net is not None else net
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        loss, terms = self.objective.loss(self.run_net, self.aux, batch)
+        return {"loss": loss, **terms}
+
+
+# name -> factory(cfg) ; "module" strings are imported on first use (objectives outside train/)
+_BUILTIN: dict[str, Callable[[TrainConfig], Objective]] = {"cellpose": Objective}
+_LAZY: dict[str, str] = {"distill": "distill.objective", "binary": "train.binary", "binary_distill": "train.binary"}
+
+
+def register_objective(name: str, factory: Callable[[TrainConfig], Objective]) -> None:
+    """Make `objective=name` in a config build `factory(cfg)` (modules named in _LAZY call this on import)."""
+    _BUILTIN[name] = factory
+
+
+def objective_for(cfg: TrainConfig) -> Objective:
+    """The objective the config key `objective` names; ConfigError for an unknown name."""
+    name = cfg.objective
+    if name not in _BUILTIN and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    if name not in _BUILTIN:
+        known = sorted(set(_BUILTIN) | set(_LAZY))
+        raise ConfigError(f"objective {name!r} is unknown; known objectives: {', '.join(known)}")
+    return _BUILTIN[name](cfg)
