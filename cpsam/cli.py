@@ -58,6 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_path, help_ = SUBCOMMANDS[name]
     try:
         module = importlib.import_module(module_path)
+        # a module may name sub-commands of its own (`cpsam eval invariance ...`): {word: (module, help)}
+        nested = getattr(module, "NESTED_COMMANDS", {})
+        if len(args) > 1 and args[1] in nested:
+            sub_path, help_ = nested[args[1]]
+            name, args = f"{name} {args[1]}", args[1:]
+            module = importlib.import_module(sub_path)
         parser = argparse.ArgumentParser(prog=f"cpsam {name}", description=help_)
         module.add_arguments(parser)
         # key=value overrides may stand before and after options (`... a=1 --opt X b=2`) where a module asks

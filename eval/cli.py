@@ -33,8 +33,15 @@ outputs with --out R.csv: R.csv (per image, every column), R_summary.csv (datase
 without --gt only that is done."""
 
 
+# `cpsam eval WORD ...` runs another module (cpsam.cli dispatches)
+NESTED_COMMANDS = {
+    "invariance": ("eval.invariance", "the paper's invariance benchmark (noise, blur, downsampling, size, channel "
+                   "order) for any model: AP against degradation level"),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `cpsam eval`."""
+    """Options of `cpsam eval` (`cpsam eval invariance --help` for the invariance benchmark)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = PAIRING_HELP
     parser.add_argument("--pred", type=Path, required=True, help="folder of predicted label images")
