@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow smoke lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Every study script at toy scale on the CPU (what CI runs after `make test`).
+smoke: $(STAMP)
+	PY=$(PY) bash scripts/prepare_paper_datasets.sh --smoke
+	PY=$(PY) bash scripts/train_cpsam_paper.sh --smoke
+	PY=$(PY) bash scripts/distill_study.sh --smoke
+	PY=$(PY) bash scripts/eval_paper.sh --smoke
 
 # Speed/memory against cellpose on this machine (minutes each; run on an otherwise idle machine).
 bench: $(STAMP)

@@ -160,9 +160,11 @@ def degrade(item: LabelledImage, kind: str, level, seed: int = 0) -> tuple[np.nd
 
 
 def run_benchmark(model, images: Sequence[LabelledImage], kinds: Sequence[str] = tuple(LEVELS),
-                  diameter: str = "auto", device=None, seed: int = 0, progress: bool = True) -> list[dict]:
+                  diameter: str = "auto", device=None, seed: int = 0, progress: bool = True,
+                  channels: Sequence[int] | None = None) -> list[dict]:
     """Segment every image under every condition of `kinds` (plus clean); one row dict per (image, condition):
-    dataset, image, kind, level, ap50, ap75, ap90, err50, n_true, n_pred."""
+    dataset, image, kind, level, ap50, ap75, ap90, err50, n_true, n_pred. `channels`: cellpose-3 channels
+    (1-based) of the 3-channel input for classic models (the channel-order series permutes the input first)."""
     import torch
     from tqdm import tqdm
 
@@ -188,7 +190,8 @@ def run_benchmark(model, images: Sequence[LabelledImage], kinds: Sequence[str] =
                 d = None
             else:
                 d = float(diameter)
-            result = segmenter.segment([image], diameter=d, channel_axis=0, estimate_diameters=False)[0]
+            result = segmenter.segment([image], diameter=d, channel_axis=0, estimate_diameters=False,
+                                       channels=channels if classic else None)[0]
             scores = score_image(masks, result.masks, thresholds=(0.5, 0.75, 0.9))
             rows.append({
                 "dataset": item.dataset, "image": item.name, "kind": kind, "level": level,
@@ -258,6 +261,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--diameter", default="auto",
                         help="auto (classic models: true diameter; CP-SAM: none), true, model, or a number in px")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
+    parser.add_argument("--channels", type=int, nargs=2, metavar=("SEG", "NUC"), default=None,
+                        help="classic (CPnet) models: cellpose-3 channels, 1-based (e.g. 2 3 = green cytoplasm, blue "
+                             "nuclei; 0 = none); default: the first channels of the image")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -283,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cpsam eval invariance: {exc}", file=sys.stderr)
         return 1
     model.eval()
-    rows = run_benchmark(model, images, args.kinds, args.diameter, seed=args.seed, progress=not args.quiet)
+    rows = run_benchmark(model, images, args.kinds, args.diameter, seed=args.seed, progress=not args.quiet,
+                         channels=args.channels)
     summary = summarize(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "invariance.csv", rows)

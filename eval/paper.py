@@ -60,10 +60,12 @@ def consensus_error(first: Sequence[np.ndarray], second: Sequence[np.ndarray]) -
     return float(np.mean(rates)) / 2.0
 
 
-def evaluate(model, datasets: Sequence[tuple[str, Sequence]], device=None, progress: bool = True) -> list[dict]:
+def evaluate(model, datasets: Sequence[tuple[str, Sequence]], device=None, progress: bool = True,
+             channels: Sequence[int] | None = None) -> list[dict]:
     """Segment and score every image; `datasets` = [(name, [eval.invariance.LabelledImage-like with raw
     `image` (C, H, W) and `masks`])]. One row per image: dataset, image, ap50, ap75, ap90, err50, niter,
-    diameter (px the image was segmented at)."""
+    diameter (px the image was segmented at). `channels`: cellpose-3 channels for classic models (CP-SAM ignores
+    them: it gets the paper's placement)."""
     import torch
     from tqdm import tqdm
 
@@ -81,12 +83,13 @@ def evaluate(model, datasets: Sequence[tuple[str, Sequence]], device=None, progr
     for name, items in datasets:
         niter = niter_for(name)
         for item in items:
+            chans = None
             if cpsam_model:
                 image, diameter = paper_channels(item.image), None
             else:
-                image = np.asarray(item.image, np.float32)
+                image, chans = np.asarray(item.image, np.float32), channels
                 diameter = None if has_size else median_diameter(item.masks)
-            result = segmenter.segment([image], diameter=diameter, channel_axis=0, niter=niter)[0]
+            result = segmenter.segment([image], diameter=diameter, channel_axis=0, niter=niter, channels=chans)[0]
             s = score_image(item.masks, result.masks, thresholds=THRESHOLDS)
             rows.append({"dataset": name, "image": item.name, "ap50": s.at(0.5).ap, "ap75": s.at(0.75).ap,
                          "ap90": s.at(0.9).ap, "err50": s.at(0.5).error_rate, "niter": result.niter,
@@ -164,6 +167,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder of a second annotator's NAME_masks.tif for (some of) the images: the "
                              "human-consensus bound is reported for those")
     parser.add_argument("--max-per-folder", type=int, default=None, help="at most this many images per dataset")
+    parser.add_argument("--channels", type=int, nargs=2, metavar=("SEG", "NUC"), default=None,
+                        help="classic (CPnet) models: cellpose-3 channels, 1-based (e.g. 2 3 = green cytoplasm, blue "
+                             "nuclei; 0 = none); default: the first channels of the image")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -182,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cpsam eval paper: {exc}", file=sys.stderr)
         return 1
     model.eval()
-    rows = evaluate(model, datasets, progress=not args.quiet)
+    rows = evaluate(model, datasets, progress=not args.quiet, channels=args.channels)
     summary = table(rows)
     bound = None
     if args.second_annotator is not None:
