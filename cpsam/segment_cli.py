@@ -223,6 +223,9 @@ def resolve_model(spec: str, device: torch.device) -> torch.nn.Module:
         from cpsam.size import SizeModelError, find_size_model
 
         model = load_model(spec, device=device)
+        if not hasattr(model, "diam_mean"):  # the binary family predicts cell / background, not flows
+            raise ValueError(f"--model {spec}: a {getattr(model, 'model_name', type(model).__name__)} cell / "
+                             "background model, not a flow model; segment with `cpsam binary predict`")
         try:
             model.size_model = find_size_model(spec)
         except SizeModelError as exc:

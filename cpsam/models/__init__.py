@@ -3,7 +3,7 @@
 Importing this package registers every architecture with `create_model`.
 """
 
-from cpsam.models import cellpose_sam, cpnet  # noqa: F401  (register cpsam_* and cpnet)
+from cpsam.models import cellpose_sam, cpnet, students, unet  # noqa: F401  (register cpsam_*, cpnet, students, *_unet)
 from cpsam.models.cellpose_sam import CellposeSAM, CellposeSAMConfig
 from cpsam.models.cpnet import CPnet, cpnet_from_state_dict
 from cpsam.models.loading import (
