@@ -174,3 +174,60 @@ def class_weights_from_counts(pixel_counts_per_class: np.ndarray | Tensor) -> Te
     if (pclass == 0).any():
         raise ValueError(f"class(es) {np.flatnonzero(pclass == 0).tolist()} have no pixels: weight 1/0 is undefined")
     return torch.from_numpy(1.0 / pclass).float()
+
+
+# ----------------------------------------------------------------------------- binary family (train/binary.py)
+
+
+def foreground_counts(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Pixel counts of the predicted foreground (argmax class > 0) against a class map, as float64 (3,) [TP, FP, FN].
+
+    logits: (B, K, H, W) any float dtype; target: (B, H, W) integer classes (0 = background); valid: optional
+    (B, H, W), nonzero = the pixel counts. No gradient (a metric).
+    """
+    batch, _, height, width = logits.shape
+    keep = _check_valid(valid, batch, height, width)
+    with torch.no_grad():
+        pred, truth = logits.argmax(dim=1) > 0, target > 0
+        if keep is not None:
+            pred, truth = pred & keep, truth & keep
+        tp = (pred & truth).sum(dtype=torch.float64)
+        fp = (pred & ~truth).sum(dtype=torch.float64)
+        fn = (~pred & truth).sum(dtype=torch.float64)
+    return torch.stack([tp, fp, fn])
+
+
+def dice_jaccard(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """(Dice 2TP / (2TP + FP + FN), Jaccard TP / (TP + FP + FN)) float32 0-d tensors from [TP, FP, FN] counts;
+    both are 1 when there is no foreground in prediction and target (nothing to get wrong)."""
+    tp, fp, fn = counts.double().unbind()
+    union = tp + fp + fn
+    if float(union) == 0:
+        one = torch.ones((), dtype=torch.float32)
+        return one, one.clone()
+    return (2 * tp / (2 * tp + fp + fn)).float(), (tp / union).float()
+
+
+def soft_target_loss(student_logits: Tensor, teacher_probs: Tensor, temperature: float = 1.0,
+                     valid: Tensor | None = None) -> Tensor:
+    """Distillation on soft targets (Hinton et al. 2015): T^2 x the mean over counted pixels of
+    KL(teacher_probs || softmax(student_logits / T)) over the K classes.
+
+    student_logits: (B, K, H, W) any float dtype (computed in float32); teacher_probs: (B, K, H, W) the teacher's
+    softmax(logits / T), summing to 1 over K; valid: optional (B, H, W), nonzero = counts. The KL equals the soft
+    cross-entropy minus the teacher's entropy: the same gradient, and 0 when the student matches the teacher.
+    Returns a float32 0-d tensor on the graph (0 with a graph when no pixel counts).
+    """
+    if student_logits.shape != teacher_probs.shape or student_logits.ndim != 4:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher probabilities "
+                         f"{tuple(teacher_probs.shape)} must both be (B, K, H, W)")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch, _, height, width = student_logits.shape
+    keep = _check_valid(valid, batch, height, width)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
+    p = teacher_probs.float()
+    kl = (torch.xlogy(p, p) - p * log_q).sum(dim=1)  # (B, H, W); xlogy: 0 log 0 = 0
+    per_pixel = kl if keep is None else _zero_ignored(kl, keep)
+    count = torch.tensor(float(kl.numel()), device=kl.device) if keep is None else keep.sum(dtype=torch.float32)
+    return per_pixel.sum() / torch.clamp(count, min=1.0) * float(temperature) ** 2
