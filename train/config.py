@@ -133,17 +133,23 @@ class LogConfig:
 
 @dataclass
 class KDConfig:
-    """Knowledge distillation (objective=distill; distill/objective.py reads it).
+    """Knowledge distillation (objective=distill; distill/objective.py reads it, `cpsam distill` fills it).
 
     `teacher`: the teacher model(s) (what `cpsam segment --model` takes; several = an ensemble averaging raw
     outputs). `cache`: a teacher-output cache folder (`cpsam distill cache`); empty = online (the teacher runs
     inside the training step). `loss`: "mse" (our default: a true mean squared error of the features) or
     "distillcellsegtrack" (the seed's published feature term, the squared mean difference). The loss is
-    `alpha * feature term + beta * (flow MSE / 2 + BCE(student logit / T, sigmoid(teacher logit / T)))`
-    plus `gt_weight` times the Cellpose loss against ground truth where masks exist. `features`: which teacher
-    features the feature term matches ("auto": CPnet's 32-channel map, CP-SAM's neck; "none": no feature term).
-    `flat_field`: student input flat-field corrected (normalized convolution, Gaussian sigma 30 px).
-    `brightness`: brightness augmentation range (0 = off).
+    `alpha * feature term + beta * (flow MSE / 2 + T^2 * BCE(student logit / T, sigmoid(teacher logit / T)))`
+    (T = `temperature`) plus `gt_weight` times the Cellpose loss against the dataset's masks (ground truth, or the
+    teacher's masks when the data were labelled by the teacher). `features`: which teacher map the feature term
+    matches ("auto": CPnet's 32-channel decoder map, CP-SAM's neck; "decoder", "neck", "readout"; "none": no
+    feature term). `flat_field`: student input flat-field corrected (normalized convolution, Gaussian
+    `flat_field_sigma` px); `cpsam segment` does not apply it. Brightness augmentation of the student's input:
+    with probability `brightness_p` a factor ~ U(`brightness_min`, `brightness`) (the seed: 0.5, 0.1-3);
+    `brightness` = 0: off. `val_crops`: fixed crops per validation image for `val_kd_loss` (0 = not computed).
+    Recorded for inference (`cpsam distill` sets them): `channels`, the cellpose-3 [SEG, NUC] channels the
+    teacher's data were made with (null = the first channels), and `diameter`, the diameter (px) the teacher
+    segmented at (0 = its size model's estimate or its own); the mask rules are `val.*`.
     """
 
     teacher: list[str] = field(default_factory=list)
@@ -155,7 +161,13 @@ class KDConfig:
     features: str = "auto"
     gt_weight: float = 0.0
     flat_field: bool = False
+    flat_field_sigma: float = 30.0
     brightness: float = 0.0
+    brightness_min: float = 0.1
+    brightness_p: float = 0.5
+    val_crops: int = 1
+    channels: list[int] | None = None
+    diameter: float = 0.0
 
 
 @dataclass

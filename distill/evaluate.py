@@ -1,0 +1,389 @@
+"""`cpsam distill eval`: how well students reproduce their teacher, per image, per folder and overall.
+
+    cpsam distill eval --teacher cyto_0 --student RUN/model.pt [--student RUN2] --images DIR [--gt [DIR]] --out REPORT
+
+For every image the teacher and each student segment it through `cpsam.segment.Segmenter` (the path
+`cpsam segment` runs). The teacher runs at `--diameter` or, without it, at its size model's estimate
+(when it has one) or its own diameter; the students run, by default, at the diameter the teacher used
+for that image (`--student-diameter own`: their own size model / diameter) and under the teacher's
+inference rules (tiling and flow -> mask rules of cellpose 3 for a CPnet teacher, 4 for CP-SAM; their own
+tile size), which a distilled student inherits (`--student-rules own`: the student's own rules).
+
+Scores (`eval.metrics.score_image`; averaged over the images of a folder, the paper's rule, counts summed):
+- against the teacher's masks: binarized IoU (foreground = mask > 0), object counts and relative count
+  error |n_student - n_teacher| / n_teacher, AP and error rate at IoU 0.5 (0.75, 0.9 too);
+- against ground truth (with `--gt`), for the teacher and every student.
+`count_rel_error_total` is the relative error of the summed counts of a folder. Seconds per image
+(end to end, in this process, after a warm-up image) are indicative only: eval/bench_students.py
+times models in isolated processes.
+
+Inputs (`--images`, repeatable): a folder of images, a canonical dataset (index.csv + images/), or a
+folder of such folders (each subfolder not starting with '_' or '.' is a folder of the report). Label
+files beside the images (NAME_masks.tif for NAME.tif or NAME_img.tif, _seg.npy, ...; what
+`cpsam finetune` finds) are never inputs. `--gt` alone uses those labels (or a canonical dataset's
+masks) as ground truth; `--gt DIR` looks for NAME.* / NAME_masks.* in DIR (or DIR/FOLDER).
+
+Writes into REPORT/ (all files or none): per_image.csv, summary.csv, report.md, agreement.png (binarized
+IoU per folder, one bar per student), agreement_vs_speed.png. Exit codes: 0 done, 1 some image failed
+(listed in the report and on stderr), 2 bad request (options, models, no images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cpsam import io
+from cpsam.segment import ImageError, InferenceRules, Segmenter, rules_for
+from cpsam.segment_cli import non_negative_float, non_negative_int, positive_int, resolve_model, torch_device
+from eval.metrics import DEFAULT_THRESHOLDS, ImageScores, score_image
+from eval.pairing import Pair
+from eval.report import ALL_DATASETS, ImageResult, markdown_table, summary_rows
+
+TEACHER = "teacher"
+GROUND_TRUTH = "gt"
+REPORT_FILES = ("per_image.csv", "summary.csv", "report.md", "agreement.png", "agreement_vs_speed.png")
+
+
+class EvalError(RuntimeError):
+    """A request that cannot be evaluated (no images, unreadable model, ...); one clear line."""
+
+
+@dataclass(frozen=True)
+class EvalImage:
+    """One image to evaluate: its folder (the report's dataset), name, file and ground-truth file (or None)."""
+
+    dataset: str
+    name: str
+    image: Path
+    labels: Path | None = None
+
+
+@dataclass
+class ModelRun:
+    """A model under evaluation: its report label, the Segmenter that runs it, the seconds it took per image."""
+
+    label: str
+    segmenter: Segmenter
+    seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """Everything `evaluate` measured: per-image rows, scored results per (model, reference), problems."""
+
+    rows: list[dict[str, object]] = field(default_factory=list)
+    results: dict[tuple[str, str], list[ImageResult]] = field(default_factory=dict)
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _has_images(folder: Path) -> bool:
+    from train.finetune import find_labelled_images
+
+    labelled, unlabelled = find_labelled_images(folder)
+    return bool(labelled or unlabelled)
+
+
+def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None = None) -> list[EvalImage]:
+    """The images of every folder (see module docstring), sorted by folder then name.
+
+    gt: None (no ground truth), "auto" (labels that come with the images) or a folder of label files.
+    split: keep only canonical-dataset rows of this split (e.g. "val"). Raises EvalError for a missing
+    folder, a folder without images, or two images of one folder with the same name.
+    """
+    from train.finetune import FinetuneError, find_labelled_images
+
+    items: list[EvalImage] = []
+    for root in folders:
+        root = Path(root)
+        if not root.is_dir():
+            raise EvalError(f"--images {root}: no such folder")
+        groups = [root] if _has_images(root) else sorted(
+            p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")) and _has_images(p))
+        if not groups:
+            suffixes = ", ".join(io.IMAGE_SUFFIXES)
+            raise EvalError(f"--images {root}: no image files ({suffixes}) and no subfolder with any")
+        for folder in groups:
+            masks_dir = None
+            if gt not in (None, "auto"):
+                masks_dir = Path(gt) / folder.name if (Path(gt) / folder.name).is_dir() else Path(gt)
+            try:
+                labelled, unlabelled = find_labelled_images(folder, masks_dir)
+            except FinetuneError as exc:
+                raise EvalError(str(exc)) from exc
+            splits = _canonical_splits(folder) if split is not None else None
+            for item in labelled:
+                if splits is not None and splits.get(item.name, split) != split:
+                    continue
+                items.append(EvalImage(folder.name, item.name, item.image, item.labels if gt is not None else None))
+            for path in unlabelled:
+                name = path.stem[: -len("_img")] if path.stem.endswith("_img") else path.stem
+                items.append(EvalImage(folder.name, name, path, None))
+    return sorted(items, key=lambda it: (it.dataset, it.name))
+
+
+def _canonical_splits(folder: Path) -> dict[str, str] | None:
+    if not (folder / "index.csv").is_file():
+        return None
+    from data_prep.canonical import read_index
+
+    return {row.name: row.split for row in read_index(folder)}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def student_rules(student: nn.Module, teacher_rules: InferenceRules, mode: str = TEACHER) -> InferenceRules:
+    """The rules a student runs under: the teacher's with the student's tile size ("teacher"), or its own."""
+    if mode == "own":
+        return rules_for(student)
+    return dataclasses.replace(teacher_rules, tile_size=int(student.tile_size))
+
+
+def load_models(teacher: str, students: Sequence[str], device: torch.device, batch_size: int,
+                rules_mode: str = TEACHER) -> tuple[ModelRun, list[ModelRun]]:
+    """(teacher, students) as ModelRuns; student labels are unique (a run folder's name for RUN/model.pt).
+
+    Raises EvalError naming the model that cannot be loaded.
+    """
+
+    def load(spec: str, role: str) -> nn.Module:
+        try:
+            return resolve_model(spec, device)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise EvalError(f"cannot load --{role} {spec}: {exc}") from exc
+
+    t_model = load(teacher, "teacher")
+    t_run = ModelRun(TEACHER, Segmenter(t_model, device=device, batch_size=batch_size))
+    runs, seen = [], {TEACHER}
+    for spec in students:
+        model = load(spec, "student")
+        label = student_label(spec)
+        while label in seen:
+            label += "'"
+        seen.add(label)
+        seg = Segmenter(model, device=device, batch_size=batch_size,
+                        rules=student_rules(model, t_run.segmenter.rules, rules_mode))
+        runs.append(ModelRun(label, seg))
+    return t_run, runs
+
+
+def student_label(spec: str) -> str:
+    """A short report label for a model spec: RUN for RUN/model.pt or a run folder, the file stem, or the name."""
+    path = Path(spec)
+    if path.is_dir() or path.name == "model.pt":
+        return (path if path.is_dir() else path.parent).resolve().name
+    return path.stem if path.suffix else spec
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_row(item: EvalImage, model: str, reference: str, scores: ImageScores, seconds: float,
+              diameter: float) -> dict[str, object]:
+    """One per-image CSV row: where, which model against which reference, then every metric column."""
+    row: dict[str, object] = {"dataset": item.dataset, "name": item.name, "model": model, "reference": reference,
+                              "diameter": diameter, "seconds": seconds}
+    row.update(scores.as_row())
+    return row
+
+
+def _segment(run: ModelRun, image: np.ndarray, diameter: float | None, channels: Sequence[int] | None,
+             ) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    result = run.segmenter.segment([image], diameter=diameter, channels=channels)[0]
+    run.seconds.append(time.perf_counter() - start)
+    return result.masks, result.diameter
+
+
+def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[ModelRun], *,
+             diameter: float | None = None, student_diameter: str = TEACHER,
+             channels: Sequence[int] | None = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+             progress: bool = True) -> Evaluation:
+    """Segment every image with the teacher and each student and score them (see module docstring).
+
+    diameter: cell diameter in px for the teacher (None: its size model / own diameter);
+    student_diameter: "teacher" (the diameter the teacher used for that image) or "own".
+    An unreadable image, or ground truth that does not fit, is recorded in `problems` and passed over.
+    The first image is segmented once more by every model before timing starts (warm-up).
+    """
+    from tqdm import tqdm
+
+    from train.finetune import read_label_file
+
+    out = Evaluation()
+    warmed = False
+    for item in tqdm(items, desc="distill eval", unit="image", disable=not progress, file=sys.stderr):
+        try:
+            image = io.read_image(item.image)
+            truth = read_label_file(item.labels) if item.labels is not None else None
+        except io.InputFileError as exc:
+            out.problems.append(str(exc))
+            continue
+        try:
+            if not warmed:
+                for run in (teacher, *students):
+                    run.segmenter.segment([image], diameter=diameter or 30.0, channels=channels, compute_masks=False)
+                warmed = True
+            t_masks, t_diam = _segment(teacher, image, diameter, channels)
+            s_out = [(run, *_segment(run, image, t_diam if student_diameter == TEACHER else diameter, channels))
+                     for run in students]
+        except ImageError as exc:
+            out.problems.append(f"{item.image}: {exc}")
+            continue
+        if truth is not None and truth.shape != t_masks.shape:
+            out.problems.append(f"{item.labels}: shape {truth.shape} does not match the image {t_masks.shape}")
+            truth = None
+        pairs: list[tuple[str, str, np.ndarray, np.ndarray, float, float]] = []
+        for run, masks, diam in s_out:
+            pairs.append((run.label, TEACHER, t_masks, masks, run.seconds[-1], diam))
+        if truth is not None:
+            pairs.append((TEACHER, GROUND_TRUTH, truth, t_masks, teacher.seconds[-1], t_diam))
+            pairs += [(run.label, GROUND_TRUTH, truth, masks, run.seconds[-1], diam) for run, masks, diam in s_out]
+        for model, reference, ref_masks, masks, seconds, diam in pairs:
+            scores = score_image(ref_masks, masks, thresholds)
+            out.rows.append(score_row(item, model, reference, scores, seconds, diam))
+            pair = Pair(item.dataset, item.name, item.labels or item.image, item.image)
+            out.results.setdefault((model, reference), []).append(ImageResult(pair, scores))
+    out.seconds = {run.label: list(run.seconds) for run in (teacher, *students)}
+    return out
+
+
+def summaries(evaluation: Evaluation) -> list[dict[str, object]]:
+    """Per (model, reference): one row per folder plus `all` (eval.report.summary_rows), with the model,
+    the reference, `count_rel_error_total` and the mean seconds per image of the model added."""
+    rows = []
+    for (model, reference), results in evaluation.results.items():
+        for row in summary_rows(results):
+            n_true, n_pred = float(row["n_true"]), float(row["n_pred"])  # type: ignore[arg-type]
+            seconds = evaluation.seconds.get(model) or [math.nan]
+            rows.append({"model": model, "reference": reference, **row,
+                         "count_rel_error_total": abs(n_pred - n_true) / max(n_true, 1.0),
+                         "seconds_per_image": float(np.mean(seconds))})
+    return rows
+
+
+SUMMARY_COLUMNS = ("model", "dataset", "n_images", "n_true", "n_pred", "binary_iou", "count_rel_error",
+                   "count_rel_error_total", "ap@0.5", "error_rate@0.5", "ap@0.75", "seconds_per_image")
+
+
+def report_markdown(evaluation: Evaluation, teacher_spec: str, student_specs: Sequence[str]) -> str:
+    """The report: students vs teacher, vs ground truth (when any), per image, problems."""
+    summary = summaries(evaluation)
+    parts = ["# Distillation: students against their teacher",
+             f"Teacher `{teacher_spec}`; students " + ", ".join(f"`{s}`" for s in student_specs) + ".",
+             "Per-image values averaged over the images of each folder; counts summed. vs teacher: n_true is the "
+             "teacher's count. Seconds: end to end per image in one process (indicative; see eval/bench_students.py)."]
+    for reference, title in ((TEACHER, "Students vs the teacher's masks"), (GROUND_TRUTH, "Against ground truth")):
+        rows = [r for r in summary if r["reference"] == reference]
+        if rows:
+            parts += [f"## {title}", markdown_table(rows, SUMMARY_COLUMNS)]
+    per_image = [r for r in evaluation.rows if r["reference"] == TEACHER]
+    if per_image:
+        cols = ["dataset", "name", "model", "n_true", "n_pred", "binary_iou", "count_rel_error", "ap@0.5",
+                "error_rate@0.5", "seconds"]
+        parts += ["## Per image (vs teacher)", markdown_table(per_image, cols)]
+    if evaluation.problems:
+        parts += [f"## Problems ({len(evaluation.problems)})", "\n".join(f"- `{p}`" for p in evaluation.problems)]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_eval_report(out: Path, evaluation: Evaluation, teacher_spec: str, student_specs: Sequence[str]
+                      ) -> list[Path]:
+    """Write the REPORT_FILES into `out` (created) together: all of them or none (`cpsam.io.atomic_paths`)."""
+    from eval.plots import SpeedPoint, accuracy_speed_scatter, error_rate_bars
+    from eval.report import write_csv
+
+    io.check_output_dir(out)
+    targets = [out / name for name in REPORT_FILES]
+    summary = summaries(evaluation)
+    vs_teacher = [r for r in summary if r["reference"] == TEACHER]
+    by_model: dict[str, list[dict[str, object]]] = {}
+    for row in vs_teacher:
+        by_model.setdefault(str(row["model"]), []).append(row)
+    points = [SpeedPoint(TEACHER, float(np.mean(evaluation.seconds.get(TEACHER) or [math.nan])), 1.0)]
+    points += [SpeedPoint(model, float(rows[-1]["seconds_per_image"]), float(rows[-1]["binary_iou"]))  # type: ignore
+               for model, rows in by_model.items() if rows[-1]["dataset"] == ALL_DATASETS]
+    with io.atomic_paths(targets) as temps:
+        write_csv(temps[0], evaluation.rows)
+        write_csv(temps[1], summary)
+        temps[2].write_text(report_markdown(evaluation, teacher_spec, student_specs))
+        error_rate_bars(by_model, temps[3], metric="binary_iou",
+                        title="binarized IoU of each student with the teacher (higher is better)")
+        accuracy_speed_scatter(points, temps[4], accuracy_label="binarized IoU vs teacher",
+                               title="agreement with the teacher vs seconds per image")
+    return targets
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cpsam distill eval`."""
+    parser.add_argument("--teacher", required=True, help="teacher: pretrained name, model file or run folder")
+    parser.add_argument("--student", action="append", required=True, help="a student (model file, run folder, "
+                        "pretrained name); repeat for several")
+    parser.add_argument("--images", type=Path, action="append", required=True,
+                        help="folder of images, canonical dataset, or folder of those; repeatable")
+    parser.add_argument("--gt", nargs="?", const="auto", default=None, metavar="DIR",
+                        help="score against ground truth: alone, the labels that come with the images; with DIR, "
+                             "NAME.* / NAME_masks.* files in DIR (or DIR/FOLDER)")
+    parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    parser.add_argument("--split", default=None, help="canonical datasets: only rows of this split (e.g. val)")
+    parser.add_argument("--diameter", type=non_negative_float, default=0.0,
+                        help="cell diameter in px for the teacher (0: its size model's estimate or its own)")
+    parser.add_argument("--student-diameter", choices=(TEACHER, "own"), default=TEACHER,
+                        help="students run at the teacher's diameter for each image (default) or their own")
+    parser.add_argument("--student-rules", choices=(TEACHER, "own"), default=TEACHER,
+                        help="students run under the teacher's tiling and mask rules (default) or their own")
+    parser.add_argument("--channels", type=non_negative_int, nargs=2, metavar=("SEG", "NUC"), default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--device", type=torch_device, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cpsam distill eval`; returns the exit code (module docstring)."""
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        items = list_eval_images(args.images, args.gt, args.split)
+        if not items:
+            raise EvalError("no images to evaluate" + (f" in split {args.split!r}" if args.split else ""))
+        io.check_output_dir(args.out)
+        teacher, students = load_models(args.teacher, args.student, device, args.batch_size, args.student_rules)
+    except (EvalError, io.OutputPathError) as exc:
+        print(f"cpsam distill eval: {exc}", file=sys.stderr)
+        return 2
+    evaluation = evaluate(items, teacher, students, diameter=args.diameter or None,
+                          student_diameter=args.student_diameter, channels=args.channels, progress=not args.quiet)
+    for problem in evaluation.problems:
+        print(f"cpsam distill eval: skipped {problem}", file=sys.stderr)
+    if not evaluation.rows:
+        print("cpsam distill eval: no image could be evaluated", file=sys.stderr)
+        return 1
+    try:
+        write_eval_report(args.out, evaluation, args.teacher, args.student)
+    except (OSError, io.OutputPathError) as exc:
+        print(f"cpsam distill eval: cannot write the report into {args.out}: {exc}", file=sys.stderr)
+        return 1
+    for row in summaries(evaluation):
+        if row["dataset"] == ALL_DATASETS:
+            print(f"{row['model']:>24} vs {row['reference']:7}: binarized IoU {row['binary_iou']:.3f}, "
+                  f"count error {row['count_rel_error']:.3f}, AP@0.5 {row['ap@0.5']:.3f}, "
+                  f"{row['seconds_per_image']:.2f} s/image")
+    print(f"cpsam distill eval: {len({(r['dataset'], r['name']) for r in evaluation.rows})} images -> {args.out}")
+    return 1 if evaluation.problems else 0

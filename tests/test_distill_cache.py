@@ -1,0 +1,181 @@
+"""Teacher-output cache: views replay exactly from their stored keys (fp16 precision), a killed build resumes,
+other settings are refused, and the cached training dataset serves replayed inputs with their stored targets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shared_path
+
+from cpsam import io
+from cpsam.models import create_model
+from distill.cache import (
+    CacheError,
+    TeacherCache,
+    build_cache,
+    fp16_tolerance,
+    pick_view,
+    verify_cache,
+    view_sampler,
+)
+from distill.data import CachedDistillDataset
+from distill.teachers import Teacher
+from distill.workflow import distill_pipeline
+from train.config import KDConfig
+from train.data import PipelineSpec, SampleKey, TrainDataset
+
+REAL = [("bact_phase_neurips22", "neurips22_cell_00528"), ("bact_bf_mothermachine_baby", "baby_mmsCMOS_testA")]
+TILE = 64
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A labelled canonical dataset of two small real images (train split)."""
+    from data_prep.canonical import write_example, write_index
+
+    root = tmp_path_factory.mktemp("canon") / "real"
+    rows = []
+    for folder, name in REAL:
+        base = shared_path("data", folder)
+        image = io.read_image(base / f"{name}_img.tif")
+        masks = io.read_labels(base / f"{name}_masks.tif")
+        rows.append(write_example(root, name, image, masks, dataset=folder, split="train", license="test",
+                                  source=str(base)))
+    write_index(root, rows)
+    return root
+
+
+def _teacher() -> Teacher:
+    torch.manual_seed(0)
+    return Teacher(create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0), "random-cpnet")
+
+
+def _spec() -> PipelineSpec:
+    augment, degrade = distill_pipeline(30.0)
+    return PipelineSpec(TILE, 2, augment, degrade)
+
+
+@pytest.fixture(scope="module")
+def cache(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "c"
+    report = build_cache(_teacher(), [str(dataset)], out, spec=_spec(), views=3, seed=5, progress=False)
+    assert (report.written, report.skipped) == (6, 0)
+    return out
+
+
+def test_views_replay_from_their_keys_to_fp16_precision(cache, dataset):
+    c = TeacherCache(cache)
+    teacher = _teacher()
+    data = TrainDataset(view_sampler(c.datasets, c.split), c.pipeline_spec(), c.seed)
+    for d, i, k in c.all_views():
+        stored = c.load_view(d, i, k)
+        assert stored["key"] == [5, k, c.ordinal(d, i), d, i]
+        x = data.make_sample(c.view_key(d, i, k))["image"][None]  # the input rebuilt from the stored key
+        fresh = teacher.teach(x)
+        for old, new in ((stored["output"], fresh.output[0]), (stored["features"]["decoder"],
+                                                                 fresh.features["decoder"][0])):
+            assert old.shape == new.shape
+            assert bool(((old - new).abs() <= fp16_tolerance(new)).all())
+            # and the stored values are fp16 numbers: most equal the recomputation rounded to fp16
+            assert float((old == new.half().float()).float().mean()) > 0.9
+    report = verify_cache(c, teacher, 4)
+    assert report.n_views == 4 and report.max_ulp_ratio <= 1.0
+    assert 0 <= report.max_output_diff < 5e-3 and set(report.max_feature_diff) == {"decoder"}
+    # another teacher does not reproduce the cache: verify sees it
+    torch.manual_seed(1)
+    other = verify_cache(c, Teacher(create_model("cpnet", nbase=[2, 16, 32])), 2)
+    assert other.max_ulp_ratio > 100 and other.max_output_diff > 1e-2
+
+
+def test_distinct_views_differ_and_view_choice_is_a_function_of_the_key(cache):
+    c = TeacherCache(cache)
+    outs = [c.load_view(0, 0, k)["output"] for k in range(c.views)]
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    picks = [pick_view(0, 0, p, 3) for p in range(300)]
+    assert picks == [pick_view(0, 0, p, 3) for p in range(300)] and set(picks) == {0, 1, 2}
+
+
+def test_processes_get_disjoint_images_and_together_every_view(cache):
+    c = TeacherCache(cache)
+    shares = [c.views_of_rank(r, 3) for r in range(3)]
+    assert sorted(v for share in shares for v in share) == sorted(c.all_views())
+    owners = {(d, i): r for r, share in enumerate(shares) for d, i, _ in share}
+    assert all(owners[(d, i)] == r for r, share in enumerate(shares) for d, i, _ in share)  # an image on one rank
+    assert [len(s) for s in shares] == [3, 3, 0]
+
+
+def test_a_killed_build_resumes_and_other_settings_are_refused(cache, dataset, tmp_path):
+    c = TeacherCache(cache)
+    path = c.view_path(0, 1, 2)
+    before = torch.load(path, weights_only=True)
+    path.unlink()
+    assert c.missing_views() == [(0, 1, 2)]
+    report = build_cache(_teacher(), [str(dataset)], cache, spec=_spec(), views=3, seed=5, progress=False)
+    assert (report.written, report.skipped) == (1, 5)
+    after = torch.load(path, weights_only=True)
+    assert after["key"] == before["key"]  # the same view, recomputed (in a batch of 1: other kernels)
+    old, new = before["output"].float(), after["output"].float()
+    assert bool(((old - new).abs() <= 2 * fp16_tolerance(new)).all())
+    with pytest.raises(CacheError, match="other settings"):
+        build_cache(_teacher(), [str(dataset)], cache, spec=_spec(), views=4, seed=5, progress=False)
+    assert not list(cache.rglob("*.part*"))  # atomic writes leave no temporary file
+
+
+def test_cached_dataset_serves_the_replayed_crop_and_its_targets(cache):
+    c = TeacherCache(cache)
+    sampler = view_sampler(c.datasets, c.split)
+    base = TrainDataset(sampler, c.pipeline_spec(), c.seed)
+    ds = CachedDistillDataset(base, c, KDConfig(), seed=11, feature="decoder")
+    key = SampleKey(epoch=4, position=7, dataset_index=0, example_index=1)
+    sample = ds[key]
+    view = ds.view_of(key)
+    stored = c.load_view(0, 1, view)
+    assert torch.equal(sample["t_output"], stored["output"])
+    assert torch.equal(sample["t_feature"], stored["features"]["decoder"])
+    assert torch.equal(sample["image"], base.make_sample(c.view_key(0, 1, view))["image"])
+    assert int(sample["epoch"]) == 4 and int(sample["position"]) == 7 and float(sample["brightness"]) == 1.0
+
+
+def test_a_run_whose_pipeline_differs_from_the_cache_is_refused(cache):
+    from train.config import ConfigError, load_config
+    from train.objective import objective_for
+    from train.sampler import MultiDatasetSampler
+
+    c = TeacherCache(cache)
+    cfg = load_config(None, ["objective=distill", f"kd.cache={cache}"])
+    objective = objective_for(cfg)
+    assert objective.teacher_specs == ["random-cpnet"]  # from the manifest
+    sampler = MultiDatasetSampler(c.datasets, samples_per_epoch=4, split="train")
+    spec = c.pipeline_spec()
+    assert objective.dataset(sampler, replace(spec, channels=1), 0, 0) is not None  # the student's channels: fine
+    with pytest.raises(ConfigError, match=r"augment\.scale_range"):
+        objective.dataset(sampler, replace(spec, augment=replace(spec.augment, scale_range=1.0)), 0, 0)
+    with pytest.raises(ConfigError, match="data.tile_size"):
+        objective.dataset(sampler, replace(spec, tile_size=96), 0, 0)
+
+
+def test_cache_command_builds_verifies_and_a_student_trains_from_it(dataset, tmp_path, capsys):
+    from cpsam.cli import main as cpsam_main
+    from cpsam.models import save_checkpoint
+
+    torch.manual_seed(0)
+    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0))
+    cache = tmp_path / "cache"
+    argv = ["distill", "cache", "--teacher", str(teacher), "--images", str(dataset), "--out", str(cache), "--views",
+            "2", "--verify", "3", "--quiet", "data.tile_size=64"]
+    assert cpsam_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4 views written, 0 already there" in out and "verified 3 cached views" in out
+    ratio = float(out.split("; ")[-1].split(" x fp16")[0])
+    assert ratio <= 1.0
+    assert cpsam_main(argv) == 0 and "0 views written, 4 already there" in capsys.readouterr().out  # resumed
+    run = tmp_path / "run"  # no --teacher: the cache's; the crops: the cache's (64 px, its augmentation)
+    assert cpsam_main(["distill", "--student", "cpnet-1-32", "--out", str(run), f"kd.cache={cache}", "--quiet",
+                       "--size-epochs", "0", "batch_size=2", "schedule.samples_per_epoch=2", "schedule.epochs=1",
+                       "data.num_workers=0", "log.tensorboard=false"]) == 0
+    cfg = (run / "config.yaml").read_text()
+    assert "tile_size: 64" in cfg and f"cache: {cache}" in cfg and str(teacher) in cfg
+    assert (run / "model.pt").is_file()

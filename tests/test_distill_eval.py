@@ -1,0 +1,175 @@
+"""`cpsam distill eval`: scores of students against the teacher (and ground truth), inputs, report, CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from cpsam import io
+from distill.evaluate import (
+    GROUND_TRUTH,
+    REPORT_FILES,
+    TEACHER,
+    EvalImage,
+    ModelRun,
+    evaluate,
+    list_eval_images,
+    summaries,
+    write_eval_report,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CYTO0 = SHARED / "weights" / "cyto_0_cpnet_torch.pt"
+
+
+class FixedSegmenter:
+    """Stands in for a Segmenter: returns given masks per image (in call order) and records diameters."""
+
+    def __init__(self, masks: list[np.ndarray], diameter: float = 25.0) -> None:
+        self.masks = list(masks)
+        self.diameter = diameter
+        self.asked: list[float | None] = []
+        self.rules = SimpleNamespace(mask_rules="cp3")
+
+    def segment(self, images, diameter=None, channels=None, compute_masks=True):
+        if not compute_masks:  # the warm-up call
+            return [SimpleNamespace(masks=np.zeros((0, 0), np.uint16), diameter=0.0)]
+        self.asked.append(diameter)
+        return [SimpleNamespace(masks=self.masks.pop(0), diameter=self.diameter if diameter is None else diameter)]
+
+
+def _squares(shape=(60, 60), boxes=((5, 5), (5, 35), (35, 5), (35, 35)), side=16) -> np.ndarray:
+    masks = np.zeros(shape, np.uint16)
+    for k, (y, x) in enumerate(boxes, start=1):
+        masks[y : y + side, x : x + side] = k
+    return masks
+
+
+def _write_pair(folder: Path, name: str, image: np.ndarray, masks: np.ndarray | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    io.write_tiff(folder / f"{name}_img.tif", image)
+    if masks is not None:
+        io.write_labels(folder / f"{name}_masks.tif", masks)
+
+
+def test_scores_on_a_constructed_case(tmp_path):
+    """Teacher: 4 squares of 256 px. Student: 3 of them, the 4th shifted by 8 px (IoU 128 / 384 < 0.5), plus a
+    spurious 64-px square: binarized IoU (768 + 128) / (1024 + 128 + 64), 5 vs 4 objects, 3 TP."""
+    teacher = _squares()
+    student = _squares(boxes=((5, 5), (5, 35), (35, 5), (35, 43)))
+    student[52:60, 20:28] = 5
+    truth = _squares()
+    item = EvalImage("toy", "a", tmp_path / "a.tif", tmp_path / "a_masks.tif")
+    io.write_tiff(item.image, np.zeros((60, 60), np.uint8))
+    io.write_labels(item.labels, truth)
+    t_run = ModelRun(TEACHER, FixedSegmenter([teacher], diameter=31.0))  # type: ignore[arg-type]
+    s_run = ModelRun("student", FixedSegmenter([student]))  # type: ignore[arg-type]
+    ev = evaluate([item], t_run, [s_run], progress=False)
+    assert s_run.segmenter.asked == [31.0]  # the student ran at the diameter the teacher used
+    row = next(r for r in ev.rows if r["model"] == "student" and r["reference"] == TEACHER)
+    assert row["n_true"] == 4 and row["n_pred"] == 5
+    assert row["binary_iou"] == pytest.approx((768 + 128) / (1024 + 128 + 64))
+    assert row["count_rel_error"] == pytest.approx(0.25)
+    assert row["tp@0.5"] == 3 and row["fp@0.5"] == 2 and row["fn@0.5"] == 1
+    assert row["ap@0.5"] == pytest.approx(3 / 6) and row["error_rate@0.5"] == pytest.approx(3 / 4)
+    gt_teacher = next(r for r in ev.rows if r["model"] == TEACHER and r["reference"] == GROUND_TRUTH)
+    assert gt_teacher["ap@0.5"] == 1.0 and gt_teacher["binary_iou"] == 1.0
+    summary = {(r["model"], r["reference"], r["dataset"]): r for r in summaries(ev)}
+    assert summary[("student", TEACHER, "all")]["count_rel_error_total"] == pytest.approx(0.25)
+    assert summary[("student", GROUND_TRUTH, "toy")]["n_images"] == 1
+    paths = write_eval_report(tmp_path / "report", ev, "teacher.pt", ["student.pt"])
+    assert [p.name for p in paths] == list(REPORT_FILES) and all(p.stat().st_size > 0 for p in paths)
+    with open(paths[0], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and {r["reference"] for r in rows} == {TEACHER, GROUND_TRUTH}
+    text = paths[2].read_text()
+    assert "| student | all | 1 | 4 | 5 | 0.7368 | 0.2500 |" in text
+
+
+def test_count_error_total_differs_from_the_per_image_mean(tmp_path):
+    """Two images: +2 of 4 and -2 of 4 objects: per-image mean error 0.5, error of the summed counts 0.
+    A third, unreadable image is recorded as a problem and passed over."""
+    extra = ((5, 5), (5, 35), (35, 5), (35, 35), (0, 22), (22, 22))
+    students = [_squares(boxes=extra, side=8), _squares(boxes=((5, 5), (5, 35)))]
+    items = [EvalImage("toy", n, tmp_path / f"{n}.tif") for n in "abc"]
+    for item in items[:2]:
+        io.write_tiff(item.image, np.zeros((60, 60), np.uint8))
+    items[2].image.write_text("not an image")
+    ev_t = ModelRun(TEACHER, FixedSegmenter([_squares(), _squares()]))  # type: ignore[arg-type]
+    ev_s = ModelRun("s", FixedSegmenter(students))  # type: ignore[arg-type]
+    ev = evaluate(items, ev_t, [ev_s], progress=False)
+    assert len(ev.problems) == 1 and "c.tif" in ev.problems[0]
+    assert [r["n_pred"] for r in ev.rows] == [6, 2]
+    total = next(r for r in summaries(ev) if r["dataset"] == "all")
+    assert total["count_rel_error"] == pytest.approx(0.5) and total["count_rel_error_total"] == 0.0
+    assert total["n_true"] == 8 and total["n_pred"] == 8
+
+
+def test_list_eval_images_pairs_unlabelled_and_canonical(tmp_path):
+    image = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    _write_pair(tmp_path / "set" / "f1", "x", image, _squares((64, 64)))
+    _write_pair(tmp_path / "set" / "f1", "y", image, None)
+    _write_pair(tmp_path / "set" / "f2", "z", image, _squares((64, 64)))
+    (tmp_path / "set" / "_qc").mkdir()
+    items = list_eval_images([tmp_path / "set"], gt="auto")
+    assert [(i.dataset, i.name, i.labels is not None) for i in items] == [
+        ("f1", "x", True), ("f1", "y", False), ("f2", "z", True)]
+    assert all(i.labels is None for i in list_eval_images([tmp_path / "set"], gt=None))
+    gt_dir = tmp_path / "gt"
+    io.write_labels(gt_dir / "y_masks.tif", _squares((64, 64)))
+    assert [i.labels is not None for i in list_eval_images([tmp_path / "set" / "f1"], gt=str(gt_dir))] == [False, True]
+
+    from data_prep.canonical import write_example, write_index
+
+    root = tmp_path / "canon"
+    write_index(root, [write_example(root, name, image, _squares((64, 64)), dataset="c", split=split,
+                                     license="test", source="constructed")
+                       for name, split in (("p", "train"), ("q", "val"))])
+    val = list_eval_images([root], gt="auto", split="val")
+    assert [(i.name, i.labels is not None) for i in val] == [("q", True)]
+    from distill.evaluate import EvalError
+
+    with pytest.raises(EvalError, match="no such folder"):
+        list_eval_images([tmp_path / "missing"], gt=None)
+
+
+def test_cli_end_to_end_with_cyto0_and_a_student(tmp_path, capsys):
+    src = SHARED / "data" / "bact_phase_neurips22"
+    if not CYTO0.is_file() or not src.is_dir():
+        pytest.skip("needs the project's shared/ folder (weights and data) beside the repo")
+    from cpsam.cli import main
+    from cpsam.models import create_model, save_checkpoint
+
+    images = tmp_path / "images"
+    image = io.read_image(src / "neurips22_cell_00528_img.tif")
+    _write_pair(images, "bact", image[:128, :128], io.read_labels(src / "neurips22_cell_00528_masks.tif")[:128, :128])
+    torch.manual_seed(0)
+    student = create_model("fastnet-1-32-64")
+    student.diam_mean.data.fill_(27.0)
+    student.diam_labels.data.fill_(27.0)
+    ckpt = save_checkpoint(tmp_path / "runA" / "model.pt", student.eval())
+    out = tmp_path / "report"
+    code = main(["distill", "eval", "--teacher", str(CYTO0), "--student", str(ckpt), "--student", str(CYTO0),
+                 "--images", str(images), "--gt", "--out", str(out), "--diameter", "20", "--quiet"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    with open(out / "summary.csv", newline="") as fh:
+        summary = {(r["model"], r["reference"], r["dataset"]): r for r in csv.DictReader(fh)}
+    # the teacher scored as a student agrees with itself exactly; runA is a random network
+    same = summary[("cyto_0_cpnet_torch", TEACHER, "all")]
+    assert float(same["binary_iou"]) == 1.0 and float(same["ap@0.5"]) == 1.0 and float(same["n_true"]) >= 5
+    assert ("runA", TEACHER, "images") in summary and ("teacher", GROUND_TRUTH, "all") in summary
+    assert float(summary[("teacher", GROUND_TRUTH, "all")]["ap@0.5"]) > 0.0
+    printed = capsys.readouterr().out
+    assert "runA" in printed and "binarized IoU" in printed
+
+    code = main(["distill", "eval", "--teacher", str(CYTO0), "--student", str(tmp_path / "nope.pt"),
+                 "--images", str(images), "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope.pt" in err[0] and "cannot load --student" in err[0]
+    assert not (tmp_path / "r2" / "report.md").exists()

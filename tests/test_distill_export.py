@@ -1,0 +1,170 @@
+"""`cpsam distill export`: one TorchScript file that segments like `cpsam segment`, without this package."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cpsam import dynamics, io
+from cpsam.models import create_model, load_model, save_checkpoint
+from cpsam.segment import Segmenter
+from distill import export
+from eval.metrics import score_image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CYTO0 = SHARED / "weights" / "cyto_0_cpnet_torch.pt"
+IMAGES = (  # (file, top, left, side): a phase-contrast bacteria image and a fluorescence nuclei crop
+    ("data/bact_phase_neurips22/neurips22_cell_00528_img.tif", 0, 0, 200),
+    ("data/fluo_nuclei_ctc_N2DL-HeLa/Fluo-N2DL-HeLa_02_t075_img.tif", 250, 400, 160),
+)
+
+# Runs the exported file in a fresh interpreter that cannot import cpsam (nor numba, OpenCV, scipy, ...).
+RUNNER = textwrap.dedent("""
+    import importlib.abc, json, sys
+    BLOCKED = {"cpsam", "distill", "eval", "train", "data_prep", "numba", "cv2", "scipy", "fastremap", "fill_voids"}
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+    sys.meta_path.insert(0, Block())
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    seg = torch.jit.load(sys.argv[1])
+    data = np.load(sys.argv[2])
+    out = {}
+    for key in data.files:
+        masks, flows = seg(torch.from_numpy(data[key].astype(np.float32)), float(sys.argv[3]))
+        out[key] = masks.numpy()
+        out[key + "_flows"] = flows.numpy()
+    np.savez(sys.argv[4], **out)
+    print(json.dumps({"modules": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
+""")
+
+
+def _images() -> list[np.ndarray]:
+    out = []
+    for rel, top, left, side in IMAGES:
+        path = SHARED / rel
+        if not path.is_file():
+            pytest.skip(f"{path} is absent: this test needs the project's shared/ folder beside the repo")
+        out.append(np.ascontiguousarray(io.read_image(path)[top : top + side, left : left + side]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cyto0_results():
+    """(cyto_0 model, images, their `Segmenter` results at diameter 20): computed once for this module."""
+    if not CYTO0.is_file():
+        pytest.skip(f"{CYTO0} is absent: this test needs the project's shared/weights folder")
+    images = _images()
+    model = load_model(CYTO0)
+    seg = Segmenter(model)
+    return model, images, [seg.segment([image], diameter=20.0)[0] for image in images]
+
+
+def _run_isolated(model_file: Path, images: list[np.ndarray], diameter: float, tmp_path: Path) -> dict:
+    npz, res = tmp_path / "images.npz", tmp_path / "result.npz"
+    np.savez(npz, *images)
+    done = subprocess.run([sys.executable, "-c", RUNNER, str(model_file), str(npz), str(diameter), str(res)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["modules"] == []
+    with np.load(res) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_exported_cyto0_gives_the_masks_of_cpsam_segment_without_cpsam(tmp_path, cyto0_results):
+    """cyto_0 (a CPnet: cellpose 3 rules) exported and run with only torch + numpy importable."""
+    model, images, refs = cyto0_results
+    out = export.export_model(model, tmp_path / "cyto0.pt")
+    assert out.is_file() and not list(tmp_path.glob("*.part*"))
+    results = _run_isolated(out, images, 20.0, tmp_path)
+    for k, (image, ref) in enumerate(zip(images, refs, strict=True)):
+        masks, flows = results[f"arr_{k}"], results[f"arr_{k}_flows"]
+        assert masks.shape == image.shape[:2] and flows.shape == (3, *image.shape[:2])
+        assert np.abs(flows[:2] - ref.dP).max() < 1e-4 and np.abs(flows[2] - ref.cellprob).max() < 1e-4
+        assert ref.n_cells >= 10  # real cells, not an empty agreement
+        ap = score_image(ref.masks, masks, thresholds=(0.5,)).at(0.5).ap
+        assert ap >= 0.99, f"image {k}: AP@0.5 {ap:.3f} against cpsam segment"
+
+
+def test_exported_fastnet_student_matches_segmenter_flows(tmp_path):
+    """A FastNet student (BatchNorm folded, cellpose 4 rules) exported through the CLI: shapes and flows."""
+    images = _images()[:1]
+    torch.manual_seed(0)
+    student = create_model("fastnet-1-32-64")
+    student.diam_mean.data.fill_(27.0)
+    student.diam_labels.data.fill_(27.0)
+    ckpt = save_checkpoint(tmp_path / "run" / "model.pt", student.eval())
+    from cpsam.cli import main
+
+    target = tmp_path / "student.pt"
+    assert main(["distill", "export", "--model", str(ckpt), "--out", str(target)]) == 0
+    scripted = torch.jit.load(str(target))
+    masks, flows = scripted(torch.from_numpy(images[0].astype(np.float32)), 20.0)
+    ref = Segmenter(load_model(ckpt)).segment([images[0]], diameter=20.0)[0]
+    assert masks.dtype == torch.int32 and tuple(masks.shape) == images[0].shape[:2]
+    assert np.abs(flows[:2].numpy() - ref.dP).max() < 1e-4
+    assert np.abs(flows[2].numpy() - ref.cellprob).max() < 1e-4
+    assert scripted.mask_rules == "cp4" and scripted.pad_to_tile
+    # under its cyto_0 teacher's rules (cellpose 3: tiles shrink to small images, float32 rescale, cp3 masks)
+    assert main(["distill", "export", "--model", str(ckpt), "--out", str(target), "--rules", "cp3"]) == 0
+    cp3 = torch.jit.load(str(target))
+    assert cp3.mask_rules == "cp3" and not cp3.pad_to_tile and cp3.float32_rescale
+    small = torch.from_numpy(images[0][:100, :120].astype(np.float32))
+    rules = export.named_rules("cp3", 224)
+    want = Segmenter(load_model(ckpt), rules=rules).segment([small.numpy()], diameter=20.0)[0]
+    masks, flows = cp3(small, 20.0)
+    assert np.abs(flows[2].numpy() - want.cellprob).max() < 1e-4
+    assert np.array_equal(masks.numpy(), want.masks.astype(np.int32))
+
+
+def test_torch_dynamics_equal_cpsam_dynamics_on_real_flows(cyto0_results):
+    """flows -> masks in torch ops equals cpsam.dynamics (numba) label for label, under both rule sets."""
+    ref = cyto0_results[2][1]
+    dP = np.ascontiguousarray(ref.dP)
+    cellprob = np.ascontiguousarray(ref.cellprob)
+    for rules in ("cp3", "cp4"):
+        want = dynamics.flows_to_masks(dP, cellprob, niter=ref.niter, rules=rules)
+        got = export.flows_to_masks_torch(torch.from_numpy(dP), torch.from_numpy(cellprob), ref.niter, rules=rules)
+        assert want.max() >= 10
+        assert np.array_equal(got.numpy(), want.astype(np.int64)), rules
+
+
+@pytest.mark.parametrize("rules", ["cp3", "cp4"])
+def test_torch_hole_filling_and_small_masks_equal_cpsam(rules):
+    """Holes (one holding another mask, one open to the outside only diagonally), small masks, label gaps."""
+    masks = np.zeros((40, 48), np.int64)
+    masks[2:14, 2:14] = 1
+    masks[6:9, 6:9] = 0  # a hole of 9 px
+    masks[2:14, 20:34] = 2
+    masks[5:10, 24:29] = 5  # a mask inside mask 2's hole: absorbed
+    masks[20:30, 2:12] = 3
+    masks[20, 2] = 0  # a corner notch: not a hole
+    masks[24:26, 24:26] = 7  # 4 px: too small
+    masks[30:38, 30:40] = 8
+    masks[33, 34] = 0  # a one-pixel hole
+    want = dynamics.fill_holes_and_remove_small_masks(masks.astype(np.uint16), min_size=15, rules=rules)
+    mt = torch.from_numpy(masks)
+    got = export._drop_small(export._fill_holes(export._drop_small(mt, 15, rules == "cp3")), 15, rules == "cp3")
+    assert np.array_equal(got.numpy(), want.astype(np.int64))
+    assert want[7, 7] == want[3, 3] and want[7, 26] == want[3, 21] and want[33, 34] == want[31, 31]
+
+
+def test_export_cli_reports_a_bad_model_in_one_line(tmp_path, capsys):
+    from cpsam.cli import main
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a model")
+    target = tmp_path / "out.pt"
+    assert main(["distill", "export", "--model", str(bad), "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.txt" in err[0] and "cannot load" in err[0]
+    assert not target.exists()
