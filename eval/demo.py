@@ -1,4 +1,5 @@
-"""`cpsam demo`: segment sample images that any fresh machine can obtain, and score them.
+"""`cpsam demo --quick`: segment sample images that any fresh machine can obtain, and score them.
+(`cpsam demo` without --quick runs the whole study: eval/study.py.)
 
 Model: Cellpose's original 2020 "cyto" network (`cpsam.models.pretrained("cyto_0")`, GPL-3.0,
 downloaded once from PyPI inside the `cellpose==0.0.1` wheel). Images:
@@ -55,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--self-check", action="store_true",
                         help="only build every model variant and run one tile through it")
     parser.add_argument("--models", help="with --self-check: comma-separated subset of model names")
+    parser.add_argument("--quick", action="store_true",
+                        help="the one-minute version: segment sample images with cyto_0 and score them")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="the study: multiply the training epochs (default 1: about 10 minutes on 2 CPU cores)")
 
 
 def stardist_nuclei_sample() -> Sample | None:
@@ -141,6 +146,20 @@ def run(args: argparse.Namespace) -> int:
         from cpsam import selfcheck
 
         return selfcheck.run(args)
+    if not args.quick:
+        from eval import study
+
+        if not args.scale > 0:
+            print(f"cpsam demo: --scale must be > 0, got {args.scale}", file=sys.stderr)
+            return 2
+        base = study.StudyScale()
+        scale = study.StudyScale(max(1, round(base.finetune_epochs * args.scale)), base.finetune_samples,
+                                 max(1, round(base.distill_epochs * args.scale)), base.distill_samples)
+        print("The study at small scale: Cellpose's 2020 'cyto' network (cyto_0, GPL-3.0, from PyPI) segments, is "
+              "fine-tuned, and teaches two students; all are scored on held-out images (`--quick`: the one-minute "
+              "segmentation demo).")
+        study.run_study(args.out, scale)
+        return 0
     print("Segmenting sample images with Cellpose's 2020 'cyto' network (cyto_0, GPL-3.0; "
           "downloaded once from PyPI into ~/.cache/cpsam or $CPSAM_CACHE).")
     rows = run_demo(args.out, args.device, args.batch_size)
