@@ -10,7 +10,7 @@ if [ "${1:-}" = "--smoke" ]; then
     shift
     "$PY" scripts/prepare_shared_data.py runs/shared_canonical
     exec "$PY" -m cpsam train scripts/configs/tiny_cpu.yaml output_dir=runs/smoke/train_cpsam_paper \
-        schedule.epochs=2 val.every_epochs=2 resume=false "$@"
+        schedule.epochs=2 schedule.samples_per_epoch=32 val.every_epochs=2 val.max_images=1 resume=false "$@"
 fi
 exec accelerate launch --config_file scripts/accelerate/8gpu_bf16.yaml -m cpsam train \
     scripts/configs/cpsam_paper.yaml "$@"
