@@ -322,7 +322,7 @@ def run_study(out: Path, scale: StudyScale = StudyScale(), seed: int = 0) -> lis
         _cpsam(["segment", "--model", str(runs / s / "model.pt"), "--input", str(first), "--output", str(seg_out)])
         overlays.append(_overlay_pair(first, runs / "teacher" / f"{stem}_masks.tif", seg_out / f"{stem}_masks.tif",
                                       figures / f"overlay_{s}.png", f"student {s}"))
-    table_text = print_study_table(rows)
+    print_study_table(rows)
     total = time.perf_counter() - start
     from eval.report import markdown_table
 
@@ -344,5 +344,4 @@ def run_study(out: Path, scale: StudyScale = StudyScale(), seed: int = 0) -> lis
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print(f"\nstudy done in {total:.0f} s; report: {out / 'report.md'} (figures in {figures})")
-    del table_text
     return rows

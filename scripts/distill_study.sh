@@ -21,7 +21,6 @@ if [ "${1:-}" = "--smoke" ]; then
     "$PY" - "$out" <<'PYEOF'
 import sys
 from pathlib import Path
-import numpy as np
 from eval.study import prepare_data
 prepare_data(Path(sys.argv[1]), seed=0)
 PYEOF

@@ -301,3 +301,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
     assert not enable_activation_checkpointing(build_model(ModelConfig(name="cpnet", nbase=[2, 8, 16])))
+
+
+def test_a_run_saved_before_a_key_existed_still_resumes():
+    """A config.yaml written before `objective` / `kd` / `binary` existed equals today's defaults; a non-default
+    value of a new key, and any changed old key, still count as differences."""
+    from train.config import TrainConfig, to_container
+    from train.loop import _config_differences
+
+    new = to_container(TrainConfig())
+    old = {k: v for k, v in new.items() if k not in ("objective", "kd", "binary")}
+    assert _config_differences(old, new) == []
+    assert _config_differences(old, {**new, "objective": "distill"}) == ["objective: '<absent>' -> 'distill'"]
+    changed = to_container(TrainConfig())
+    changed["optim"]["lr"] = 0.5
+    assert _config_differences(new, changed) == ["optim.lr: 5e-05 -> 0.5"]

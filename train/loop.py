@@ -109,13 +109,21 @@ def make_accelerator(cfg: TrainConfig):
     )
 
 
-def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                        defaults: dict[str, Any] | None = None) -> list[str]:
+    """Keys whose value changed between a saved config and the new one. A key the saved config lacks (a run
+    written before the key existed) counts as changed only when the new value is not the key's default."""
+    if defaults is None:
+        defaults = to_container(TrainConfig())
     out = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        default = defaults.get(key, "<absent>") if isinstance(defaults, dict) else "<absent>"
+        if a == "<absent>" and b == default:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, f"{name}.")
+            out += _config_differences(a, b, f"{name}.", default if isinstance(default, dict) else {})
         elif a != b and name not in _FREE_KEYS:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
