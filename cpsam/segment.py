@@ -26,9 +26,11 @@ stack and no full-size weight image are built: an 8192 x 8192 grayscale image pe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,13 +74,28 @@ class InferenceRules:
     mask_rules: str = "cp4"
 
 
+def recorded_inference(model: nn.Module) -> dict[str, Any]:
+    """What training recorded in the model's checkpoint for inference (`inference` of model.pt, attached by
+    `cpsam.models.loading.load_model` as `model.inference_record`): "mask_rules" ("cp3" / "cp4"), "channels"
+    ([SEG, NUC] or None), "flow_threshold", "cellprob_threshold"; {} for a model without a record."""
+    return dict(getattr(model, "inference_record", None) or {})
+
+
 def rules_for(model: nn.Module) -> InferenceRules:
-    """Cellpose-3 rules for a classic CPnet (and its students), cellpose-4 rules for anything else."""
+    """Cellpose-3 rules for a classic CPnet (and its students), cellpose-4 rules for anything else; the flow ->
+    mask rules recorded in the model's checkpoint win (a FastNet distilled from cyto_0 keeps cyto_0's "cp3")."""
     from cpsam.models.cpnet import CPnet
 
     if isinstance(model, CPnet):
-        return InferenceRules(tile_size=int(model.tile_size), pad_to_tile=False, float32_rescale=True, mask_rules="cp3")
-    return InferenceRules(tile_size=int(model.tile_size), pad_to_tile=True, float32_rescale=False, mask_rules="cp4")
+        rules = InferenceRules(tile_size=int(model.tile_size), pad_to_tile=False, float32_rescale=True,
+                               mask_rules="cp3")
+    else:
+        rules = InferenceRules(tile_size=int(model.tile_size), pad_to_tile=True, float32_rescale=False,
+                               mask_rules="cp4")
+    recorded = recorded_inference(model).get("mask_rules")
+    if recorded in ("cp3", "cp4") and recorded != rules.mask_rules:
+        rules = dataclasses.replace(rules, mask_rules=recorded)
+    return rules
 
 
 @dataclass
@@ -215,6 +232,9 @@ class Segmenter:
         self.tile_overlap = float(tile_overlap)
         self.rules = rules if rules is not None else rules_for(model)
         self.in_channels = int(model.in_channels)
+        recorded = recorded_inference(model).get("channels")
+        # [SEG, NUC] the model was trained on (a distilled student: its teacher's), used when none are given
+        self.default_channels: list[int] | None = [int(c) for c in recorded] if recorded is not None else None
         if self.rules.mask_rules == "cp3" and masks_device is not None and torch.device(masks_device).type != "cpu":
             raise ValueError(
                 f"masks_device={masks_device}: cellpose 3's mask rules (mask_rules='cp3', the default for a "
@@ -256,7 +276,8 @@ class Segmenter:
                 None or 0: estimated by the size model when there is one (see `estimate_diameter`),
                 else the model's own (rescale = diam_mean / diam_labels).
             channels: [channel to segment, nuclear channel] in the cellpose 1-3 convention
-                (0 = grayscale / none, 1..C); None feeds the first `in_channels` channels.
+                (0 = grayscale / none, 1..C); None: the channels recorded in the model's checkpoint
+                (`default_channels`), else the first `in_channels` channels.
             channel_axis: channel axis of 3-D images (None: guessed as cellpose 4).
             augment: flip test-time augmentation on half-overlapping tiles.
             compute_masks: run the dynamics (otherwise masks are empty arrays).
@@ -301,6 +322,8 @@ class Segmenter:
         instead of stopping the stream.
         """
         diameters = list(diameter) if isinstance(diameter, (Sequence, np.ndarray)) else None
+        if channels is None:
+            channels = self.default_channels
         mask_kwargs = dict(
             flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
             min_size=min_size, max_size_fraction=max_size_fraction,

@@ -205,6 +205,13 @@ class DistillObjective(Objective):
         return total, parts
 
     # ----------------------------------------------------------------- validation
+    def inference_record(self, net: nn.Module) -> dict[str, Any]:
+        """The base record (mask rules: the teacher's, set in val.mask_rules by `cpsam distill`) with the channels
+        [SEG, NUC] the teacher's data were made with (kd.channels)."""
+        record = super().inference_record(net)
+        record["channels"] = list(self.cfg.kd.channels) if self.cfg.kd.channels is not None else None
+        return record
+
     def val_columns(self, dataset_names: Sequence[str]) -> list[str]:
         """The loop's AP columns plus val_kd_loss."""
         return [*super().val_columns(dataset_names), "val_kd_loss"]

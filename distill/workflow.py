@@ -141,6 +141,7 @@ def distill_config(teacher: Teacher, student: str, run: Path, plan: DataPlan, *,
     cfg.val.flow_threshold = float(rules.get("flow_threshold", cfg.val.flow_threshold))
     cfg.val.cellprob_threshold = float(rules.get("cellprob_threshold", cfg.val.cellprob_threshold))
     cfg.val.niter = rules.get("niter", cfg.val.niter)
+    cfg.val.mask_rules = teacher.rules.mask_rules  # the teacher's flow -> mask rules, recorded in model.pt
     cfg.checkpoint.every_steps = 100
     cfg.kd.teacher = list(teacher.specs)
     cfg.kd.channels = list(channels) if channels is not None else None

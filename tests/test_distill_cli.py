@@ -55,6 +55,9 @@ def test_distill_a_folder_without_masks_end_to_end(images, tmp_path, capsys):
     assert student.nbase == [1, 32] and float(student.diam_mean) == pytest.approx(27.0)
     assert ckpt["config"]["kd"]["teacher"] == [str(teacher)] and ckpt["config"]["kd"]["channels"] == [0, 0]
     assert ckpt["config"]["val"]["flow_threshold"] == pytest.approx(0.4)
+    # what cpsam segment applies by default: the teacher's mask rules and channels
+    assert ckpt["inference"]["mask_rules"] == "cp3" and ckpt["inference"]["channels"] == [0, 0]
+    assert student.inference_record["channels"] == [0, 0]
     state = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=False)
     assert state["objective"] == "distill" and state["step"] == 2
     assert (run / "model.pt_size.npy").is_file()

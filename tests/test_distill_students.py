@@ -93,6 +93,29 @@ def test_checkpoint_round_trip(tmp_path, name):
     assert rules_for(loaded).mask_rules == ("cp3" if isinstance(model, CPnet) else "cp4")
 
 
+def test_recorded_rules_and_channels_apply_to_any_student(tmp_path):
+    """A FastNet distilled from cyto_0 keeps the teacher's cellpose-3 mask rules and channels (model.pt's
+    `inference`), so `cpsam segment` without --channels does what the teacher's labels were made with."""
+    import numpy as np
+
+    from cpsam.segment import Segmenter
+
+    torch.manual_seed(5)
+    model = create_model("fastnet-2-32-64-128-256").eval()
+    plain = load_model(save_checkpoint(tmp_path / "plain.pt", model))
+    assert rules_for(plain).mask_rules == "cp4" and Segmenter(plain).default_channels is None
+    path = save_checkpoint(tmp_path / "model.pt", model, inference={"mask_rules": "cp3", "channels": [2, 1]})
+    loaded = load_model(path)
+    assert rules_for(loaded).mask_rules == "cp3" and rules_for(loaded).tile_size == rules_for(plain).tile_size
+    seg = Segmenter(loaded)
+    assert seg.rules.mask_rules == "cp3" and seg.default_channels == [2, 1]
+    image = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32) * 100
+    default = seg.segment([image], diameter=30, channel_axis=0)[0]
+    given = seg.segment([image], diameter=30, channel_axis=0, channels=[2, 1])[0]
+    first = seg.segment([image], diameter=30, channel_axis=0, channels=[1, 2])[0]
+    assert np.array_equal(default.dP, given.dP) and not np.array_equal(default.dP, first.dP)
+
+
 @pytest.mark.parametrize("name", ["fastnet-1-32-64-128-256", "fastnet-2-16-32-64-128", "fastnet-1-r18"])
 def test_fused_batchnorm_equals_unfused(name):
     torch.manual_seed(3)

@@ -106,6 +106,9 @@ class ValConfig:
 
     `diameter`: "auto" (the image's median ground-truth diameter when training rescales to diam_mean,
     else the model's own), "true" or "model". `max_images`: cap per validation (null = all).
+    `mask_rules`: the flow -> mask rules ("cp3": cellpose 3's, "cp4": cellpose 4's; "" = the model's own, cp3 for
+    a classic CPnet, cp4 otherwise). Recorded in model.pt, so `cpsam segment` applies them too (a student
+    distilled from a CPnet teacher gets the teacher's cp3 rules whatever its architecture).
     """
 
     every_epochs: int = 10
@@ -115,6 +118,7 @@ class ValConfig:
     niter: int | None = None
     flow_threshold: float = 0.4
     cellprob_threshold: float = 0.0
+    mask_rules: str = ""
 
 
 @dataclass
@@ -286,6 +290,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1"),
         (cfg.val.every_epochs >= 0, "val.every_epochs must be >= 0"),
         (cfg.val.diameter in ("auto", "true", "model"), "val.diameter must be auto, true or model"),
+        (cfg.val.mask_rules in ("", "cp3", "cp4"), "val.mask_rules must be empty (the model's own), cp3 or cp4"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.min_train_masks >= 0, "data.min_train_masks must be >= 0"),
     ]

@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
             from cpsam.models.loading import save_checkpoint
 
             save_checkpoint(run / "model.pt", net, step=step, epoch=step // steps_per_epoch, config=to_container(cfg),
-                            metrics=last_metrics)
+                            metrics=last_metrics, inference=objective.inference_record(net))
             if improved:
                 ckpt.copy_atomic(path, ckpt.best_dir(run) / ckpt.STATE_FILE)
                 ckpt.copy_atomic(run / "model.pt", ckpt.best_dir(run) / "model.pt")
@@ -437,8 +437,8 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
                         net, val_images, len(val_roots), rank, world, reduce_sum,
                         channels=channels, use_true_diameter=use_true_diameter, batch_size=cfg.val.batch_size,
                         niter=cfg.val.niter, flow_threshold=cfg.val.flow_threshold,
-                        cellprob_threshold=cfg.val.cellprob_threshold, device=device, dataset_names=val_names,
-                        progress=cfg.log.progress,
+                        cellprob_threshold=cfg.val.cellprob_threshold, mask_rules=cfg.val.mask_rules, device=device,
+                        dataset_names=val_names, progress=cfg.log.progress,
                     )
                     net.train()
                     best_key = objective.best_metric

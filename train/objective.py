@@ -84,6 +84,17 @@ class Objective:
 
         return list_val_images(roots, split, max_images)
 
+    # ----------------------------------------------------------------- inference
+    def inference_record(self, net: nn.Module) -> dict[str, Any]:
+        """What `cpsam segment` applies by default to the trained `net`, written into model.pt as `inference`
+        (read back by `cpsam.segment.recorded_inference`): the flow -> mask rules ("cp3" / "cp4"), the mask
+        thresholds and, where the run knows them, the cellpose-3 channels [SEG, NUC] of its raw images."""
+        from cpsam.segment import rules_for
+
+        val = self.cfg.val
+        return {"mask_rules": val.mask_rules or rules_for(net).mask_rules, "flow_threshold": float(val.flow_threshold),
+                "cellprob_threshold": float(val.cellprob_threshold), "channels": None}
+
 
 class StepModule(nn.Module):
     """The module accelerate wraps (DDP): the network plus the objective's trainable aux modules.

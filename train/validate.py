@@ -12,6 +12,7 @@ IoU 0.5, `val_ap50_pooled` = TP / (TP + FP + FN) of the summed counts, and the s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cpsam.segment import Segmenter
+from cpsam.segment import Segmenter, rules_for
 from data_prep.canonical import CanonicalDataset
 from train.augment import to_model_channels
 
@@ -61,6 +62,7 @@ def validate(
     niter: int | None = None,
     flow_threshold: float = 0.4,
     cellprob_threshold: float = 0.0,
+    mask_rules: str = "",
     device: torch.device | None = None,
     dataset_names: Sequence[str] | None = None,
     progress: bool = True,
@@ -69,12 +71,16 @@ def validate(
 
     `model` is the unwrapped network; it is put in eval mode here and left in eval mode (the caller
     switches back to train). `channels` = input channels the model was trained on: images are fed
-    their first `channels` channels, zero-padded, as in training.
+    their first `channels` channels, zero-padded, as in training. `mask_rules`: "cp3" / "cp4" flow -> mask
+    rules instead of the model's own ("").
     """
     from eval.metrics import score_image  # eval is imported lazily: never bound at module level
 
     sums = torch.zeros(n_datasets, len(THRESHOLDS), _FIELDS, dtype=torch.float64)
-    segmenter = Segmenter(model, device=device, batch_size=batch_size, bf16=False)
+    rules = rules_for(model)
+    if mask_rules:
+        rules = dataclasses.replace(rules, mask_rules=mask_rules)
+    segmenter = Segmenter(model, device=device, batch_size=batch_size, bf16=False, rules=rules)
     mine = list(images[rank::world_size])
     bar = tqdm(mine, desc="validate", disable=not (progress and rank == 0), leave=False, dynamic_ncols=True)
     with torch.no_grad():

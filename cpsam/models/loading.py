@@ -355,6 +355,9 @@ def model_from_checkpoint(obj: Mapping[str, Any], source: str = "<checkpoint>") 
     if missing or unexpected:
         raise CheckpointError(source, _key_mismatch(obj["model_name"], missing, unexpected))
     _load_checked(model, sd, source)
+    record = obj.get("inference")
+    if isinstance(record, Mapping):  # what training recorded for inference (cpsam.segment.recorded_inference)
+        model.inference_record = dict(record)
     return model
 
 
