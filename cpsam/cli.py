@@ -19,7 +19,8 @@ from collections.abc import Sequence
 # name -> (module path, one-line help). Later issues add their rows here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "binary": ("train.binary_cli", "cell / background U-Nets: train, predict, distill (soft targets), compare"),
-    "demo": ("eval.demo", "segment sample images with the pretrained cyto_0 net and score them (--self-check: models)"),
+    "demo": ("eval.demo", "the study at small scale: teacher, fine-tuning, two distilled students, evaluation "
+                      "(--quick: segment sample images; --self-check: models)"),
     "finetune": ("train.finetune_cli", "retrain a model on your own labelled images; scores before/after, results.csv"),
     "distill": ("distill.cli", "distill a teacher into a fast student: cache teacher outputs, train, eval, export"),
     "eval": ("eval.cli", "score predicted label images against ground truth (AP, error rate, F1, AJI, IoU)"),

@@ -20,6 +20,7 @@ imports neither (DESIGN.md: arrows point down).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 import time
@@ -153,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"cpsam demo: --scale must be > 0, got {args.scale}", file=sys.stderr)
             return 2
         base = study.StudyScale()
-        scale = study.StudyScale(max(1, round(base.finetune_epochs * args.scale)), base.finetune_samples,
-                                 max(1, round(base.distill_epochs * args.scale)), base.distill_samples)
+        scale = dataclasses.replace(base, finetune_epochs=max(1, round(base.finetune_epochs * args.scale)),
+                                    distill_epochs=max(1, round(base.distill_epochs * args.scale)))
         print("The study at small scale: Cellpose's 2020 'cyto' network (cyto_0, GPL-3.0, from PyPI) segments, is "
               "fine-tuned, and teaches two students; all are scored on held-out images (`--quick`: the one-minute "
               "segmentation demo).")
