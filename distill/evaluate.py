@@ -105,7 +105,7 @@ def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None 
     split: keep only canonical-dataset rows of this split (e.g. "val"). Raises EvalError for a missing
     folder, a folder without images, or two images of one folder with the same name.
     """
-    from train.finetune import FinetuneError, find_labelled_images
+    from train.finetune import FinetuneError, _label_beside, find_labelled_images
 
     items: list[EvalImage] = []
     for root in folders:
@@ -126,10 +126,15 @@ def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None 
             except FinetuneError as exc:
                 raise EvalError(str(exc)) from exc
             splits = _canonical_splits(folder) if split is not None else None
+            # a canonical dataset brings its own labels (e.g. the teacher's); --gt DIR replaces them by DIR's
+            replace_labels = masks_dir is not None and (folder / "index.csv").is_file()
             for item in labelled:
                 if splits is not None and splits.get(item.name, split) != split:
                     continue
-                items.append(EvalImage(folder.name, item.name, item.image, item.labels if gt is not None else None))
+                labels = item.labels if gt is not None else None
+                if replace_labels:
+                    labels = _label_beside(item.image, masks_dir)
+                items.append(EvalImage(folder.name, item.name, item.image, labels))
             for path in unlabelled:
                 name = path.stem[: -len("_img")] if path.stem.endswith("_img") else path.stem
                 items.append(EvalImage(folder.name, name, path, None))

@@ -132,6 +132,12 @@ def test_list_eval_images_pairs_unlabelled_and_canonical(tmp_path):
                        for name, split in (("p", "train"), ("q", "val"))])
     val = list_eval_images([root], gt="auto", split="val")
     assert [(i.name, i.labels is not None) for i in val] == [("q", True)]
+    # --gt DIR replaces a canonical dataset's own labels (e.g. a teacher's) by DIR's manual ones
+    manual = tmp_path / "manual"
+    io.write_labels(manual / "canon" / "q_masks.tif", _squares((64, 64)))
+    val = list_eval_images([root], gt=str(manual), split="val")
+    assert [i.labels for i in val] == [manual / "canon" / "q_masks.tif"]
+    assert [i.labels for i in list_eval_images([root], gt=str(manual))] == [None, manual / "canon" / "q_masks.tif"]
     from distill.evaluate import EvalError
 
     with pytest.raises(EvalError, match="no such folder"):
