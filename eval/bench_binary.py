@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", default="resnet10t_unet")
     parser.add_argument("--eval-crop", type=int, default=512, help="score centre crops of this size (0 = whole)")
     parser.add_argument("--folders", nargs="+", default=FOLDERS, help="folders of ../shared/data (default: six)")
+    parser.add_argument("--teacher-run", type=Path, default=None,
+                        help="reuse this trained teacher run (its model.pt): steps 2-3 are skipped, the student is "
+                             "distilled (in WORK/student) and both are scored")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
         print(f"{SHARED} is absent: this benchmark needs the project's shared data", file=sys.stderr)
@@ -164,21 +167,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_binary: teacher step ~{t_teacher:.2f} s -> {teacher_steps} steps", file=sys.stderr)
 
     # 2. teacher
-    teacher_run = work / "teacher"
-    init = teacher_run / "init.pt"
-    if not init.is_file():
-        make_init(init, "resnet34_unet", 3, seed=0)
-    cfg = binary_config(teacher_run, data, "resnet34_unet", init, 0,
-                        [*common(args.tile), *schedule_overrides(teacher_steps, args.batch, args.teacher_lr)])
-    t0 = time.perf_counter()
-    results["teacher_steps"] = train(cfg).step
-    results["teacher_train_seconds"] = time.perf_counter() - t0
+    teacher_run = args.teacher_run.resolve() if args.teacher_run else work / "teacher"
     teacher = teacher_run / "model.pt"
+    if args.teacher_run is None:
+        init = teacher_run / "init.pt"
+        if not init.is_file():
+            make_init(init, "resnet34_unet", 3, seed=0)
+        cfg = binary_config(teacher_run, data, "resnet34_unet", init, 0,
+                            [*common(args.tile), *schedule_overrides(teacher_steps, args.batch, args.teacher_lr)])
+        t0 = time.perf_counter()
+        results["teacher_steps"] = train(cfg).step
+        results["teacher_train_seconds"] = time.perf_counter() - t0
+    else:
+        from cpsam.models.loading import read_checkpoint
+
+        if not teacher.is_file():
+            print(f"--teacher-run {teacher_run}: no model.pt there", file=sys.stderr)
+            return 2
+        results["teacher_steps"] = int(read_checkpoint(teacher).get("step") or 0)
+        results["teacher_train_seconds"] = float("nan")
+        results["teacher_reused"] = str(teacher_run)
 
     # 3. class weighting: two continuations of the teacher, same steps and data order
     cw_images = held_out(roots, CLASS_WEIGHT_FOLDERS, args.eval_crop)
     results["class_weights"] = {}
-    for cell in (1.0, args.cell_weight):
+    for cell in (1.0, args.cell_weight) if args.teacher_run is None else ():
         run = work / f"class_weight_{cell:g}"
         steps = schedule_overrides(args.class_weight_steps, args.batch, args.class_weight_lr, "constant")
         cfg = binary_config(run, data, "resnet34_unet", teacher, 1,
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     results["teacher"] = score_per_folder(teacher, images)
     results["student"] = score_per_folder(work / "student" / "model.pt", images)
     results["load_end"] = os.getloadavg()
-    (work / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (work / "results.json").write_text(json.dumps(results, indent=1, default=lambda o: str(o) if isinstance(o, Path) else float(o)))
     report = render(results)
     (work / "report.md").write_text(report)
     print(report)
@@ -213,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
 def render(r: dict) -> str:
     """The markdown report of a results dict."""
     t, s = r["teacher"], r["student"]
+    trained = (f"in {r['teacher_train_seconds'] / 60:.1f} min" if "teacher_reused" not in r
+               else f"(reused: {r['teacher_reused']})")
     lines = [f"# bench_binary (CPU, {r['cpus']} cores; load average {r['load_start'][0]:.1f} at start, "
              f"{r['load_end'][0]:.1f} at end)", "",
              f"Teacher resnet34_unet: {r['teacher_steps']} steps of {r['args']['batch']} x {r['args']['tile']} px "
-             f"in {r['teacher_train_seconds'] / 60:.1f} min. Student {r['args']['student']}: {r['student_steps']} "
+             f"{trained}. Student {r['args']['student']}: {r['student_steps']} "
              f"steps on the soft targets (T = {r['args']['temperature']}) of {r['unlabelled_images']} training "
              f"images without masks, {r['student_train_seconds'] / 60:.1f} min. Scored on the held-out images "
              f"(central {r['args']['eval_crop'] or 'whole'} px).", "",
@@ -226,8 +241,9 @@ def render(r: dict) -> str:
                      f"{t[folder]['seconds_per_image']:.2f} | {s[folder]['seconds_per_image']:.2f} |")
     speed = t["all"]["seconds_total"] / s["all"]["seconds_total"]
     lines += ["", f"Student - teacher pooled IoU: {s['all']['iou'] - t['all']['iou']:+.3f}; student {speed:.2f}x "
-              "faster on the held-out images (inference, model loading excluded).", "",
-              "| cell weight | precision | recall | IoU |", "|---|---|---|---|"]
+              "faster on the held-out images (inference, model loading excluded)."]
+    if r["class_weights"]:
+        lines += ["", "| cell weight | precision | recall | IoU |", "|---|---|---|---|"]
     for w, m in r["class_weights"].items():
         lines.append(f"| {w} | {m['precision']:.3f} | {m['recall']:.3f} | {m['iou']:.3f} |")
     return "\n".join(lines) + "\n"
