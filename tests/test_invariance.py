@@ -72,3 +72,33 @@ def test_cyto0_ap_falls_with_shot_noise(hela_item):
     summary = {r["level"]: r["ap50"] for r in inv.summarize(rows)}
     assert summary["0"] > 0.7  # cyto_0 at the true diameter segments clean HeLa nuclei well
     assert summary["0"] > summary["5.0"] > summary["0.5"]
+
+
+def test_cli_runs_on_a_cpsam_checkpoint(hela_item, tmp_path):
+    """`cpsam eval invariance` on a CP-SAM checkpoint (cpsam_tiny, random weights in our checkpoint format): the
+    same code path as cyto_0 (Segmenter under the cellpose-4 rules), every channel order scored and plotted."""
+    import csv
+
+    import torch
+
+    from cpsam.cli import main
+    from cpsam.io import write_labels
+    from cpsam.models import create_model
+    from cpsam.models.loading import save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "cpsam_tiny.pt", create_model("cpsam_tiny").eval())
+    data = tmp_path / "data"
+    data.mkdir()
+    import tifffile
+
+    tifffile.imwrite(data / "hela_crop_img.tif", hela_item.image[0])
+    write_labels(data / "hela_crop_masks.tif", hela_item.masks)
+    out = tmp_path / "out"
+    assert main(["eval", "invariance", "--model", str(ckpt), "--data", str(data), "--out", str(out),
+                 "--kinds", "channels", "--quiet"]) == 0
+    with open(out / "invariance_summary.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert {r["level"] for r in summary} >= {"RGB", "BRG", "GBR", "random"}
+    assert all(0.0 <= float(r["ap50"]) <= 1.0 for r in summary)
+    assert (out / "invariance.png").stat().st_size > 5_000
