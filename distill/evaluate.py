@@ -105,7 +105,7 @@ def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None 
     split: keep only canonical-dataset rows of this split (e.g. "val"). Raises EvalError for a missing
     folder, a folder without images, or two images of one folder with the same name.
     """
-    from train.finetune import FinetuneError, _label_beside, find_labelled_images
+    from train.finetune import FinetuneError, find_labelled_images, label_beside
 
     items: list[EvalImage] = []
     for root in folders:
@@ -133,7 +133,7 @@ def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None 
                     continue
                 labels = item.labels if gt is not None else None
                 if replace_labels:
-                    labels = _label_beside(item.image, masks_dir)
+                    labels = label_beside(item.image, masks_dir)
                 items.append(EvalImage(folder.name, item.name, item.image, labels))
             for path in unlabelled:
                 name = path.stem[: -len("_img")] if path.stem.endswith("_img") else path.stem

@@ -108,7 +108,9 @@ def _is_image(path: Path) -> bool:
             and not path.stem.endswith(OUTPUT_TAGS))
 
 
-def _label_beside(image: Path, masks_dir: Path | None) -> Path | None:
+def label_beside(image: Path, masks_dir: Path | None) -> Path | None:
+    """The label file of `image`: in `masks_dir` (NAME.*, NAME_masks.*, ...) when given, else beside the image
+    (NAME_masks.*, NAME_cp_masks.*, NAME_mask.*, NAME_labels.*, NAME_seg.npy); None when there is none."""
     stem = image.stem[: -len("_img")] if image.stem.endswith("_img") else image.stem
     folders = [masks_dir] if masks_dir is not None else [image.parent]
     for folder in folders:
@@ -152,7 +154,7 @@ def find_labelled_images(images: str | os.PathLike[str], masks: str | os.PathLik
         raise FinetuneError(f"--masks {masks_dir}: no such folder")
     found, unlabelled, seen = [], [], {}
     for image in sorted(p for p in root.iterdir() if _is_image(p)):
-        label = _label_beside(image, masks_dir)
+        label = label_beside(image, masks_dir)
         if label is None:
             unlabelled.append(image)
             continue

@@ -86,9 +86,10 @@ class Objective:
 
     # ----------------------------------------------------------------- inference
     def inference_record(self, net: nn.Module) -> dict[str, Any]:
-        """What `cpsam segment` applies by default to the trained `net`, written into model.pt as `inference`
-        (read back by `cpsam.segment.recorded_inference`): the flow -> mask rules ("cp3" / "cp4"), the mask
-        thresholds and, where the run knows them, the cellpose-3 channels [SEG, NUC] of its raw images."""
+        """What inference needs to know about the trained `net`, written into model.pt as `inference` (read back
+        by `cpsam.segment.recorded_inference`). Applied by `cpsam segment` / `Segmenter`: the flow -> mask rules
+        ("cp3" / "cp4") and, where the run knows them, the cellpose-3 channels [SEG, NUC] of its raw images.
+        Recorded for reference only (the command-line defaults stand): the mask thresholds of validation."""
         from cpsam.segment import rules_for
 
         val = self.cfg.val

@@ -81,6 +81,9 @@ def validate(
     if mask_rules:
         rules = dataclasses.replace(rules, mask_rules=mask_rules)
     segmenter = Segmenter(model, device=device, batch_size=batch_size, bf16=False, rules=rules)
+    # the images below are already in the model's input channels: a channel choice recorded in the checkpoint a
+    # run started from (a distilled student's [SEG, NUC]) must not be applied to them a second time
+    segmenter.default_channels = None
     mine = list(images[rank::world_size])
     bar = tqdm(mine, desc="validate", disable=not (progress and rank == 0), leave=False, dynamic_ncols=True)
     with torch.no_grad():
