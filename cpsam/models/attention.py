@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
+from cpsam.models.lean_autograd import RelPosFlashAttention, augmented_qkv, decomposed_bias, lean_applies
+
 AttentionPath = Literal["sdpa", "math"]
 ATTENTION_PATHS: tuple[str, ...] = ("sdpa", "math")
 # Rows (batch x heads x queries) of one attn_mask block on the CPU path: 2048 x 1024 keys x 4 B = 8 MiB.
@@ -39,6 +41,7 @@ class RelPosAttention(Attention):
     """
 
     path: AttentionPath = "sdpa"
+    lean: bool = True  # training on a CPU through RelPosFlashAttention (False: plain autograd of the same ops)
 
     @classmethod
     def adopt(cls, sam_attention: Attention, path: AttentionPath = "sdpa") -> RelPosAttention:
@@ -94,7 +97,14 @@ class RelPosAttention(Attention):
             # backward recomputes the scores from q, k, v and the row log-sum-exp instead of saving the
             # (N, N) matrices. Measured on one ViT-L block (batch 2, 2 threads): forward + backward as
             # fast as SAM's, 230 MB less memory per block, gradients equal to 1.1e-6.
-            out = self._augmented_attention(q, k, v, height, width).transpose(1, 2)
+            # `lean` (default): the same kernels through `RelPosFlashAttention`, which saves q, k, v and the
+            # output instead of the augmented tensors (24 MiB less per ViT-L block at batch 1).
+            if lean_applies(self, x):
+                rel_h = get_rel_pos(height, height, self.rel_pos_h).to(q.dtype)
+                rel_w = get_rel_pos(width, width, self.rel_pos_w).to(q.dtype)
+                out = RelPosFlashAttention.apply(q, k, v, rel_h, rel_w, self.scale, height, width).transpose(1, 2)
+            else:
+                out = self._augmented_attention(q, k, v, height, width).transpose(1, 2)
         else:
             out = self._augmented_attention(q, k, v, height, width).transpose(1, 2)
         return self.proj(out.reshape(batch, height, width, -1))
@@ -103,13 +113,9 @@ class RelPosAttention(Attention):
         self, q: torch.Tensor, height: int, width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two factors of the bias: q (B, heads, N, d) unscaled -> (B, heads, N, H), (B, heads, N, W)."""
-        batch, heads, tokens, dim = q.shape
         rel_h = get_rel_pos(height, height, self.rel_pos_h).to(q.dtype)  # (H, H, d)
         rel_w = get_rel_pos(width, width, self.rel_pos_w).to(q.dtype)  # (W, W, d)
-        r_q = q.reshape(batch, heads, height, width, dim)
-        bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rel_h).reshape(batch, heads, tokens, height)
-        bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rel_w).reshape(batch, heads, tokens, width)
-        return bias_h, bias_w
+        return decomposed_bias(q, rel_h, rel_w, height, width)
 
     def _chunked_mask_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int, mask_rows: int = 0
@@ -144,14 +150,8 @@ class RelPosAttention(Attention):
         V is zero-padded to the same width because the fused kernels need equal head sizes.
         q, k, v: (B, heads, N, d) -> (B, heads, N, d).
         """
-        batch, heads, tokens, dim = q.shape
+        dim = q.shape[-1]
         bias_h, bias_w = self._decomposed_bias(q, height, width)
-        positions = torch.arange(tokens, device=q.device)
-        row_code = F.one_hot(positions // width, height).to(q.dtype)  # (N, H)
-        col_code = F.one_hot(positions % width, width).to(q.dtype)  # (N, W)
-        codes = torch.cat([row_code, col_code], dim=-1).expand(batch, heads, tokens, height + width)
-        q_aug = torch.cat([q * self.scale, bias_h, bias_w], dim=-1)
-        k_aug = torch.cat([k, codes], dim=-1)
-        v_aug = F.pad(v, (0, height + width))
+        q_aug, k_aug, v_aug = augmented_qkv(q, k, v, bias_h, bias_w, self.scale, height, width)
         out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)
         return out[..., :dim]
