@@ -2,7 +2,7 @@
 
 Run:  python -m eval.bench_train [--batch-sizes 1 2] [--steps 3] [--model cpsam_vit_l] [--threads N]
                                  [--skip-layer-drop] [--attention sdpa|math] [--activation-checkpointing]
-                                 [--profile 15]
+                                 [--plain-autograd] [--host-mmap-threshold-mb MB] [--profile 15]
 
 A training step is forward, loss, backward and an AdamW step (lr 1e-5, weight decay 0.1, as
 `cellpose.train.train_seg`), in float32 on CPU, on seeded 3-channel 256 x 256 tiles with a seeded
@@ -13,7 +13,11 @@ target [cellprob, dY, dX]:
 - ours:     `cpsam.models.loading.cellpose_sam_from_state_dict` on the same state_dict (ViT-L; attention path
   `--attention`, default sdpa as in training; `--activation-checkpointing` as the training option
   model.activation_checkpointing), `train.loss.cellpose_loss`, the loop's `make_optimizer` (fused AdamW),
-  zero_grad(set_to_none) after the optimizer step as in train/loop.py.
+  zero_grad(set_to_none) after the optimizer step as in train/loop.py; the training loop's host-memory
+  setting on a CPU (`host_mmap_threshold_mb`, train.host_memory: large allocations are returned to the OS
+  when freed; `--host-mmap-threshold-mb`, default the loop's default) and CPU training path
+  (cpsam.models.lean_autograd: attention and MLP save less for backward; `--plain-autograd` runs the
+  plain modules instead), to measure each part.
 
 Every configuration runs in its own fresh process (allocator state and page faults matter): it loads
 the weight file, runs one warm-up step and `--steps` timed steps; medians are reported, split into
@@ -162,19 +166,26 @@ PHASES = ("wall", "forward", "backward", "optimizer", "cpu", "faults_forward", "
 
 
 def run_child(side: str, model_name: str, weights: Path | None, batch: int, steps: int, layer_drop: float,
-              attention: str, checkpointing: bool, grads_out: Path | None, profile_rows: int) -> dict:
+              attention: str, checkpointing: bool, grads_out: Path | None, profile_rows: int,
+              lean: bool = True, mmap_threshold_mb: float = 0.0) -> dict:
     """Inside a fresh process: build `side`, run one warm-up and `steps` timed training steps.
 
     Returns, per timed step, seconds of wall time (total, forward + loss, backward, optimizer), the process's CPU
     seconds and its minor page faults; peak RSS in bytes (ru_maxrss) and RSS after building; the warm-up loss; the
     fractions of (sample, block) pairs dropped and skipped. With `grads_out`, the warm-up gradients {name: tensor}
     are saved there before the optimizer step (not timed). `attention` and `checkpointing` (recompute each block
-    in the backward pass, train.model_init) apply to our side only. With `profile_rows`, one more (untimed) step
-    runs under torch.profiler and the table of its top ops is returned as text.
+    in the backward pass, train.model_init) apply to our side only, as do `lean` (the lean autograd functions,
+    else plain autograd) and `mmap_threshold_mb` (train.host_memory; 0 = glibc's default). With
+    `profile_rows`, one more (untimed) step runs under torch.profiler and the table of its top ops is returned.
     """
+    if side == "ours":  # what train.loop.train does first on a CPU (host_mmap_threshold_mb)
+        from train.host_memory import set_mmap_threshold
+
+        set_mmap_threshold(mmap_threshold_mb)
     net = build_network(side, model_name, weights, layer_drop)
     if side == "ours":
         net.set_attention_path(attention)
+        net.set_lean_training(lean)
         if checkpointing:
             from train.model_init import enable_activation_checkpointing
 
@@ -253,6 +264,9 @@ def measure(side: str, args: argparse.Namespace, weights: Path | None, batch: in
            "--layer-drop", str(layer_drop), "--attention", args.attention, "--profile", str(args.profile)]
     if args.activation_checkpointing:
         cmd.append("--activation-checkpointing")
+    if args.plain_autograd:
+        cmd.append("--plain-autograd")
+    cmd += ["--host-mmap-threshold-mb", str(args.host_mmap_threshold_mb)]
     if weights is not None:
         cmd += ["--weights", str(weights)]
     if grads_out is not None:
@@ -314,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="our attention path (default sdpa, what training uses); math = SAM's computation")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="our side recomputes each block's activations in the backward pass (model option)")
+    parser.add_argument("--plain-autograd", action="store_true",
+                        help="our side trains through plain autograd, not cpsam.models.lean_autograd")
+    parser.add_argument("--host-mmap-threshold-mb", type=float, default=None,
+                        help="our side's host_mmap_threshold_mb (train.host_memory; default: the loop's default)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after the timed steps, profile one more step per process and print its top ROWS ops")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -321,11 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-drop", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--grads-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.host_mmap_threshold_mb is None:
+        from train.config import TrainConfig
+
+        args.host_mmap_threshold_mb = TrainConfig().host_mmap_threshold_mb
 
     if args.child:
         torch.set_num_threads(args.threads)
         result = run_child(args.child, args.model, args.weights, args.batch_sizes[0], args.steps, args.layer_drop,
-                           args.attention, args.activation_checkpointing, args.grads_out, args.profile)
+                           args.attention, args.activation_checkpointing, args.grads_out, args.profile,
+                           lean=not args.plain_autograd, mmap_threshold_mb=args.host_mmap_threshold_mb)
         print(json.dumps(result))
         return 0
 
@@ -376,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
           "| RSS after load GB | blocks dropped | blocks skipped | warm-up loss |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (side, batch, rate), res in results.items():
-        name = side if side == "cellpose" else f"ours ({args.attention}{', checkpointing' * checkpointing})"
+        options = [args.attention] + ["checkpointing"] * checkpointing + ["plain autograd"] * args.plain_autograd \
+            + [f"mmap threshold {args.host_mmap_threshold_mb:g} MiB"] * (args.host_mmap_threshold_mb > 0)
+        name = side if side == "cellpose" else f"ours ({', '.join(options)})"
         if "error" in res:
             print(f"| {batch} | {name} | {rate:.1f} | failed: {res['error']} |" + " |" * 10)
             continue

@@ -200,9 +200,14 @@ class TrainConfig:
     `max_bad_steps`: a NaN/Inf loss skips the step; this many in a row stop the run.
     `objective`: what the run optimizes (train.objective): "cellpose" (flows), "distill" (a student from a
     teacher, section `kd`), "binary" / "binary_distill" (cell / background U-Nets, section `binary`).
+    `host_mmap_threshold_mb`: on a CPU device, glibc serves allocations of at least this many MiB with mmap
+    and returns them to the OS when freed (train.host_memory). 0 (default) = glibc's dynamic threshold, which
+    keeps freed activation memory resident. Measured on a CP-SAM ViT-L step (batch 1, 2 cores): 1 gives
+    1.2 GB less peak RSS (5.97 vs 7.18 GB) for 22 % more time (page faults). Ignored on CUDA.
     """
 
     objective: str = "cellpose"
+    host_mmap_threshold_mb: float = 0.0
 
     output_dir: str = "runs/train"
     seed: int = 0
@@ -282,6 +287,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
         (cfg.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+        (0 <= cfg.host_mmap_threshold_mb <= 32, "host_mmap_threshold_mb must be in [0, 32] (glibc's maximum)"),
         (cfg.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
         (cfg.optim.lr >= 0, "optim.lr must be >= 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
