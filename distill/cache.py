@@ -264,7 +264,9 @@ def build_cache(teacher: Teacher, datasets: Sequence[str | os.PathLike[str]], ou
     """
     from accelerate import PartialState
 
-    state = PartialState()
+    from train.loop import runs_on_cpu
+
+    state = PartialState(cpu=runs_on_cpu())
     out = Path(out)
     if views < 1:
         raise CacheError(f"--views must be >= 1, got {views}")

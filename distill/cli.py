@@ -209,8 +209,9 @@ def run_cache(args: argparse.Namespace) -> int:
     from distill.workflow import DistillError, distill_config, plan_data
     from train.config import ConfigError
     from train.data import PipelineSpec
+    from train.loop import runs_on_cpu
 
-    state = PartialState()
+    state = PartialState(cpu=runs_on_cpu())
     try:
         teacher = _load_teacher(args.teacher)
         plan = None

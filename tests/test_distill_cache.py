@@ -179,3 +179,42 @@ def test_cache_command_builds_verifies_and_a_student_trains_from_it(dataset, tmp
     cfg = (run / "config.yaml").read_text()
     assert "tile_size: 64" in cfg and f"cache: {cache}" in cfg and str(teacher) in cfg
     assert (run / "model.pt").is_file()
+
+
+def test_two_real_processes_share_the_cache_build(dataset, tmp_path):
+    """`torchrun --nproc_per_node 2 -m cpsam distill cache` (gloo, two CPU processes): each rank writes the views
+    of its own images, together every view, equal to a one-process build (to an fp16 ulp). Before
+    `train.loop.runs_on_cpu` was passed to PartialState, both processes ran as rank 0 of 1 and wrote every view."""
+    import os
+    import subprocess
+    import sys
+
+    from cpsam.models import save_checkpoint
+
+    torch.manual_seed(0)
+    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    args = ["distill", "cache", "--teacher", str(teacher), "--images", str(dataset), "--views", "2", "--quiet",
+            "data.tile_size=64"]
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"cache{nproc}"
+        launcher = [sys.executable, "-m", "cpsam"] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29600 + os.getpid() % 1000), "-m", "cpsam"]
+        done = subprocess.run([*launcher, *args, "--out", str(out)], env=env, cwd=repo, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        outputs[nproc] = (out, done.stdout)
+    log = outputs[2][1]
+    # two ranks, two images: one image (2 views) each
+    assert "rank 0: 2 views written" in log and "rank 1: 2 views written" in log, log
+    assert "rank 0: 4 views written" in outputs[1][1]
+    single, double = TeacherCache(outputs[1][0]), TeacherCache(outputs[2][0])
+    assert single.all_views() == double.all_views() and len(single.all_views()) == 4
+    for view in single.all_views():
+        a, b = single.load_view(*view)["output"].float(), double.load_view(*view)["output"].float()
+        assert a.abs().max() > 0
+        # the two builds batch the views differently (4 vs 2 per forward): float rounding may flip an fp16 ulp
+        torch.testing.assert_close(b, a, rtol=2 ** -10, atol=1e-4, msg=str(view))

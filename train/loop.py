@@ -42,6 +42,7 @@ from train import checkpoint as ckpt
 from train.augment import MIN_DIAMETER
 from train.config import ConfigError, OptimConfig, TrainConfig, dataset_entries, flat_keys, to_container, to_yaml
 from train.data import KeySampler, PipelineSpec, find_bad_examples, make_loader
+from train.host_memory import set_mmap_threshold
 from train.logs import MetricsCSV, columns, plot_curves
 from train.model_init import build_model, enable_activation_checkpointing
 from train.objective import Objective, StepModule, objective_for
@@ -85,11 +86,18 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % 2**62
 
 
+def runs_on_cpu() -> bool:
+    """True when this process should run on the CPU: no CUDA device, or ACCELERATE_USE_CPU set. Pass it as
+    `cpu=` to accelerate's Accelerator / PartialState: without it, processes started by torchrun on a machine
+    without a GPU each run as rank 0 of a world of 1 (gloo is only set up for an explicit CPU request)."""
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+
+
 def make_accelerator(cfg: TrainConfig):
     """An Accelerator for this run: CPU (gloo) when no GPU, bf16 autocast on CUDA when precision is auto."""
     from accelerate import Accelerator
 
-    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    cuda = not runs_on_cpu()
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
@@ -212,6 +220,8 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
     if objective is None:
         objective = objective_for(cfg)
     accelerator = make_accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        set_mmap_threshold(cfg.host_mmap_threshold_mb)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     micro = cfg.micro_batch_size or cfg.batch_size // world
