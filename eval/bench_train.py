@@ -2,7 +2,8 @@
 
 Run:  python -m eval.bench_train [--batch-sizes 1 2] [--steps 3] [--model cpsam_vit_l] [--threads N]
                                  [--skip-layer-drop] [--attention sdpa|math] [--activation-checkpointing]
-                                 [--plain-autograd] [--host-mmap-threshold-mb MB] [--profile 15]
+                                 [--plain-autograd] [--host-mmap-threshold-mb MB] [--step-in-backward auto|on|off]
+                                 [--profile 15]
 
 A training step is forward, loss, backward and an AdamW step (lr 1e-5, weight decay 0.1, as
 `cellpose.train.train_seg`), in float32 on CPU, on seeded 3-channel 256 x 256 tiles with a seeded
@@ -13,11 +14,11 @@ target [cellprob, dY, dX]:
 - ours:     `cpsam.models.loading.cellpose_sam_from_state_dict` on the same state_dict (ViT-L; attention path
   `--attention`, default sdpa as in training; `--activation-checkpointing` as the training option
   model.activation_checkpointing), `train.loss.cellpose_loss`, the loop's `make_optimizer` (fused AdamW),
-  zero_grad(set_to_none) after the optimizer step as in train/loop.py; the training loop's host-memory
-  setting on a CPU (`host_mmap_threshold_mb`, train.host_memory: large allocations are returned to the OS
-  when freed; `--host-mmap-threshold-mb`, default the loop's default) and CPU training path
-  (cpsam.models.lean_autograd: attention and MLP save less for backward; `--plain-autograd` runs the
-  plain modules instead), to measure each part.
+  zero_grad(set_to_none) after the optimizer step as in train/loop.py; the training loop's CPU memory
+  machinery: the optimizer step fused into the backward pass (train.optim_in_backward, optim.step_in_backward;
+  `--step-in-backward off` = a separate step), the forward-phase mmap threshold (train.host_memory,
+  host_mmap_threshold_mb; `--host-mmap-threshold-mb 0` = glibc's default) and the lean autograd functions
+  (cpsam.models.lean_autograd; `--plain-autograd` runs the plain modules instead), to measure each part.
 
 Every configuration runs in its own fresh process (allocator state and page faults matter): it loads
 the weight file, runs one warm-up step and `--steps` timed steps; medians are reported, split into
@@ -49,6 +50,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -167,7 +169,7 @@ PHASES = ("wall", "forward", "backward", "optimizer", "cpu", "faults_forward", "
 
 def run_child(side: str, model_name: str, weights: Path | None, batch: int, steps: int, layer_drop: float,
               attention: str, checkpointing: bool, grads_out: Path | None, profile_rows: int,
-              lean: bool = True, mmap_threshold_mb: float = 0.0) -> dict:
+              lean: bool = True, mmap_threshold_mb: float = 0.0, step_in_backward: str = "off") -> dict:
     """Inside a fresh process: build `side`, run one warm-up and `steps` timed training steps.
 
     Returns, per timed step, seconds of wall time (total, forward + loss, backward, optimizer), the process's CPU
@@ -175,15 +177,18 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
     fractions of (sample, block) pairs dropped and skipped. With `grads_out`, the warm-up gradients {name: tensor}
     are saved there before the optimizer step (not timed). `attention` and `checkpointing` (recompute each block
     in the backward pass, train.model_init) apply to our side only, as do `lean` (the lean autograd functions,
-    else plain autograd) and `mmap_threshold_mb` (train.host_memory; 0 = glibc's default). With
-    `profile_rows`, one more (untimed) step runs under torch.profiler and the table of its top ops is returned.
+    else plain autograd), `mmap_threshold_mb` (train.host_memory, as train.loop: set at the start and for every
+    forward pass; 0 = glibc's default) and `step_in_backward` (train.optim_in_backward, optim.step_in_backward:
+    the optimizer step runs inside the backward pass, whose time then includes it). With `profile_rows`, one more
+    (untimed) step runs under torch.profiler and the table of its top ops is returned.
     """
-    if side == "ours":  # what train.loop.train does first on a CPU (host_mmap_threshold_mb)
-        from train.host_memory import set_mmap_threshold
+    from train.host_memory import forward_allocations, set_mmap_threshold
 
+    ours = side == "ours"
+    if ours:  # what train.loop.train does first on a CPU (host_mmap_threshold_mb)
         set_mmap_threshold(mmap_threshold_mb)
     net = build_network(side, model_name, weights, layer_drop)
-    if side == "ours":
+    if ours:
         net.set_attention_path(attention)
         net.set_lean_training(lean)
         if checkpointing:
@@ -191,13 +196,31 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
 
             enable_activation_checkpointing(net)
     params = [p for p in net.parameters() if p.requires_grad]
-    if side == "ours":  # the training loop's optimizer (fused AdamW)
+    if ours:  # the training loop's optimizer (fused AdamW)
         from train.config import OptimConfig
         from train.loop import make_optimizer
 
         optimizer = make_optimizer(params, OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY), torch.device("cpu"))
     else:
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    fused_step = False
+    if ours:
+        from train import optim_in_backward
+
+        fused_step = optim_in_backward.wanted(step_in_backward, torch.device("cpu"), [])
+    saving = {"on": False}
+    grad_files = Path(tempfile.mkdtemp(prefix="grads_")) if grads_out is not None and fused_step else None
+    if grad_files is not None:  # the gradients are freed inside the backward pass: write each one as it comes
+        names = {p: n for n, p in net.named_parameters()}
+
+        def write_gradient(param: torch.Tensor) -> None:
+            if saving["on"]:
+                torch.save(param.grad, grad_files / f"{names[param]}.pt")
+
+        for param in params:  # registered first: runs before the step's hook
+            param.register_post_accumulate_grad_hook(write_gradient)
+    if fused_step:
+        optim_in_backward.StepInBackward(optimizer)
     loss_fn = loss_function(side)
     x, target = make_batch(batch)
     counter = BlockCounter(net.encoder.blocks)
@@ -206,9 +229,12 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
     def one_step(step: int, save: Path | None = None) -> tuple[dict[str, float], float]:
         torch.manual_seed(step_seed(batch, step))
         faults = [minor_faults()]
+        saving["on"] = save is not None
         start, start_cpu = time.perf_counter(), time.process_time()
         with torch.autograd.profiler.record_function("forward+loss"):
-            loss = loss_fn(net(x)[0], target)
+            # as train.loop: the first step keeps the threshold through the backward pass (AdamW's state)
+            with forward_allocations(mmap_threshold_mb if ours else 0.0, keep_after=not optimizer.state):
+                loss = loss_fn(net(x)[0], target)
         t_forward = time.perf_counter()
         faults.append(minor_faults())
         with torch.autograd.profiler.record_function("backward"):
@@ -217,22 +243,27 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
             loss.backward()
         t_backward, cpu_backward = time.perf_counter(), time.process_time()
         faults.append(minor_faults())
-        if save is not None:
+        if save is not None and grad_files is None:
             torch.save({n: p.grad for n, p in net.named_parameters() if p.grad is not None}, save)
+        elif save is not None:
+            torch.save({f.stem: torch.load(f, weights_only=True) for f in sorted(grad_files.glob("*.pt"))}, save)
+            shutil.rmtree(grad_files)
+        saving["on"] = False
         t_save, cpu_save = time.perf_counter(), time.process_time()
         faults.append(minor_faults())
         with torch.autograd.profiler.record_function("optimizer"):
-            optimizer.step()
-            if side == "ours":
-                optimizer.zero_grad(set_to_none=True)  # train/loop.py's order
+            if not fused_step:
+                optimizer.step()
+                if ours:
+                    optimizer.zero_grad(set_to_none=True)  # train/loop.py's order
         end = time.perf_counter()
         faults.append(minor_faults())
-        saving = t_save - t_backward
-        times = {"wall": end - start - saving, "forward": t_forward - start, "backward": t_backward - t_forward,
+        saving_time = t_save - t_backward
+        times = {"wall": end - start - saving_time, "forward": t_forward - start, "backward": t_backward - t_forward,
                  "optimizer": end - t_save, "cpu": time.process_time() - start_cpu - (cpu_save - cpu_backward),
                  "faults_forward": faults[1] - faults[0], "faults_backward": faults[2] - faults[1],
                  "faults_optimizer": faults[4] - faults[3]}
-        return times, float(loss)
+        return times, float(loss.detach())
 
     _, warm_loss = one_step(0, grads_out)
     counter.samples = 0
@@ -266,7 +297,7 @@ def measure(side: str, args: argparse.Namespace, weights: Path | None, batch: in
         cmd.append("--activation-checkpointing")
     if args.plain_autograd:
         cmd.append("--plain-autograd")
-    cmd += ["--host-mmap-threshold-mb", str(args.host_mmap_threshold_mb)]
+    cmd += ["--host-mmap-threshold-mb", str(args.host_mmap_threshold_mb), "--step-in-backward", args.step_in_backward]
     if weights is not None:
         cmd += ["--weights", str(weights)]
     if grads_out is not None:
@@ -332,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="our side trains through plain autograd, not cpsam.models.lean_autograd")
     parser.add_argument("--host-mmap-threshold-mb", type=float, default=None,
                         help="our side's host_mmap_threshold_mb (train.host_memory; default: the loop's default)")
+    parser.add_argument("--step-in-backward", choices=("auto", "on", "off"), default=None,
+                        help="our side's optim.step_in_backward (train.optim_in_backward; default: the loop's)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after the timed steps, profile one more step per process and print its top ROWS ops")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -343,12 +376,17 @@ def main(argv: list[str] | None = None) -> int:
         from train.config import TrainConfig
 
         args.host_mmap_threshold_mb = TrainConfig().host_mmap_threshold_mb
+    if args.step_in_backward is None:
+        from train.config import OptimConfig
+
+        args.step_in_backward = OptimConfig().step_in_backward
 
     if args.child:
         torch.set_num_threads(args.threads)
         result = run_child(args.child, args.model, args.weights, args.batch_sizes[0], args.steps, args.layer_drop,
                            args.attention, args.activation_checkpointing, args.grads_out, args.profile,
-                           lean=not args.plain_autograd, mmap_threshold_mb=args.host_mmap_threshold_mb)
+                           lean=not args.plain_autograd, mmap_threshold_mb=args.host_mmap_threshold_mb,
+                           step_in_backward=args.step_in_backward)
         print(json.dumps(result))
         return 0
 
@@ -400,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (side, batch, rate), res in results.items():
         options = [args.attention] + ["checkpointing"] * checkpointing + ["plain autograd"] * args.plain_autograd \
-            + [f"mmap threshold {args.host_mmap_threshold_mb:g} MiB"] * (args.host_mmap_threshold_mb > 0)
+            + [f"forward mmap threshold {args.host_mmap_threshold_mb:g} MiB"] * (args.host_mmap_threshold_mb > 0) \
+            + ["step in backward"] * (args.step_in_backward != "off")
         name = side if side == "cellpose" else f"ours ({', '.join(options)})"
         if "error" in res:
             print(f"| {batch} | {name} | {rate:.1f} | failed: {res['error']} |" + " |" * 10)

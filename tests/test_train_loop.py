@@ -173,6 +173,30 @@ def test_nan_losses_are_skipped_then_stop_the_run(datasets, tmp_path, monkeypatc
     assert not (run / "checkpoints" / "last" / "state.pt").exists()
 
 
+def test_step_in_backward_equals_the_plain_step_bit_for_bit(datasets, tmp_path):
+    """The loop's default on a CPU (optim.step_in_backward=auto: each parameter stepped inside the backward pass)
+    ends with the same weights and optimizer state as the plain step; it is refused where it cannot be right."""
+    from train import checkpoint as ckpt
+    from train.loop import train
+
+    runs = {}
+    for setting in ("on", "off"):
+        runs[setting] = tmp_path / setting
+        args = _overrides(datasets, runs[setting], **{"optim.step_in_backward": setting, "optim.grad_clip": 0})
+        if setting == "on":  # stopped after 3 of 6 steps and resumed: the fused step resumes exactly too
+            assert train(load_config(TINY, [*args, "max_steps=3"])).step == 3
+        assert train(load_config(TINY, args)).step == 6
+    fused, plain = _weights(runs["on"]), _weights(runs["off"])
+    assert fused.keys() == plain.keys() and all(torch.equal(fused[k], plain[k]) for k in plain)
+    states = [ckpt.load_state(ckpt.last_dir(runs[s]))["optimizer"]["state"] for s in ("on", "off")]
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 0
+    for index, state in states[1].items():
+        assert all(torch.equal(value, states[0][index][key]) for key, value in state.items())
+    with pytest.raises(ConfigError, match="2 gradient accumulation steps"):
+        train(load_config(TINY, _overrides(datasets, tmp_path / "acc", micro_batch_size=2,
+                                           **{"optim.step_in_backward": "on", "optim.grad_clip": 0})))
+
+
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:

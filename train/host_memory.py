@@ -1,16 +1,23 @@
-"""Host-memory behaviour of a training process: glibc's mmap threshold.
+"""Host-memory behaviour of a training process: glibc's mmap threshold, set per phase of the step.
 
 glibc serves an allocation of at least M_MMAP_THRESHOLD bytes (128 KiB at start) with its own mmap
 and unmaps it on free. But the threshold is dynamic: freeing such a chunk raises it to the chunk's size
 (up to 32 MiB), so after the first training step the activations of a ViT (4-16 MiB tensors) come from
-the heap, and freed heap memory mostly stays resident. Measured on one CP-SAM ViT-L training step on a
-CPU (batch 1, 256 px): the process idles at 6.2 GiB between steps where its live tensors (weights and
-AdamW state) are 4.2 GiB, and peaks at 7.2 GiB; with a fixed 1 MiB threshold it idles at 4.2 GiB and
-peaks at 6.2 GiB. Setting the threshold once (mallopt) also switches the dynamic adjustment off. The
-price is a page fault per 4 KiB the first time each new large tensor is touched (counted by
-eval/bench_train.py). Why not jemalloc/tcmalloc via LD_PRELOAD: they are not a pip dependency and must be
-set before the process starts; this works from inside `cpsam train`. Off by default (`host_mmap_threshold_mb=0`):
-the page faults cost a ViT-L step 22 % of its time (25.9 vs 21.3 s), which a GPU user never needs to pay.
+the heap, and freed heap memory mostly stays resident: the activations of the forward pass and the gradients
+of the backward pass then occupy different memory, and the process peaks at their sum.
+
+What the loop does on a CPU device (`host_mmap_threshold_mb`, default 1 MiB): during the forward pass, every
+allocation of at least that size is mmapped (`forward_allocations`), so the activations saved for backward return
+to the OS as the backward pass frees them; during the backward pass the threshold is 32 MiB (the heap, no page
+faults for the many short-lived gradient temporaries). With the optimizer step fused into the backward pass
+(train.optim_in_backward: gradients never accumulate) the step then peaks at the activations' own peak.
+In the first step the 1 MiB threshold stays on through the backward pass, because AdamW creates its state
+there: state left in the heap among temporaries pins them. Measured on a CP-SAM ViT-L step on 2 cores (batch 1,
+256 px; eval/bench_train.py and README): peak RSS 7.5 GB with glibc's default, 6.4 GB with the phases and the
+fused step, at the same step time; a fixed 1 MiB threshold for the whole step reaches the same memory but costs
+about 20 % more time (a page fault per 4 KiB of every new large tensor, 2.5 M per step).
+Why not jemalloc/tcmalloc via LD_PRELOAD: they are not a pip dependency and must be set before the process
+starts; this works from inside `cpsam train`.
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+HEAP_THRESHOLD_MB = 32.0  # glibc's largest threshold (64-bit): outside the forward pass, tensors come from the heap
 
 
 def set_mmap_threshold(megabytes: float) -> bool:
@@ -36,3 +46,16 @@ def set_mmap_threshold(megabytes: float) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, int(megabytes * 2**20)))
+
+
+@contextmanager
+def forward_allocations(megabytes: float, keep_after: bool = False) -> Iterator[None]:
+    """Inside the block (a forward pass), allocations of at least `megabytes` MiB are mmapped; after it, those
+    below HEAP_THRESHOLD_MB come from the heap again, unless `keep_after` (the first step: the optimizer state
+    created in its backward pass must not land in the heap). `megabytes <= 0` (or no glibc): nothing changes."""
+    active = set_mmap_threshold(megabytes)
+    try:
+        yield
+    finally:
+        if active and not keep_after:
+            set_mmap_threshold(HEAP_THRESHOLD_MB)

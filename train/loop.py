@@ -39,10 +39,11 @@ import torch
 from omegaconf import OmegaConf
 
 from train import checkpoint as ckpt
+from train import optim_in_backward
 from train.augment import MIN_DIAMETER
 from train.config import ConfigError, OptimConfig, TrainConfig, dataset_entries, flat_keys, to_container, to_yaml
 from train.data import KeySampler, PipelineSpec, find_bad_examples, make_loader
-from train.host_memory import set_mmap_threshold
+from train.host_memory import forward_allocations, set_mmap_threshold
 from train.logs import MetricsCSV, columns, plot_curves
 from train.model_init import build_model, enable_activation_checkpointing
 from train.objective import Objective, StepModule, objective_for
@@ -51,7 +52,8 @@ from train.schedule import lr_at_step
 
 # keys whose change does not change what a run computes (a rerun may differ in them)
 _FREE_KEYS = {"resume", "output_dir", "max_steps", "data.num_workers", "data.cache_mb", "val.batch_size",
-              "log.every_steps", "log.tensorboard", "log.progress", "log.sample_keys"}
+              "log.every_steps", "log.tensorboard", "log.progress", "log.sample_keys", "host_mmap_threshold_mb",
+              "optim.step_in_backward"}
 
 
 class TrainingError(RuntimeError):
@@ -220,8 +222,10 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
     if objective is None:
         objective = objective_for(cfg)
     accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cpu":
+    on_cpu = accelerator.device.type == "cpu"
+    if on_cpu:  # the model, its state and the optimizer state are mmapped, outside the heap (train.host_memory)
         set_mmap_threshold(cfg.host_mmap_threshold_mb)
+    forward_mmap_mb = cfg.host_mmap_threshold_mb if on_cpu else 0.0
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     micro = cfg.micro_batch_size or cfg.batch_size // world
@@ -290,6 +294,10 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
         total_steps = min(total_steps, int(cfg.max_steps))
 
     step, best_ap, best_step, skipped = 0, None, None, 0
+    if state is None:  # a fresh run (a resumed one loads its checkpoint below)
+        note = objective.initialize(net)
+        if note and main:
+            print(note, file=sys.stderr)
     aux = objective.aux_modules(net)
     net.to(accelerator.device)
     aux.to(accelerator.device)
@@ -314,6 +322,17 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # in place below the top module
     step_module = StepModule(net, aux, objective, run_net=torch.compile(net) if cfg.model.compile else None)
     model, optimizer = accelerator.prepare(step_module, optimizer)
+    inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    blocked = optim_in_backward.blockers(world_size=world, accumulation_steps=accum, grad_clip=cfg.optim.grad_clip,
+                                         loss_scaler=getattr(accelerator, "scaler", None) is not None)
+    try:
+        fuse_step = optim_in_backward.wanted(cfg.optim.step_in_backward, accelerator.device, blocked)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    in_backward = optim_in_backward.StepInBackward(inner_optimizer) if fuse_step else None
+    if main and in_backward is not None:
+        print("train: the optimizer steps each parameter inside the backward pass (optim.step_in_backward)",
+              file=sys.stderr)
 
     val_roots = [str(p) for p in dataset_entries(cfg.data.val)[0]] if cfg.data.val else []
     val_images = objective.list_val_images(val_roots, cfg.data.val_split, cfg.val.max_images) if val_roots else []
@@ -375,7 +394,8 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
                       start_cursor=(step % steps_per_epoch) * micro * accum,
                       end_epoch=math.ceil(total_steps / steps_per_epoch))
     batches = iter(make_loader(dataset, micro, cfg.data.num_workers, pin_memory=device.type == "cuda", keys=keys))
-    with _StopFlag() as stop:
+    # the hooks come off when the run ends, however it ends (the model may be trained again in this process)
+    with _StopFlag() as stop, in_backward or contextlib.nullcontext():
         while step < total_steps:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch)
@@ -399,10 +419,15 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
                         batch = objective.prepare_batch(batch, device)
                     sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        out = model(batch)
-                        accelerator.backward(out["loss"] / accum)
-                    totals += torch.tensor([float(out[n].detach()) for n in ("loss", *term_names)],
-                                           dtype=torch.float64) / accum
+                        # the first step keeps the threshold through its backward pass, where AdamW creates its state
+                        with forward_allocations(forward_mmap_mb, keep_after=not inner_optimizer.state):
+                            out = model(batch)
+                        values = torch.tensor([float(out[n].detach()) for n in ("loss", *term_names)],
+                                              dtype=torch.float64)
+                        # with the step fused into the backward pass, a NaN/Inf loss must not reach it
+                        if in_backward is None or torch.isfinite(values).all():
+                            accelerator.backward(out["loss"] / accum)
+                    totals += values / accum
                 # agree on skipping across ranks: a NaN on any rank poisons the all-reduced gradient
                 flags = torch.tensor([0.0 if torch.isfinite(totals).all() else 1.0, float(stop.signum)], device=device)
                 if world > 1:
@@ -421,10 +446,11 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
                         )
                 else:
                     consecutive_bad = 0
-                    if cfg.optim.grad_clip > 0:
-                        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if in_backward is None:  # else every parameter was stepped inside the backward pass
+                        if cfg.optim.grad_clip > 0:
+                            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 step += 1
                 loss_mean = totals.clone()
                 if world > 1:
