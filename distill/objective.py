@@ -33,6 +33,7 @@ from distill.data import CachedDistillDataset, OnlineDistillDataset, stack_crops
 from distill.losses import FEATURE_LOSSES, FeatureAdapter, cellprob_kd_loss, flow_kd_loss, kd_loss
 from distill.student import match_student_feature, student_feature_shapes, student_forward
 from distill.student_input import student_view
+from distill.teacher_init import init_from_teacher
 from distill.teachers import FEATURE_NAMES, Teacher, load_teacher
 from train.config import ConfigError, KDConfig, TrainConfig
 from train.data import PipelineSpec, SampleKey, TrainDataset
@@ -154,6 +155,20 @@ class DistillObjective(Objective):
         self.spec = replace(spec, channels=max(spec.channels, teacher.in_channels))
         self._choose_feature(teacher.feature_shapes(self.spec.tile_size), teacher.default_feature)
         return OnlineDistillDataset(TrainDataset(sampler, self.spec, seed, cache_mb), self.cfg.kd, seed)
+
+    def initialize(self, net: nn.Module) -> str | None:
+        """kd.init_from_teacher: the student starts from the teacher's weights where they fit (distill.teacher_init);
+        one teacher only (an ensemble has no single set of weights)."""
+        if not self.cfg.kd.init_from_teacher:
+            return None
+        teacher = self.teacher()
+        if len(teacher.members) != 1:
+            raise ConfigError(f"kd.init_from_teacher needs one teacher, not an ensemble of {len(teacher.members)}")
+        try:
+            report = init_from_teacher(net, teacher.members[0].net)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return report.summary()
 
     def aux_modules(self, net: nn.Module) -> nn.ModuleDict:
         """{"adapter": FeatureAdapter} from the student's matched map to the teacher's (none without feature term)."""
