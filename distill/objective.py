@@ -33,7 +33,7 @@ from distill.data import CachedDistillDataset, OnlineDistillDataset, stack_crops
 from distill.losses import FEATURE_LOSSES, FeatureAdapter, cellprob_kd_loss, flow_kd_loss, kd_loss
 from distill.student import match_student_feature, student_feature_shapes, student_forward
 from distill.student_input import student_view
-from distill.teacher_init import init_from_teacher
+from distill.teacher_init import freeze_copied_batchnorms, init_from_teacher
 from distill.teachers import FEATURE_NAMES, Teacher, load_teacher
 from train.config import ConfigError, KDConfig, TrainConfig
 from train.data import PipelineSpec, SampleKey, TrainDataset
@@ -156,19 +156,24 @@ class DistillObjective(Objective):
         self._choose_feature(teacher.feature_shapes(self.spec.tile_size), teacher.default_feature)
         return OnlineDistillDataset(TrainDataset(sampler, self.spec, seed, cache_mb), self.cfg.kd, seed)
 
-    def initialize(self, net: nn.Module) -> str | None:
-        """kd.init_from_teacher: the student starts from the teacher's weights where they fit (distill.teacher_init);
-        one teacher only (an ensemble has no single set of weights)."""
-        if not self.cfg.kd.init_from_teacher:
+    def initialize(self, net: nn.Module, fresh: bool = True) -> str | None:
+        """kd.init_from_teacher: a fresh student starts from the teacher's weights where they fit
+        (distill.teacher_init); with kd.freeze_copied_bn those layers' BatchNorms keep the teacher's statistics
+        (re-applied to a resumed student, which then is not copied over). One teacher only (an ensemble has no
+        single set of weights)."""
+        kd = self.cfg.kd
+        if not kd.init_from_teacher:
             return None
         teacher = self.teacher()
         if len(teacher.members) != 1:
             raise ConfigError(f"kd.init_from_teacher needs one teacher, not an ensemble of {len(teacher.members)}")
         try:
-            report = init_from_teacher(net, teacher.members[0].net)
+            report = init_from_teacher(net, teacher.members[0].net, load=fresh)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        return report.summary()
+        frozen = freeze_copied_batchnorms(net, report) if kd.freeze_copied_bn else []
+        note = report.summary() if fresh else "kd.init_from_teacher: resumed student (weights from its checkpoint)"
+        return note + (f"; {len(frozen)} BatchNorms keep the teacher's statistics" if frozen else "")
 
     def aux_modules(self, net: nn.Module) -> nn.ModuleDict:
         """{"adapter": FeatureAdapter} from the student's matched map to the teacher's (none without feature term)."""

@@ -98,7 +98,7 @@ def test_the_objective_starts_the_student_from_its_teacher(tmp_path) -> None:
     cfg = load_config(None, [*base, "kd.init_from_teacher=true"])
     net = build_model(cfg.model)
     note = objective_for(cfg).initialize(net)
-    assert note is not None and "100.0% of the student's parameters" in note
+    assert note is not None and "100.0% of the student's parameters" in note and "BatchNorms keep" in note
     conv = "downsample.down.res_down_0.conv.conv_1.2.weight"
     assert torch.equal(net.state_dict()[conv], teacher_net.state_dict()[conv])
     assert objective_for(load_config(None, base)).initialize(build_model(cfg.model)) is None  # off by default
@@ -106,3 +106,25 @@ def test_the_objective_starts_the_student_from_its_teacher(tmp_path) -> None:
                                   "model.nbase=[1,16,32]", "kd.init_from_teacher=true"])
     with pytest.raises(ConfigError, match="one teacher"):
         objective_for(ensemble).initialize(build_model(ensemble.model))
+
+
+def test_frozen_batchnorms_keep_the_teachers_statistics_in_training() -> None:
+    from distill.teacher_init import freeze_copied_batchnorms
+
+    teacher = _teacher()
+    student = create_model("cpnet-1-32-64-128-256")
+    report = init_from_teacher(student, teacher)
+    frozen = freeze_copied_batchnorms(student, report)
+    assert len(frozen) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in student.modules())
+    before = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    x = _gray(2, 128)
+    with torch.no_grad():
+        out = student.train()(x[:, :1])[0]  # train mode: still the teacher's statistics, left as they were
+        error = (out - teacher(x)[0]).abs()
+    assert float(error[..., 32:-32, 32:-32].max()) < 1e-5
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+    # a smaller student: only the BatchNorms of the copied layers are frozen
+    small = create_model("cpnet-1-32-64")
+    names = freeze_copied_batchnorms(small, init_from_teacher(small, teacher))
+    assert names and "upsample.up.res_up_1.conv.conv_0.0" not in names
+    assert not init_from_teacher(create_model("cpnet-1-32-64"), teacher, load=False).folded  # load=False: a plan

@@ -164,6 +164,8 @@ class KDConfig:
     segmented at (0 = its size model's estimate or its own); the mask rules are `val.*`.
     `init_from_teacher`: a fresh student starts from the teacher's weights wherever name and shape match (and its
     input layer from the teacher's first channels; distill.teacher_init); one teacher only; false = model.init.
+    `freeze_copied_bn` (with init_from_teacher): the BatchNorms taken from the teacher keep its running
+    statistics, in training too (else training crops' batch statistics replace them).
     """
 
     teacher: list[str] = field(default_factory=list)
@@ -183,6 +185,7 @@ class KDConfig:
     channels: list[int] | None = None
     diameter: float = 0.0
     init_from_teacher: bool = False
+    freeze_copied_bn: bool = True
 
 
 @dataclass

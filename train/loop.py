@@ -294,10 +294,9 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
         total_steps = min(total_steps, int(cfg.max_steps))
 
     step, best_ap, best_step, skipped = 0, None, None, 0
-    if state is None:  # a fresh run (a resumed one loads its checkpoint below)
-        note = objective.initialize(net)
-        if note and main:
-            print(note, file=sys.stderr)
+    note = objective.initialize(net, fresh=state is None)  # a resumed run loads its checkpoint over it below
+    if note and main:
+        print(note, file=sys.stderr)
     aux = objective.aux_modules(net)
     net.to(accelerator.device)
     aux.to(accelerator.device)

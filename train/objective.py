@@ -6,8 +6,9 @@ checkpoints, resume, logging, the schedule); an Objective owns what differs:
 - `dataset(...)`: the map-style dataset the loop's sampler keys index (default: `train.data.TrainDataset`,
   the Cellpose flow targets); distillation wraps it to add cached teacher outputs, the binary family to
   add loading codes and 0/1 targets. Every dataset returns a dict of tensors with at least `image`.
-- `initialize(net)`: after the network is built and before training (a resumed run then loads its checkpoint
-  over it); default nothing; distillation can start a student from its teacher's weights (kd.init_from_teacher).
+- `initialize(net, fresh)`: after the network is built and before training (a resumed run then loads its
+  checkpoint over it); default nothing; distillation can start a student from its teacher's weights
+  (kd.init_from_teacher).
 - `aux_modules(net)`: trainable modules beside the network (e.g. a feature adapter of a KD loss). They are
   optimized with the network and saved in the full-state checkpoint (`aux`), never in `model.pt`.
 - `prepare_batch(batch, device)`: runs on each rank after the batch reached its device, outside autograd
@@ -53,9 +54,10 @@ class Objective:
 
         return TrainDataset(sampler, spec, seed, cache_mb)
 
-    def initialize(self, net: nn.Module) -> str | None:
-        """Change the freshly built `net` in place before training; returns a line for the log, or None. The flow
-        objective leaves it as model.init made it."""
+    def initialize(self, net: nn.Module, fresh: bool = True) -> str | None:
+        """Change the built `net` in place before training (`fresh`: a new run; False: a resumed one, whose
+        checkpoint is loaded over it afterwards); returns a line for the log, or None. The flow objective leaves
+        it as model.init made it."""
         return None
 
     def aux_modules(self, net: nn.Module) -> nn.ModuleDict:
