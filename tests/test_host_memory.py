@@ -62,7 +62,7 @@ PHASES = textwrap.dedent("""
     del acts
     released = base - rss()
     temps = [torch.ones(2**20) for _ in range(48)]  # a "backward pass": 48 x 4 MiB temporaries, then freed
-    small = torch.ones(1000)  # a live allocation above them pins the heap's top
+    pin = torch.ones(2**20)  # a live 4 MiB tensor above them: the heap cannot shrink under it (no trim)
     base = rss()
     del temps
     print(released, base - rss())

@@ -218,7 +218,7 @@ class TrainConfig:
     the forward pass with mmap, so the activations return to the OS as the backward pass frees them; the backward
     pass uses the heap (train.host_memory). 0 = glibc's dynamic threshold, which keeps freed activation memory
     resident. Measured on a CP-SAM ViT-L step (batch 1, 2 cores), with optim.step_in_backward: 1 (default) peaks
-    at 6.4 GB instead of 7.5 GB for the same step time. Ignored on CUDA.
+    at 6.3 GB instead of 7.6 GB, at 10.9 instead of 8.8 s per step (separate runs; README). Ignored on CUDA.
     """
 
     objective: str = "cellpose"

@@ -13,9 +13,10 @@ faults for the many short-lived gradient temporaries). With the optimizer step f
 (train.optim_in_backward: gradients never accumulate) the step then peaks at the activations' own peak.
 In the first step the 1 MiB threshold stays on through the backward pass, because AdamW creates its state
 there: state left in the heap among temporaries pins them. Measured on a CP-SAM ViT-L step on 2 cores (batch 1,
-256 px; eval/bench_train.py and README): peak RSS 7.5 GB with glibc's default, 6.4 GB with the phases and the
-fused step, at the same step time; a fixed 1 MiB threshold for the whole step reaches the same memory but costs
-about 20 % more time (a page fault per 4 KiB of every new large tensor, 2.5 M per step).
+256 px; eval/bench_train.py and README): peak RSS 7.56 GB at 8.8 s per step with glibc's default and a separate
+optimizer step, 6.32 GB at 10.9 s with the phases and the fused step (separate runs; probes of our side alone gave
+9.8 vs 9.9 s); the forward pass pays for its page faults (3.8 vs 2.7 s). A fixed 1 MiB threshold for the whole
+step reaches the same memory but costs about 20 % more time in probes (2.5 M page faults per step).
 Why not jemalloc/tcmalloc via LD_PRELOAD: they are not a pip dependency and must be set before the process
 starts; this works from inside `cpsam train`.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,19 +34,28 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 HEAP_THRESHOLD_MB = 32.0  # glibc's largest threshold (64-bit): outside the forward pass, tensors come from the heap
 
 
+@functools.lru_cache(maxsize=1)
+def _mallopt():
+    """glibc's mallopt, looked up once (the loop sets the threshold twice per step; find_library costs ~2 ms)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
 def set_mmap_threshold(megabytes: float) -> bool:
     """Make glibc mmap (and return to the OS on free) every allocation of at least `megabytes` MiB, with the
     dynamic threshold adjustment off. Returns True when set; False (nothing changed) for megabytes <= 0, on a
     system without glibc, or when glibc refuses the value (its maximum is 32 MiB on 64-bit systems)."""
     if megabytes <= 0 or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, int(megabytes * 2**20)))
 
 
