@@ -58,16 +58,22 @@ def _temp_path_for(final: Path) -> Path:
     return final.with_name(f".{final.stem}.{secrets.token_hex(4)}{_TEMP_MARK}{final.suffix}")
 
 
-def _create_temp(final: Path) -> Path:
-    """Create an empty temporary file beside `final` with mode 0666 minus the umask (not mkstemp's 0600)."""
+def _create_temp(final: Path, temps: list[Path]) -> None:
+    """Create an empty temporary file beside `final` (mode 0666 minus the umask, not mkstemp's 0600)
+    and append its path to `temps`.
+
+    The name goes into `temps` before the file exists, so an interruption (Ctrl-C, SIGTERM) that lands
+    between creating the file and returning still leaves its name for the caller to remove.
+    """
     for _ in range(100):
-        tmp = _temp_path_for(final)
+        temps.append(_temp_path_for(final))
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(temps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
+            temps.pop()  # someone else's file (a 2^-32 chance): not ours to remove
             continue
         os.close(fd)
-        return tmp
+        return
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(final))
 
 
@@ -116,11 +122,15 @@ def atomic_paths(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
     try:
         for final in finals:
             final.parent.mkdir(parents=True, exist_ok=True)
-            temps.append(_create_temp(final))
+            _create_temp(final, temps)
         yield list(temps)
         for tmp, final in zip(temps, finals, strict=True):
-            os.replace(tmp, final)
-            renamed.append(final)
+            renamed.append(final)  # before the rename: an interruption right after it still removes the set
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                renamed.pop()  # not replaced: the old file there is not ours to remove
+                raise
     except BaseException as exc:
         # a rename that fails half-way (rare: full directory) removes the new files already in place,
         # so the set is never left partial
@@ -161,11 +171,13 @@ def check_output_dir(folder: str | os.PathLike[str]) -> Path:
     if not folder.is_dir():
         raise OutputPathError(folder, "exists and is not a folder")
     try:
-        probe = _create_temp(folder / ".cpsam-write-check")
+        probes: list[Path] = []
         try:
-            probe.write_bytes(b"cpsam")
+            _create_temp(folder / ".cpsam-write-check", probes)
+            probes[0].write_bytes(b"cpsam")
         finally:
-            probe.unlink(missing_ok=True)
+            for probe in probes:
+                probe.unlink(missing_ok=True)
     except OSError as exc:
         reason = "read-only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else "not writable"
         raise OutputPathError(folder, f"{reason} ({(exc.strerror or str(exc)).lower()})") from None

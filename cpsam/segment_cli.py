@@ -263,12 +263,17 @@ def write_outputs(out_dir: Path, path: Path, image: np.ndarray, result: SegmentR
     outlines_path.unlink(missing_ok=True)
     written: list[Path] = []
     try:
-        written.append(io.write_labels(masks_path, result.masks))
+        # each target is listed before it is written, so an interruption that lands just after a
+        # write returns (before the list would grow) still removes that file
+        written.append(masks_path)
+        io.write_labels(masks_path, result.masks)
         seg = io.seg_npy_dict(result.masks, result.dP, result.cellprob, path.resolve(),
                               channels=args.channels, diameter=result.diameter or None)
-        written.append(io.write_seg_npy(seg_path, seg))
+        written.append(seg_path)
+        io.write_seg_npy(seg_path, seg)
         overlay = io.outline_overlay(image, result.masks, channel_axis=args.channel_axis)
-        written.append(io.write_png(outlines_path, overlay))
+        written.append(outlines_path)
+        io.write_png(outlines_path, overlay)
     except BaseException:
         for target in written:
             target.unlink(missing_ok=True)

@@ -141,9 +141,12 @@ def write_example(
         raise InputFileError(where, f"mask: {exc}") from exc
     written: list[Path] = []
     try:
-        written.append(write_tiff(image_path(root, name), image, photometric="minisblack" if image.ndim == 3 else None))
+        # listed before written: an interruption just after a write returns still removes the file
+        written.append(image_path(root, name))
+        write_tiff(written[-1], image, photometric="minisblack" if image.ndim == 3 else None)
         if ignore is not None:
-            written.append(write_tiff(ignore_path(root, name), (np.asarray(ignore) > 0).astype(np.uint8)))
+            written.append(ignore_path(root, name))
+            write_tiff(written[-1], (np.asarray(ignore) > 0).astype(np.uint8))
         write_labels(mask_path(root, name), labels)
     except BaseException:  # no image without its mask (disk full, Ctrl-C, SIGTERM)
         for path in written:
