@@ -63,10 +63,27 @@ def check_kd(kd: KDConfig) -> None:
          "kd.brightness (the largest factor) must be 0 (off) or above kd.brightness_min >= 0"),
         (0 <= kd.brightness_p <= 1, "kd.brightness_p must be a probability in [0, 1]"),
         (kd.val_crops >= 0, "kd.val_crops must be >= 0"),
+        (0 < kd.student_scale <= 1, f"kd.student_scale must be in (0, 1], got {kd.student_scale}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def student_tile(tile: int, scale: float) -> int:
+    """The student's crop size (px) for a teacher crop of `tile` px at kd.student_scale `scale`."""
+    return max(1, int(round(tile * scale)))
+
+
+def to_student_scale(x: Tensor, size: int, nearest: bool = False) -> Tensor:
+    """(B, C, T, T) -> (B, C, size, size) float: area averaging (the mean of the teacher pixels each student pixel
+    covers: flows stay unit-length-scaled directions, logits their local mean), or nearest for masks. Identity
+    when the size already fits."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if nearest:
+        return torch.nn.functional.interpolate(x, size=(size, size), mode="nearest")
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="area")
 
 
 def _pipeline_differences(run: PipelineSpec, cached: PipelineSpec) -> list[str]:
@@ -130,6 +147,25 @@ class DistillObjective(Objective):
         self.teacher_feature, self.teacher_feature_shape = name, tuple(available[name])  # type: ignore[assignment]
 
     # ----------------------------------------------------------------- data
+    def _check_student_scale(self, teacher_diam_mean: float) -> None:
+        """ConfigError when kd.student_scale != 1 and model.diam_mean is not the teacher's times it (the student
+        would then be run at a scale it was not trained at)."""
+        scale = self.cfg.kd.student_scale
+        if scale == 1 or teacher_diam_mean <= 0:
+            return
+        want = teacher_diam_mean * scale
+        have = self.cfg.model.diam_mean
+        if have is None or abs(float(have) - want) > 1e-6 * want:
+            raise ConfigError(f"kd.student_scale={scale}: model.diam_mean must be {want:g} (the teacher's "
+                              f"{teacher_diam_mean:g} x {scale}), got {have}; `cpsam distill` sets it")
+
+    @property
+    def student_size(self) -> int:
+        """The student's crop size (px): the teacher's crop times kd.student_scale."""
+        if self.spec is None:
+            raise RuntimeError("the objective's dataset() has not run yet")
+        return student_tile(self.spec.tile_size, self.cfg.kd.student_scale)
+
     def dataset(self, sampler, spec: PipelineSpec, seed: int, cache_mb: int) -> torch.utils.data.Dataset:
         """Online: the pipeline's crops in the teacher's channels; cached: the cache's views (module docstring)."""
         if self.cache is not None:
@@ -144,6 +180,7 @@ class DistillObjective(Objective):
                                   f"cache's ({'; '.join(diff[:6])}); set these keys to the cache's values (see "
                                   f"{self.cache.root / 'manifest.json'}) or train online (kd.cache='')")
             self.spec = cached
+            self._check_student_scale(float(self.cache.teacher.get("diam_mean", 0.0)))
             features = self.cache.features
             self._choose_feature(features, next(iter(features), "decoder"))
             base = TrainDataset(sampler, cached, self.cache.seed, cache_mb)
@@ -153,6 +190,7 @@ class DistillObjective(Objective):
             raise ConfigError(f"data.tile_size={spec.tile_size}: the CP-SAM teacher takes {teacher.tile_size}-px "
                               f"crops only; set data.tile_size={teacher.tile_size}")
         self.spec = replace(spec, channels=max(spec.channels, teacher.in_channels))
+        self._check_student_scale(teacher.diam_mean)
         self._choose_feature(teacher.feature_shapes(self.spec.tile_size), teacher.default_feature)
         return OnlineDistillDataset(TrainDataset(sampler, self.spec, seed, cache_mb), self.cfg.kd, seed)
 
@@ -180,7 +218,7 @@ class DistillObjective(Objective):
         self.student_channels = int(net.in_channels)
         if self.teacher_feature is None or self.spec is None:
             return nn.ModuleDict()
-        tile = self.spec.tile_size
+        tile = self.student_size
         shapes = student_feature_shapes(net, tile, self.student_channels)
         try:
             self.student_map = match_student_feature(shapes, self.teacher_feature_shape, tile)  # type: ignore[arg-type]
@@ -205,7 +243,22 @@ class DistillObjective(Objective):
             if self.teacher_feature:
                 batch["t_feature"] = taught.features[self.teacher_feature]
         batch["student_image"] = self.student_input(batch["image"], batch.get("brightness"))
+        if self.cfg.kd.student_scale != 1:
+            self._scale_targets(batch)
         return batch
+
+    def _scale_targets(self, batch: dict[str, Tensor]) -> None:
+        """kd.student_scale: the student's input and every pixel target at the student's size (t_feature keeps the
+        teacher's; the adapter resizes the student's map to it)."""
+        size = self.student_size
+        for name in ("student_image", "t_output", "target"):
+            if name in batch:
+                batch[name] = to_student_scale(batch[name], size)
+        if "valid" in batch:
+            valid = batch["valid"]
+            squeeze = valid.ndim == 3
+            valid = to_student_scale(valid[:, None] if squeeze else valid, size, nearest=True)
+            batch["valid"] = valid[:, 0] if squeeze else valid
 
     # ----------------------------------------------------------------- loss
     def loss(self, net: nn.Module, aux: nn.ModuleDict, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -268,8 +321,9 @@ class DistillObjective(Objective):
         net.eval()
         with torch.no_grad():
             for batch in batches[rank::world]:
-                out = net(self.student_input(batch["image"].to(device)))[0]
-                target = batch["t_output"].to(device)
+                size = self.student_size
+                out = net(to_student_scale(self.student_input(batch["image"].to(device)), size))[0]
+                target = to_student_scale(batch["t_output"].to(device), size)
                 n = out.shape[0]
                 loss = flow_kd_loss(out, target) + cellprob_kd_loss(out, target, self.cfg.kd.temperature)
                 sums += torch.tensor([float(loss) * n * self.cfg.kd.beta, n], dtype=torch.float64)

@@ -146,7 +146,11 @@ def distill_config(teacher: Teacher, student: str, run: Path, plan: DataPlan, *,
     cfg.kd.teacher = list(teacher.specs)
     cfg.kd.channels = list(channels) if channels is not None else None
     cfg.kd.diameter = float(diameter or 0.0)
-    return apply_overrides(cfg, list(overrides))
+    cfg = apply_overrides(cfg, list(overrides))
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if "model.diam_mean" not in given:  # kd.student_scale: the student's cells are that much smaller
+        cfg.model.diam_mean = teacher.diam_mean * cfg.kd.student_scale
+    return cfg
 
 
 def steps_per_epoch(cfg: TrainConfig) -> int:

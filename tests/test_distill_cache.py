@@ -218,3 +218,61 @@ def test_two_real_processes_share_the_cache_build(dataset, tmp_path):
         assert a.abs().max() > 0
         # the two builds batch the views differently (4 vs 2 per forward): float rounding may flip an fp16 ulp
         torch.testing.assert_close(b, a, rtol=2 ** -10, atol=1e-4, msg=str(view))
+
+
+def test_a_half_scale_student_sees_area_averaged_crops_and_targets(cache, tmp_path, capsys):
+    """kd.student_scale=0.5: the student's input and the teacher's outputs are the cached ones averaged over 2x2
+    blocks, its feature map is adapted up to the teacher's, the loss trains, and `cpsam distill` records the
+    halved diam_mean in model.pt (what makes `cpsam segment` shrink images for it)."""
+    from cpsam.cli import main as cpsam_main
+    from cpsam.models.loading import load_model
+    from distill.data import stack_crops
+    from train.config import ConfigError, load_config
+    from train.objective import objective_for
+    from train.sampler import MultiDatasetSampler
+
+    c = TeacherCache(cache)
+    sampler = MultiDatasetSampler(c.datasets, samples_per_epoch=4, split="train")
+    with pytest.raises(ConfigError, match=r"model.diam_mean must be 15"):  # a student run at the wrong scale
+        objective_for(load_config(None, ["objective=distill", f"kd.cache={cache}", "kd.student_scale=0.5",
+                                         "model.diam_mean=30"])).dataset(sampler, c.pipeline_spec(), 0, 0)
+    cfg = load_config(None, ["objective=distill", f"kd.cache={cache}", "kd.student_scale=0.5", "model.diam_mean=15",
+                             "kd.gt_weight=1"])
+    objective = objective_for(cfg)
+    data = objective.dataset(sampler, c.pipeline_spec(), 0, 0)
+    torch.manual_seed(0)
+    net = create_model("cpnet", nbase=[1, 16, 32], diam_mean=15.0)
+    aux = objective.aux_modules(net)
+    assert objective.student_size == TILE // 2
+    assert aux["adapter"].student_shape == (16, TILE // 2, TILE // 2) and aux["adapter"].teacher_shape == (16, TILE,
+                                                                                                            TILE)
+    keys = [SampleKey(0, p, 0, p % 2) for p in range(3)]
+    raw = stack_crops(data, keys)
+    batch = objective.prepare_batch({k: v.clone() for k, v in raw.items()}, torch.device("cpu"))
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # the mean of each 2x2 block, by hand
+        return x.reshape(*x.shape[:-2], TILE // 2, 2, TILE // 2, 2).mean(dim=(-3, -1))
+
+    assert torch.allclose(batch["student_image"], blocks(raw["image"][:, :1]), atol=1e-6)
+    assert torch.allclose(batch["t_output"], blocks(raw["t_output"].float()), atol=1e-5)
+    assert torch.allclose(batch["target"], blocks(raw["target"]), atol=1e-6)
+    assert tuple(batch["valid"].shape) == (3, TILE // 2, TILE // 2)
+    assert tuple(batch["t_feature"].shape) == tuple(raw["t_feature"].shape)  # the adapter resizes the student's map
+    loss, parts = objective.loss(net, aux, batch)
+    loss.backward()
+    assert torch.isfinite(loss.detach())
+    assert float(parts["kd_feature"].detach()) > 0 and float(parts["gt_flow"].detach()) > 0
+    assert net.output[-1].weight.grad.abs().sum() > 0 and aux["adapter"].proj is None  # 16 = 16 channels
+    from cpsam.models import save_checkpoint
+
+    torch.manual_seed(0)
+    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0))
+    loadable = tmp_path / "cache"
+    assert cpsam_main(["distill", "cache", "--teacher", str(teacher), "--images", str(c.datasets[0]), "--out",
+                       str(loadable), "--views", "1", "--quiet", "data.tile_size=64"]) == 0
+    run = tmp_path / "half"
+    assert cpsam_main(["distill", "--student", "cpnet-1-32-64", "--out", str(run), f"kd.cache={loadable}", "--quiet",
+                       "--size-epochs", "1", "batch_size=2", "schedule.samples_per_epoch=2", "schedule.epochs=1",
+                       "data.num_workers=0", "log.tensorboard=false", "kd.student_scale=0.5"]) == 0
+    assert float(load_model(run / "model.pt").diam_mean) == pytest.approx(15.0)
+    assert (run / "model.pt_size.npy").is_file()

@@ -166,6 +166,11 @@ class KDConfig:
     input layer from the teacher's first channels; distill.teacher_init); one teacher only; false = model.init.
     `freeze_copied_bn` (with init_from_teacher): the BatchNorms taken from the teacher keep its running
     statistics, in training too (else training crops' batch statistics replace them).
+    `student_scale` (0 < s <= 1): the student works at s times the teacher's resolution: it sees the teacher's crop
+    area-averaged to round(s x T) px and learns the teacher's outputs averaged the same way, and its diam_mean is
+    s x the teacher's (so `cpsam segment` shrinks images for it; flows come back at full size as the teacher's
+    do). 0.5: cells of 15 px for a cyto teacher, 4x fewer pixels per image, and a shallow student's receptive
+    field spans twice as many cell diameters.
     """
 
     teacher: list[str] = field(default_factory=list)
@@ -186,6 +191,7 @@ class KDConfig:
     diameter: float = 0.0
     init_from_teacher: bool = False
     freeze_copied_bn: bool = True
+    student_scale: float = 1.0
 
 
 @dataclass
