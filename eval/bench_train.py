@@ -374,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.host_mmap_threshold_mb is None:
         from train.config import TrainConfig
+        from train.host_memory import AUTO_MIN_PARAMETERS, forward_threshold_mb
 
-        args.host_mmap_threshold_mb = TrainConfig().host_mmap_threshold_mb
+        # the loop's default for this model: CP-SAM ViT-L has more than AUTO_MIN_PARAMETERS parameters
+        args.host_mmap_threshold_mb = forward_threshold_mb(TrainConfig().host_mmap_threshold_mb, AUTO_MIN_PARAMETERS)
     if args.step_in_backward is None:
         from train.config import OptimConfig
 

@@ -10,7 +10,13 @@ import textwrap
 import pytest
 
 from train.config import ConfigError, load_config
-from train.host_memory import set_mmap_threshold
+from train.host_memory import (
+    AUTO_MIN_PARAMETERS,
+    AUTO_THRESHOLD_MB,
+    forward_threshold_mb,
+    parse_threshold,
+    set_mmap_threshold,
+)
 
 CHILD = textwrap.dedent("""
     import sys, torch
@@ -43,10 +49,22 @@ def test_set_mmap_threshold_refuses_nothing_to_do() -> None:
 
 
 def test_config_checks_the_threshold() -> None:
-    assert load_config(None, []).host_mmap_threshold_mb == 1.0
-    assert load_config(None, ["host_mmap_threshold_mb=0"]).host_mmap_threshold_mb == 0.0
-    with pytest.raises(ConfigError, match="host_mmap_threshold_mb"):
-        load_config(None, ["host_mmap_threshold_mb=64"])
+    assert load_config(None, []).host_mmap_threshold_mb == "auto"
+    assert parse_threshold(load_config(None, ["host_mmap_threshold_mb=0"]).host_mmap_threshold_mb) == 0.0
+    assert parse_threshold(load_config(None, ["host_mmap_threshold_mb=2.5"]).host_mmap_threshold_mb) == 2.5
+    for bad in ("64", "-1", "big"):
+        with pytest.raises(ConfigError, match="host_mmap_threshold_mb"):
+            load_config(None, [f"host_mmap_threshold_mb={bad}"])
+
+
+def test_auto_threshold_is_for_large_models_only() -> None:
+    # auto: CP-SAM ViT-L (~300 M parameters) mmaps its forward activations; a CPnet (6.6 M) leaves glibc alone
+    assert forward_threshold_mb("auto", 305_000_000) == AUTO_THRESHOLD_MB == 1.0
+    assert forward_threshold_mb("auto", AUTO_MIN_PARAMETERS) == 1.0
+    assert forward_threshold_mb("auto", AUTO_MIN_PARAMETERS - 1) == 0.0
+    assert forward_threshold_mb("auto", 6_600_000) == 0.0
+    assert forward_threshold_mb("4", 6_600_000) == 4.0  # a number is used whatever the model
+    assert forward_threshold_mb("0", 305_000_000) == 0.0
 
 
 PHASES = textwrap.dedent("""

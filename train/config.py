@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train.augment import AugmentConfig
 from train.degrade import DegradeConfig
+from train.host_memory import parse_threshold
 from train.optim_in_backward import normalize_setting
 from train.schedule import ScheduleConfig
 
@@ -223,12 +224,14 @@ class TrainConfig:
     `host_mmap_threshold_mb`: on a CPU device, glibc serves allocations of at least this many MiB made during
     the forward pass with mmap, so the activations return to the OS as the backward pass frees them; the backward
     pass uses the heap (train.host_memory). 0 = glibc's dynamic threshold, which keeps freed activation memory
-    resident. Measured on a CP-SAM ViT-L step (batch 1, 2 cores), with optim.step_in_backward: 1 (default) peaks
-    at 6.3 GB instead of 7.6 GB, at 10.9 instead of 8.8 s per step (separate runs; README). Ignored on CUDA.
+    resident. Measured on a CP-SAM ViT-L step (batch 1, 2 cores), with optim.step_in_backward: 1 peaks
+    at 6.3 GB instead of 7.6 GB, at 10.9 instead of 8.8 s per step (separate runs; README). "auto" (default): 1 for
+    models of 50 M parameters or more (CP-SAM ViT), 0 for smaller ones (CPnet, students, U-Nets: the page faults
+    made tiny_cpu.yaml's steps 1.5x slower and saved nothing that mattered). Ignored on CUDA.
     """
 
     objective: str = "cellpose"
-    host_mmap_threshold_mb: float = 1.0
+    host_mmap_threshold_mb: str = "auto"
 
     output_dir: str = "runs/train"
     seed: int = 0
@@ -302,13 +305,23 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | None) -> TrainConfi
     return out
 
 
+def _threshold_ok(setting: str) -> bool:
+    """True when `host_mmap_threshold_mb` is "auto" or a number of MiB in [0, 32]."""
+    try:
+        parse_threshold(setting)
+    except ValueError:
+        return False
+    return True
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check values that types cannot express; raises ConfigError naming the key."""
     checks = [
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
         (cfg.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
-        (0 <= cfg.host_mmap_threshold_mb <= 32, "host_mmap_threshold_mb must be in [0, 32] (glibc's maximum)"),
+        (_threshold_ok(cfg.host_mmap_threshold_mb), "host_mmap_threshold_mb must be auto or a number of MiB in "
+                                                     "[0, 32] (glibc's maximum)"),
         (cfg.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
         (cfg.optim.lr >= 0, "optim.lr must be >= 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),

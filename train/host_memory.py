@@ -6,7 +6,8 @@ and unmaps it on free. But the threshold is dynamic: freeing such a chunk raises
 the heap, and freed heap memory mostly stays resident: the activations of the forward pass and the gradients
 of the backward pass then occupy different memory, and the process peaks at their sum.
 
-What the loop does on a CPU device (`host_mmap_threshold_mb`, default 1 MiB): during the forward pass, every
+What the loop does on a CPU device (`host_mmap_threshold_mb`; `auto`: 1 MiB for models of AUTO_MIN_PARAMETERS
+or more, off below): during the forward pass, every
 allocation of at least that size is mmapped (`forward_allocations`), so the activations saved for backward return
 to the OS as the backward pass frees them; during the backward pass the threshold is 32 MiB (the heap, no page
 faults for the many short-lived gradient temporaries). With the optimizer step fused into the backward pass
@@ -17,6 +18,9 @@ there: state left in the heap among temporaries pins them. Measured on a CP-SAM 
 optimizer step, 6.32 GB at 10.9 s with the phases and the fused step (separate runs; probes of our side alone gave
 9.8 vs 9.9 s); the forward pass pays for its page faults (3.8 vs 2.7 s). A fixed 1 MiB threshold for the whole
 step reaches the same memory but costs about 20 % more time in probes (2.5 M page faults per step).
+Why auto leaves small models alone: a CPnet's activations are a few MiB each and its whole step peaks near 1.5 GB,
+so the page faults buy nothing: tiny_cpu.yaml (CPnet [3, 16, 32, 64], batch 8 of 128 px, 2 cores) ran 40 steps in
+52-59 s with the 1 MiB threshold and 36 s without it (separate runs, 2026-12-03).
 Why not jemalloc/tcmalloc via LD_PRELOAD: they are not a pip dependency and must be set before the process
 starts; this works from inside `cpsam train`.
 """
@@ -32,6 +36,32 @@ from contextlib import contextmanager
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 HEAP_THRESHOLD_MB = 32.0  # glibc's largest threshold (64-bit): outside the forward pass, tensors come from the heap
+AUTO_THRESHOLD_MB = 1.0  # what `auto` uses for a large model (CP-SAM ViT-B/L)
+AUTO_MIN_PARAMETERS = 50_000_000  # `auto` mmaps the forward pass's activations from this many parameters on
+
+
+def parse_threshold(setting: str | float) -> float | None:
+    """`host_mmap_threshold_mb` as MiB (float in [0, 32]), or None for "auto"; ValueError for anything else."""
+    text = str(setting).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"host_mmap_threshold_mb must be auto or a number of MiB in [0, 32], got {setting!r}") \
+            from None
+    if not 0 <= value <= HEAP_THRESHOLD_MB:
+        raise ValueError(f"host_mmap_threshold_mb must be in [0, 32] (glibc's maximum), got {setting!r}")
+    return value
+
+
+def forward_threshold_mb(setting: str | float, n_parameters: int) -> float:
+    """The forward pass's mmap threshold (MiB; 0 = leave glibc alone) for a model of `n_parameters`:
+    the number given, or for "auto" AUTO_THRESHOLD_MB from AUTO_MIN_PARAMETERS parameters on, else 0."""
+    value = parse_threshold(setting)
+    if value is not None:
+        return value
+    return AUTO_THRESHOLD_MB if n_parameters >= AUTO_MIN_PARAMETERS else 0.0
 
 
 @functools.lru_cache(maxsize=1)

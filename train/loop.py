@@ -43,7 +43,14 @@ from train import optim_in_backward
 from train.augment import MIN_DIAMETER
 from train.config import ConfigError, OptimConfig, TrainConfig, dataset_entries, flat_keys, to_container, to_yaml
 from train.data import KeySampler, PipelineSpec, find_bad_examples, make_loader
-from train.host_memory import forward_allocations, set_mmap_threshold
+from train.host_memory import (
+    AUTO_THRESHOLD_MB,
+    HEAP_THRESHOLD_MB,
+    forward_allocations,
+    forward_threshold_mb,
+    parse_threshold,
+    set_mmap_threshold,
+)
 from train.logs import MetricsCSV, columns, plot_curves
 from train.model_init import build_model, enable_activation_checkpointing
 from train.objective import Objective, StepModule, objective_for
@@ -223,9 +230,9 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
         objective = objective_for(cfg)
     accelerator = make_accelerator(cfg)
     on_cpu = accelerator.device.type == "cpu"
+    mmap_setting = parse_threshold(cfg.host_mmap_threshold_mb)  # None: auto, decided once the model is built
     if on_cpu:  # the model, its state and the optimizer state are mmapped, outside the heap (train.host_memory)
-        set_mmap_threshold(cfg.host_mmap_threshold_mb)
-    forward_mmap_mb = cfg.host_mmap_threshold_mb if on_cpu else 0.0
+        set_mmap_threshold(AUTO_THRESHOLD_MB if mmap_setting is None else mmap_setting)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     micro = cfg.micro_batch_size or cfg.batch_size // world
@@ -252,6 +259,10 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
 
     torch.manual_seed(cfg.seed)  # random initialisation is a function of the seed (same on every rank)
     net = build_model(cfg.model)
+    forward_mmap_mb = forward_threshold_mb(cfg.host_mmap_threshold_mb, sum(p.numel() for p in net.parameters())) \
+        if on_cpu else 0.0
+    if on_cpu and mmap_setting is None and forward_mmap_mb == 0:
+        set_mmap_threshold(HEAP_THRESHOLD_MB)  # a small model: the heap serves everything (no page faults)
     if cfg.model.activation_checkpointing and not enable_activation_checkpointing(net):
         accelerator.print("model.activation_checkpointing: not supported for this model; ignored")
     channels = int(cfg.data.channels or net.in_channels)
