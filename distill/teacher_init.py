@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+# the student's own (frozen) tensors, never the teacher's: diam_mean is the scale it segments at (kd.student_scale
+# makes it the teacher's times the scale; copying it ran a half-scale student at the teacher's scale), diam_labels
+# its training diameter
+OWN_TENSORS = frozenset({"diam_mean", "diam_labels"})
+
 
 @dataclass
 class TeacherInit:
@@ -68,6 +73,8 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, load: bool = True)
     taken = total = 0
     params = {name for name, p in student.named_parameters() if p.requires_grad}  # not diam_mean / diam_labels
     for name, tensor in ours.items():
+        if name in OWN_TENSORS:
+            continue
         source = theirs.get(name)
         numel = tensor.numel() if name in params else 0
         total += numel

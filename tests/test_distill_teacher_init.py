@@ -69,6 +69,22 @@ def test_a_smaller_student_keeps_the_teachers_shallow_levels() -> None:
     assert not torch.allclose(got, create_model("cpnet-1-32-64").eval().downsample(x[:, :1])[0], atol=1e-2)
 
 
+def test_the_students_own_scale_is_not_copied() -> None:
+    # kd.student_scale=0.5: a twin of the teacher at half its diam_mean must keep its own diam_mean (and its
+    # diam_labels), or it segments at the teacher's scale what it learned at half of it
+    teacher = _teacher()
+    teacher.diam_mean.fill_(27.0)
+    teacher.diam_labels.fill_(27.0)
+    student = create_model("cpnet-1-32-64-128-256", diam_mean=13.5)
+    student.diam_labels.fill_(29.6)
+    report = init_from_teacher(student, teacher)
+    assert float(student.diam_mean) == 13.5 and abs(float(student.diam_labels) - 29.6) < 1e-6
+    assert "diam_mean" not in report.copied and "diam_labels" not in report.copied
+    assert report.fraction == 1.0
+    name = "downsample.down.res_down_0.conv.conv_0.0.running_var"  # cut to the input channel, still the teacher's
+    assert torch.equal(student.state_dict()[name], teacher.state_dict()[name][:1])
+
+
 def test_another_architecture_is_refused() -> None:
     with pytest.raises(ValueError, match="no tensor of the teacher"):
         init_from_teacher(create_model("fastnet-1-32-64"), _teacher(nbase=(2, 16, 32)))
