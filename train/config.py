@@ -226,8 +226,8 @@ class TrainConfig:
     pass uses the heap (train.host_memory). 0 = glibc's dynamic threshold, which keeps freed activation memory
     resident. Measured on a CP-SAM ViT-L step (batch 1, 2 cores), with optim.step_in_backward: 1 peaks
     at 6.3 GB instead of 7.6 GB, at 10.9 instead of 8.8 s per step (separate runs; README). "auto" (default): 1 for
-    models of 50 M parameters or more (CP-SAM ViT), 0 for smaller ones (CPnet, students, U-Nets: the page faults
-    made tiny_cpu.yaml's steps 1.5x slower and saved nothing that mattered). Ignored on CUDA.
+    models of 50 M parameters or more (CP-SAM ViT), 0 for smaller ones (CPnet, students, U-Nets: on tiny_cpu.yaml
+    the 1 MiB threshold cost 24 s more kernel time per 20 steps to save 0.15 GB of a 1.5 GB peak). Ignored on CUDA.
     """
 
     objective: str = "cellpose"

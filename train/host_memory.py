@@ -19,8 +19,9 @@ optimizer step, 6.32 GB at 10.9 s with the phases and the fused step (separate r
 9.8 vs 9.9 s); the forward pass pays for its page faults (3.8 vs 2.7 s). A fixed 1 MiB threshold for the whole
 step reaches the same memory but costs about 20 % more time in probes (2.5 M page faults per step).
 Why auto leaves small models alone: a CPnet's activations are a few MiB each and its whole step peaks near 1.5 GB,
-so the page faults buy nothing: tiny_cpu.yaml (CPnet [3, 16, 32, 64], batch 8 of 128 px, 2 cores) ran 40 steps in
-52-59 s with the 1 MiB threshold and 36 s without it (separate runs, 2026-12-03).
+so the page faults buy little: 20 steps of tiny_cpu.yaml (CPnet [3, 16, 32, 64], batch 8 of 128 px, 2 cores) made
+9.3 M page faults and 29.7 s of kernel time with the 1 MiB threshold, 1.4 M and 5.4 s with auto, for a peak RSS of
+1.38 vs 1.53 GB (`/usr/bin/time -v`, separate runs, 2026-12-03).
 Why not jemalloc/tcmalloc via LD_PRELOAD: they are not a pip dependency and must be set before the process
 starts; this works from inside `cpsam train`.
 """
