@@ -13,12 +13,14 @@ import torch
 from cpsam import io
 from distill.evaluate import (
     GROUND_TRUTH,
+    MIRRORED,
     REPORT_FILES,
     TEACHER,
     EvalImage,
     ModelRun,
     evaluate,
     list_eval_images,
+    mirror_width,
     summaries,
     write_eval_report,
 )
@@ -34,12 +36,14 @@ class FixedSegmenter:
         self.masks = list(masks)
         self.diameter = diameter
         self.asked: list[float | None] = []
+        self.images: list[np.ndarray] = []
         self.rules = SimpleNamespace(mask_rules="cp3")
 
     def segment(self, images, diameter=None, channels=None, compute_masks=True):
         if not compute_masks:  # the warm-up call
             return [SimpleNamespace(masks=np.zeros((0, 0), np.uint16), diameter=0.0)]
         self.asked.append(diameter)
+        self.images.append(np.asarray(images[0]))
         return [SimpleNamespace(masks=self.masks.pop(0), diameter=self.diameter if diameter is None else diameter)]
 
 
@@ -89,6 +93,41 @@ def test_scores_on_a_constructed_case(tmp_path):
     assert len(rows) == 3 and {r["reference"] for r in rows} == {TEACHER, GROUND_TRUTH}
     text = paths[2].read_text()
     assert "| student | all | 1 | 4 | 5 | 0.7368 | 0.2500 |" in text
+
+
+def test_mirror_width_finds_the_width_axis():
+    hw = np.arange(12).reshape(3, 4)
+    assert (mirror_width(hw, (3, 4)) == hw[:, ::-1]).all()
+    hwc = np.stack([hw, hw + 100], axis=-1)
+    assert (mirror_width(hwc, (3, 4))[..., 1] == (hw + 100)[:, ::-1]).all()
+    chw = np.stack([hw, hw + 100])
+    assert (mirror_width(chw, (3, 4))[1] == (hw + 100)[:, ::-1]).all()
+    with pytest.raises(ValueError, match="width axis"):
+        mirror_width(hw, (4, 3))
+
+
+def test_the_teachers_agreement_with_its_mirror_image(tmp_path):
+    """The teacher segments the image, then its mirror image (at the same diameter); its masks there, mirrored
+    back, are scored against its own like a student's. Here the mirrored run loses the object at (5, 5) and
+    shifts nothing else: binarized IoU 768 / 1024, 3 of 4 objects; never scored against ground truth."""
+    teacher = _squares()
+    on_mirror = np.ascontiguousarray(_squares(boxes=((5, 35), (35, 5), (35, 35)))[:, ::-1])
+    item = EvalImage("toy", "a", tmp_path / "a.tif", tmp_path / "a_masks.tif")
+    image = np.arange(60 * 60, dtype=np.uint16).reshape(60, 60)
+    io.write_tiff(item.image, image)
+    io.write_labels(item.labels, teacher)
+    t_run = ModelRun(TEACHER, FixedSegmenter([teacher, on_mirror], diameter=31.0))  # type: ignore[arg-type]
+    s_run = ModelRun("student", FixedSegmenter([teacher]))  # type: ignore[arg-type]
+    ev = evaluate([item], t_run, [s_run], progress=False, mirror=True)
+    assert t_run.segmenter.asked == [None, 31.0]  # the mirror image at the diameter the teacher chose
+    assert (t_run.segmenter.images[1] == image[:, ::-1]).all()
+    row = next(r for r in ev.rows if r["model"] == MIRRORED)
+    assert row["reference"] == TEACHER and row["n_true"] == 4 and row["n_pred"] == 3
+    assert row["binary_iou"] == pytest.approx(768 / 1024) and row["tp@0.5"] == 3
+    assert not any(r["model"] == MIRRORED and r["reference"] == GROUND_TRUTH for r in ev.rows)
+    assert len(t_run.seconds) == 1 and len(ev.seconds[MIRRORED]) == 1  # the teacher's own time is not mixed in
+    text = write_eval_report(tmp_path / "report", ev, "teacher.pt", ["student.pt"])[2].read_text()
+    assert f"| {MIRRORED} | all | 1 | 4 | 3 | 0.7500 |" in text
 
 
 def test_count_error_total_differs_from_the_per_image_mean(tmp_path):
@@ -170,6 +209,9 @@ def test_cli_end_to_end_with_cyto0_and_a_student(tmp_path, capsys):
     same = summary[("cyto_0_cpnet_torch", TEACHER, "all")]
     assert float(same["binary_iou"]) == 1.0 and float(same["ap@0.5"]) == 1.0 and float(same["n_true"]) >= 5
     assert ("runA", TEACHER, "images") in summary and ("teacher", GROUND_TRUTH, "all") in summary
+    # on by default: cyto_0 against itself on the mirrored crop (high but, on real cells, not exactly 1)
+    assert 0.7 < float(summary[(MIRRORED, TEACHER, "all")]["binary_iou"]) <= 1.0
+    assert (MIRRORED, GROUND_TRUTH, "all") not in summary
     assert float(summary[("teacher", GROUND_TRUTH, "all")]["ap@0.5"]) > 0.0
     printed = capsys.readouterr().out
     assert "runA" in printed and "binarized IoU" in printed
