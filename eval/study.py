@@ -324,7 +324,7 @@ def run_study(out: Path, scale: StudyScale = StudyScale(), seed: int = 0) -> lis
     step("4 evaluate", ["distill", "eval", "--teacher", "cyto_0", "--student", str(runs / "finetuned" / "model.pt"),
                         *[a for s in STUDENTS for a in ("--student", str(runs / s / "model.pt"))],
                         "--images", str(data.heldout), "--gt", str(data.heldout_masks), "--out", str(report),
-                        "--quiet"])
+                        "--no-mirror", "--quiet"])  # the study table has one row per model against ground truth
     rows = study_table(report / "summary.csv")
     # distill eval labels a model by its run folder's name
     names = {"teacher": "teacher cyto_0", "finetuned": "fine-tuned cyto_0", **{s: f"student {s}" for s in STUDENTS}}
