@@ -20,9 +20,11 @@ also segments each image mirrored left-right, its masks are mirrored back and sc
 masks like a student's. Mirroring is a symmetry of the task (the teacher was trained with flips), so this
 is how far a model that *is* the teacher, seen in a mirror, agrees with it: the scale to read a student's
 binarized IoU and count error against. cyto_0 on ../shared/data agrees with itself at 0.97 on fluorescence
-nuclei but only 0.55-0.80 on H&E and phase contrast, where no student can be expected to do better. Seconds per image
-(end to end, in this process, after a warm-up image) are indicative only: eval/bench_students.py
-times models in isolated processes.
+nuclei but only 0.55-0.80 on H&E and phase contrast (7 held-out images), where no student can be
+expected to do better.
+
+Seconds per image (end to end, in this process, after a warm-up image) are indicative only:
+eval/bench_students.py times models in isolated processes.
 
 Inputs (`--images`, repeatable): a folder of images, a canonical dataset (index.csv + images/), or a
 folder of such folders (each subfolder not starting with '_' or '.' is a folder of the report). Label
@@ -217,14 +219,15 @@ def score_row(item: EvalImage, model: str, reference: str, scores: ImageScores, 
 
 def mirror_width(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """`image` mirrored left-right: (H, W), (H, W, C) or (C, H, W) any dtype, where `shape` = (H, W) (the
-    masks the image gave) tells a channel axis from the width axis. ValueError when neither layout fits."""
+    masks the image gave) tells a channel axis from the width axis. ImageError (a ValueError, which `evaluate`
+    records as the image's problem) when neither layout fits."""
     if image.ndim == 2 and image.shape == shape:
         return np.ascontiguousarray(image[:, ::-1])
     if image.ndim == 3 and image.shape[:2] == shape:
         return np.ascontiguousarray(image[:, ::-1])
     if image.ndim == 3 and image.shape[1:] == shape:
         return np.ascontiguousarray(image[:, :, ::-1])
-    raise ValueError(f"cannot find the width axis of an image of shape {image.shape} for masks of shape {shape}")
+    raise ImageError(f"cannot find the width axis of an image of shape {image.shape} for masks of shape {shape}")
 
 
 def _segment(run: ModelRun, image: np.ndarray, diameter: float | None, channels: Sequence[int] | None,
