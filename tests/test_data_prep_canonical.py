@@ -4,6 +4,7 @@ idempotent/resumable/parallel conversion, the reader."""
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -55,6 +56,12 @@ def test_monuseg_raw_xml_first_region_kept(tmp_path):
     assert 300 < (mask == 1).sum() < 900  # the XML states Area="619.5"
 
 
+def _manifest_total() -> int:
+    """The image count MANIFEST.md states ("Totals: **N images, ..."), so the test follows the shared set."""
+    text = shared_path("data", "MANIFEST.md").read_text()
+    return int(re.search(r"Totals: \*\*(\d+) images", text).group(1))
+
+
 def _folder_raw(tmp_path):
     """A plain folder of pairs built from ../shared/data (symlinks, nothing copied into the repo)."""
     data = shared_path("data")
@@ -72,21 +79,24 @@ def test_shared_data_round_trip_and_manifest_diameters(tmp_path):
     raw, manifest = _folder_raw(tmp_path)
     out = tmp_path / "canonical"
     rep = convert(get_source("folder"), raw, out, workers=2, progress=False)
-    assert rep.written == len(manifest) == 30 and not rep.failed
+    assert len(manifest) == _manifest_total() and rep.written == len(manifest) and not rep.failed
     rows = {r.name: r for r in read_index(out)}
     for rec in manifest:
         row = rows[f"folder_{rec['folder']}_{rec['name']}"]
         assert row.n_objects == rec["n_objects"]
         assert abs(row.median_diameter - rec["median_equiv_diameter_px"]) <= 1.0, rec["name"]
     back = tmp_path / "back"
-    assert export_pairs(out, back) == 30
+    assert export_pairs(out, back) == len(manifest)
     for rec in manifest:
         name = f"folder_{rec['folder']}_{rec['name']}"
         np.testing.assert_array_equal(
             tifffile.imread(back / f"{name}_masks.tif"), tifffile.imread(shared_path("data", rec["mask"]))
         )
         img = tifffile.imread(shared_path("data", rec["image"]))
-        img = np.moveaxis(img, -1, 0) if img.ndim == 3 else img
+        assert list(img.shape) == rec["image_shape"], rec["name"]
+        # MANIFEST.md: 3-D images are YXS (RGB) unless the record's `axes` says CYX; canonical images are CYX
+        if img.ndim == 3 and rec.get("axes", "YXS") == "YXS":
+            img = np.moveaxis(img, -1, 0)
         np.testing.assert_array_equal(tifffile.imread(back / f"{name}_img.tif"), img)
 
 

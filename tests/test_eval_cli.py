@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,10 @@ def test_golden_predictions_against_shared_data(tmp_path: Path, capsys: pytest.C
         assert round(float(summary[dataset]["ap@0.5"]), 3) == ap
     assert float(summary["all"]["ap@0.5"]) == pytest.approx(np.mean([0.8548, 0.8472, 0.1832, 0.0379]), abs=1e-3)
     assert "| fluo_nuclei_ctc_N2DL-HeLa | 1 | 59 | 56 | 0.8548 |" in captured.out
-    assert "4 of 4 pairs scored; 27 ground-truth files without prediction" in captured.out
+    # every manifest image's mask, plus the raw NeurIPS sample's `_label.tiff`, less the 4 that have predictions
+    manifest = json.loads((gt / "manifest.json").read_text())
+    n_gt = len(manifest) + len(list((gt / "raw-samples").rglob("*_label.tif*")))
+    assert f"4 of 4 pairs scored; {n_gt - 4} ground-truth files without prediction" in captured.out
     assert "Fluo-N2DL-HeLa_01_t052_masks.tif" in captured.err  # missing predictions are listed
     md = out.with_name("report.md").read_text()
     assert "## Summary" in md and "## Problems" in md and "usiigaci_set10_masks.tif" in md
