@@ -21,32 +21,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-# The setting ../shared/weights/README.md used with cellpose 3.1.1.2 on a DSB 2018 image
-# (AP@0.5 0.83, AP@0.75 0.22 there; we get 0.842 / 0.213 on this sample). cyto_0 is a cytoplasm
-# model: it draws nuclei a little large, so a diameter below the true median (23.7 px) works best.
-STARDIST_NUCLEI_DIAMETER = 20.0
+from eval.samples import Sample, stardist_nuclei_sample
+
 SYNTHETIC_DIAMETER = 30.0
-
-
-@dataclass
-class Sample:
-    """One demo image. image: (H, W) or (C, H, W); masks: (H, W) labels or None; diameter in px."""
-
-    name: str
-    source: str
-    image: np.ndarray
-    masks: np.ndarray | None
-    diameter: float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,21 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the one-minute version: segment sample images with cyto_0 and score them")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="the study: multiply the training epochs (default 1: about 10 minutes on 2 CPU cores)")
-
-
-def stardist_nuclei_sample() -> Sample | None:
-    """The DSB2018 nuclei image shipped in the stardist wheel, or None when stardist is not installed."""
-    import tifffile
-
-    spec = importlib.util.find_spec("stardist")  # locates the package without importing it
-    if spec is None or spec.origin is None:
-        return None
-    folder = Path(spec.origin).parent / "data" / "images"
-    image_path, mask_path = folder / "img2d.tif", folder / "mask2d.tif"
-    if not (image_path.is_file() and mask_path.is_file()):
-        return None
-    return Sample("dsb2018_nuclei", "stardist wheel (DSB 2018)", tifffile.imread(image_path),
-                  tifffile.imread(mask_path), STARDIST_NUCLEI_DIAMETER)
 
 
 def synthetic_samples() -> list[Sample]:

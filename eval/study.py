@@ -121,7 +121,7 @@ def prepare_data(out: Path, seed: int = 0) -> StudyData:
         return StudyData(labelled, unlabeled, heldout, heldout_masks,
                          f"real nuclei from {SHARED} (CTC HeLa, DeepCell 2016)")
     from data_prep.synthetic import SyntheticConfig, synthesize
-    from eval.demo import stardist_nuclei_sample
+    from eval.samples import stardist_nuclei_sample
 
     cfg = SyntheticConfig(shape=(CROP, CROP), diameter=24.0, modality="fluorescence")
     for k in range(12):
