@@ -42,9 +42,8 @@ from cpsam.size import SizeModel
 DEFAULT_NITER = 200
 # On a CPU a network call runs its tiles this many at a time. Larger CPU batches gain nothing in
 # the convolutions and matmuls, and their activations (over 32 MiB, glibc's largest heap-served
-# size) come from fresh mmap allocations that page-fault in every layer. Measured, classic CPnet on
-# 224-px tiles, one thread: 12.5k page faults and 0.76 s per tile at batch 1, 15.6k and 0.72 s at
-# 2, 58k and 0.91 s at 4, 100k and 1.06 s at 8.
+# size) come from fresh mmap allocations that page-fault in every layer (figures per batch size:
+# docs/results/segmentation.md).
 CPU_SUB_BATCH = 2
 
 

@@ -19,9 +19,8 @@ The teacher's agreement with itself (`teacher-mirrored`, on by default; `--no-mi
 also segments each image mirrored left-right, its masks are mirrored back and scored against its own
 masks like a student's. Mirroring is a symmetry of the task (the teacher was trained with flips), so this
 is how far a model that *is* the teacher, seen in a mirror, agrees with it: the scale to read a student's
-binarized IoU and count error against. cyto_0 on ../shared/data agrees with itself at 0.97 on fluorescence
-nuclei but only 0.55-0.80 on H&E and phase contrast (7 held-out images), where no student can be
-expected to do better.
+binarized IoU and count error against: where the teacher agrees with its own mirror image only partly (for
+cyto_0: H&E and phase contrast, docs/results/distillation.md), no student can be expected to do better.
 
 Seconds per image (end to end, in this process, after a warm-up image) are indicative only:
 eval/bench_students.py times models in isolated processes.

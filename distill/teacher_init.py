@@ -139,7 +139,7 @@ def freeze_copied_batchnorms(student: nn.Module, report: TeacherInit) -> list[st
     training they normalize with the teacher's running statistics and never update them (a forward pre-hook, so
     `student.train()` does not undo it). Why: a student trained with batch statistics has its running statistics
     replaced by those of the training crops (momentum 0.05: 98 % after 80 steps) and no longer normalizes as its
-    teacher at inference; measured, a twin of cyto_0 fell from agreement 1 to binarized IoU 0.71 in 80 steps.
+    teacher at inference (what that cost a twin of cyto_0: docs/results/distillation.md).
     Returns the names of the frozen modules."""
     taken = set(report.copied) | set(report.sliced)
     names = []

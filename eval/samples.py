@@ -10,7 +10,7 @@ import numpy as np
 import tifffile
 
 # The setting ../shared/weights/README.md used with cellpose 3.1.1.2 on a DSB 2018 image
-# (AP@0.5 0.83, AP@0.75 0.22 there; we get 0.842 / 0.213 on this sample). cyto_0 is a cytoplasm
+# (scores there and here: docs/results/demo.md). cyto_0 is a cytoplasm
 # model: it draws nuclei a little large, so a diameter below the true median (23.7 px) works best.
 STARDIST_NUCLEI_DIAMETER = 20.0
 

@@ -164,9 +164,9 @@ class StudyScale:
     cache_views: int = 4
 
 
-# Two FastNets: on 2 CPU cores a CPnet student trains at ~6 s per batch of 8 (its 32-channel convolutions at full
-# resolution), a FastNet at ~0.8 s, so only FastNets learn enough in the demo's minutes (measured: 160 steps, 139 s,
-# AP@0.5 0.89 against the teacher's masks); the CPnet students are in scripts/distill_study.sh.
+# Two FastNets: a CPnet student runs its 32-channel convolutions at full resolution, a FastNet at half or below,
+# so only FastNets learn enough in the demo's minutes on a CPU (docs/results/demo.md); the CPnet students are in
+# scripts/distill_study.sh.
 STUDENTS = ("fastnet-1-32-64-128-256", "fastnet-1-16-32-64-128")
 
 

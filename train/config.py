@@ -200,7 +200,7 @@ class BinaryConfig:
     """Cell / background segmentation (objective=binary or binary_distill; train/binary.py reads it).
 
     `class_weights`: cross-entropy weight per class [background, cell] (raising the cell weight trades
-    precision for recall). `loading_code`: how channels are loaded per sample (see the README's table).
+    precision for recall). `loading_code`: how channels are loaded per sample (see docs/commands/binary.md).
     `teacher` / `temperature`: soft targets of binary distillation.
     """
 
@@ -224,10 +224,9 @@ class TrainConfig:
     `host_mmap_threshold_mb`: on a CPU device, glibc serves allocations of at least this many MiB made during
     the forward pass with mmap, so the activations return to the OS as the backward pass frees them; the backward
     pass uses the heap (train.host_memory). 0 = glibc's dynamic threshold, which keeps freed activation memory
-    resident. Measured on a CP-SAM ViT-L step (batch 1, 2 cores), with optim.step_in_backward: 1 peaks
-    at 6.3 GB instead of 7.6 GB, at 10.9 instead of 8.8 s per step (separate runs; README). "auto" (default): 1 for
-    models of 50 M parameters or more (CP-SAM ViT), 0 for smaller ones (CPnet, students, U-Nets: on tiny_cpu.yaml
-    the 1 MiB threshold cost 24 s more kernel time per 20 steps to save 0.15 GB of a 1.5 GB peak). Ignored on CUDA.
+    resident. With optim.step_in_backward it lowers a CP-SAM ViT-L step's peak RSS at some cost in time
+    (docs/results/training.md). "auto" (default): 1 for models of 50 M parameters or more (CP-SAM ViT), 0 for
+    smaller ones (CPnet, students, U-Nets: there the page faults cost more than the memory saved). Ignored on CUDA.
     """
 
     objective: str = "cellpose"

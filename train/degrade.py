@@ -230,7 +230,7 @@ def _count_histograms(rows):
 
 def poisson_counts(rate: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Exact Poisson draws for a non-negative float tensor of rates (any shape): same shape/dtype, integer values.
-    CUDA: torch.poisson(rate, generator). CPU (~4x faster than torch.poisson at normalized-image rates): inverse
+    CUDA: torch.poisson(rate, generator). CPU (faster than torch.poisson at normalized-image rates): inverse
     CDF of SplitMix64 uniforms keyed by one draw of `generator`, in numba; rates above 64 use torch.poisson."""
     if rate.device.type != "cpu":
         return torch.poisson(rate, generator=generator)

@@ -13,15 +13,11 @@ to the OS as the backward pass frees them; during the backward pass the threshol
 faults for the many short-lived gradient temporaries). With the optimizer step fused into the backward pass
 (train.optim_in_backward: gradients never accumulate) the step then peaks at the activations' own peak.
 In the first step the 1 MiB threshold stays on through the backward pass, because AdamW creates its state
-there: state left in the heap among temporaries pins them. Measured on a CP-SAM ViT-L step on 2 cores (batch 1,
-256 px; eval/bench_train.py and README): peak RSS 7.56 GB at 8.8 s per step with glibc's default and a separate
-optimizer step, 6.32 GB at 10.9 s with the phases and the fused step (separate runs; probes of our side alone gave
-9.8 vs 9.9 s); the forward pass pays for its page faults (3.8 vs 2.7 s). A fixed 1 MiB threshold for the whole
-step reaches the same memory but costs about 20 % more time in probes (2.5 M page faults per step).
-Why auto leaves small models alone: a CPnet's activations are a few MiB each and its whole step peaks near 1.5 GB,
-so the page faults buy little: 20 steps of tiny_cpu.yaml (CPnet [3, 16, 32, 64], batch 8 of 128 px, 2 cores) made
-9.3 M page faults and 29.7 s of kernel time with the 1 MiB threshold, 1.4 M and 5.4 s with auto, for a peak RSS of
-1.38 vs 1.53 GB (`/usr/bin/time -v`, separate runs, 2026-12-03).
+there: state left in the heap among temporaries pins them. The forward pass pays for its page faults; the
+backward pass does not (a threshold kept for the whole step would).
+Why auto leaves small models alone: a small model's activations are a few MiB each, so the page faults cost more
+kernel time than the memory they return is worth. Measurements (peak RSS, seconds per step, page faults, for
+CP-SAM ViT-L and for tiny_cpu.yaml): docs/results/training.md.
 Why not jemalloc/tcmalloc via LD_PRELOAD: they are not a pip dependency and must be set before the process
 starts; this works from inside `cpsam train`.
 """
