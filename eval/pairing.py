@@ -1,17 +1,18 @@
-"""Find label images in two folder trees and pair them by name.
+"""Find label images in two folder trees and pair them by name (prediction vs ground truth).
 
-Rule (documented for users in `cpsam eval --help`):
+Rule (documented for users in `cpsam eval --help`); the naming parts come from `cpsam.pairing`:
 
-* Label files are `.tif`, `.tiff`, `.png` and `.npy` files anywhere under the folder; folders
-  whose name starts with `.` or `_` (e.g. `_qc`) are skipped.
-* A file's *key* is its name without the extension and without a trailing mask marker:
-  `_cp_masks`, `_masks`, `_mask`, `_labels` or `_label` (so `NAME.tif`, `NAME_masks.tif`,
-  `NAME_cp_masks.png` all have the key `NAME`); after a marker, a trailing `_img` or `_image` is
-  dropped too, so masks predicted for `NAME_img.tif` (`NAME_img_masks.tif`) pair with
-  `NAME_masks.tif`.
+* Label files are files with a label suffix (`cpsam.pairing.LABEL_SUFFIXES`: .tif, .tiff, .png, .npy,
+  ...) anywhere under the folder; folders whose name starts with `.` or `_` (e.g. `_qc`) are skipped.
+* A file's *key* is `cpsam.pairing.label_key`: its name without the extension and without a trailing
+  label marker `_masks`, `_cp_masks`, `_mask`, `_labels`, `_label` or `_seg` (NAME_seg.npy, the
+  Cellpose GUI's file), so `NAME.tif`, `NAME_masks.tif`, `NAME_cp_masks.png` and `NAME_seg.npy` all
+  have the key `NAME`; after a marker, a trailing `_img` or `_image` is dropped too, so masks
+  predicted for `NAME_img.tif` (`NAME_img_masks.tif`) pair with `NAME_masks.tif`.
 * If any file in a tree carries a marker, only marked files are label files there (so
   `NAME_img.tif`, flows and quick-look PNGs beside `NAME_masks.tif` are ignored); otherwise every
-  file is a label file.
+  file is a label file. A `NAME_seg.npy` beside a label image of the same key gives way to it (the
+  label image takes precedence, as in `cpsam.pairing`; `cpsam segment` writes both).
 * Files pair first by (sub-folder, key); what is left pairs by key alone when that key is unique
   in both trees (a flat prediction folder against a ground truth split into sub-folders).
 * The dataset of a pair is the first sub-folder of its reference (ground-truth) file, or the
@@ -26,9 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LABEL_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".npy")
-MASK_MARKERS: tuple[str, ...] = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
-IMAGE_TAGS: tuple[str, ...] = ("_img", "_image")
+from cpsam.pairing import LABEL_SUFFIXES, SEG_TAG, label_key
 
 
 @dataclass(frozen=True)
@@ -61,33 +60,27 @@ class Pairing:
 
 
 def split_key(name: str) -> tuple[str, bool]:
-    """(key, had_marker) for a file name, e.g. 'a_cp_masks.png' -> ('a', True)."""
-    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
-    for marker in MASK_MARKERS:
-        if stem.endswith(marker) and len(stem) > len(marker):
-            key = stem[: -len(marker)]
-            for tag in IMAGE_TAGS:  # NAME_img_masks.tif: masks predicted for NAME_img.tif
-                if key.endswith(tag) and len(key) > len(tag):
-                    return key[: -len(tag)], True
-            return key, True
-    return stem, False
+    """(key, had_marker) for a file name, e.g. 'a_cp_masks.png' -> ('a', True) (`cpsam.pairing.label_key`)."""
+    key, tag = label_key(name)
+    return key, tag is not None
 
 
 def find_label_files(root: Path) -> list[LabelFile]:
     """Label files under `root` (recursive), sorted by path; see the module rule."""
-    found: list[tuple[LabelFile, bool]] = []
+    found: list[tuple[LabelFile, str | None]] = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if any(part.startswith((".", "_")) for part in rel.parts[:-1]) or rel.name.startswith("."):
             continue
         if not path.is_file() or path.suffix.lower() not in LABEL_SUFFIXES:
             continue
-        key, marked = split_key(path.name)
+        key, tag = label_key(path.name)
         folder = rel.parent.as_posix()
-        found.append((LabelFile(path, key, "" if folder == "." else folder), marked))
-    if any(marked for _, marked in found):
-        return [f for f, marked in found if marked]
-    return [f for f, _ in found]
+        found.append((LabelFile(path, key, "" if folder == "." else folder), tag))
+    if not any(tag is not None for _, tag in found):
+        return [f for f, _ in found]
+    images = {(f.folder, f.key) for f, tag in found if tag not in (None, SEG_TAG)}
+    return [f for f, tag in found if tag is not None and (tag != SEG_TAG or (f.folder, f.key) not in images)]
 
 
 def dataset_of(file: LabelFile, root: Path) -> str:
