@@ -95,6 +95,31 @@ def label_candidates(image: Path, masks_dir: Path | None = None) -> list[tuple[s
     return out
 
 
+def label_rank(name: str) -> tuple[int, int, int]:
+    """Sort key of label files of one image, first = taken (the order of `label_candidates`): marker in
+    LABEL_TAGS order then NAME_seg.npy, NAME_masks before NAME_img_masks (but NAME_img_seg.npy before
+    NAME_seg.npy), then suffix in LABEL_SUFFIXES order. An unmarked name (a labels folder's NAME.*) first."""
+    tag = label_tag(name)
+    suffix = Path(name).suffix.lower()
+    suffix_rank = LABEL_SUFFIXES.index(suffix) if suffix in LABEL_SUFFIXES else len(LABEL_SUFFIXES)
+    if tag is None:
+        return -1, 0, suffix_rank
+    stem = _stem(name)[: -len(tag)]
+    has_image_tag = any(stem.endswith(t) and len(stem) > len(t) for t in IMAGE_TAGS)
+    if tag == SEG_TAG:
+        return len(LABEL_TAGS), 0 if has_image_tag else 1, suffix_rank
+    return LABEL_TAGS.index(tag), int(has_image_tag), suffix_rank
+
+
+def images_among_labels(files: Iterable[Path]) -> set[Path]:
+    """The label-named files of one folder that are images of another label file there
+    (`cell_mask.tif` beside `cell_mask_masks.tif`)."""
+    files = list(files)
+    stems = {p.stem for p in files}
+    image_stems = {im for p in files if label_tag(p.name) and (im := _image_stem_of(p, stems))}
+    return {p for p in files if p.stem in image_stems and is_label_or_output(p.name)}
+
+
 def find_label(image: Path, masks_dir: Path | None = None) -> Path | None:
     """The label file of `image` (module rule), or None when there is none."""
     folder = masks_dir if masks_dir is not None else image.parent
@@ -121,11 +146,9 @@ def pair_folder(folder: Path, masks_dir: Path | None = None) -> FolderPairs:
     (NAME_outlines.*, NAME_flows.*) in `folder`. With `masks_dir`, label files in `folder` are orphans.
     """
     files = _files(folder)
-    by_stem = {p.stem for p in files}
-    tagged = [p for p in files if is_label_or_output(p.name)]
-    images_of_labels = {im for p in tagged if label_tag(p.name) and (im := _image_stem_of(p, by_stem))}
-    images = [p for p in files if not is_label_or_output(p.name) or p.stem in images_of_labels]
-    beside = [p for p in tagged if label_tag(p.name) is not None and p.stem not in images_of_labels]
+    also_images = images_among_labels(files)
+    images = [p for p in files if not is_label_or_output(p.name) or p in also_images]
+    beside = [p for p in files if label_tag(p.name) is not None and p not in also_images]
     labels = beside if masks_dir is None else _files(masks_dir)
     index = _index(labels)
     out = FolderPairs()

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cpsam.pairing import LABEL_SUFFIXES, SEG_TAG, label_key
+from cpsam.pairing import LABEL_SUFFIXES, SEG_TAG, images_among_labels, label_key, label_rank
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,13 @@ def split_key(name: str) -> tuple[str, bool]:
 
 
 def find_label_files(root: Path) -> list[LabelFile]:
-    """Label files under `root` (recursive), sorted by path; see the module rule."""
+    """Label files under `root` (recursive), sorted by path; one per (folder, key), see the module rule."""
+    return _scan(root)[0]
+
+
+def _scan(root: Path) -> tuple[list[LabelFile], list[str]]:
+    """(label files, one per (folder, key)), ["key: path, path" for each (folder, key) of several label
+    images]: of several files of one key in one folder the first by `cpsam.pairing.label_rank` is used."""
     found: list[tuple[LabelFile, str | None]] = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
@@ -77,12 +83,23 @@ def find_label_files(root: Path) -> list[LabelFile]:
         key, tag = label_key(path.name)
         folder = rel.parent.as_posix()
         found.append((LabelFile(path, key, "" if folder == "." else folder), tag))
-    if not any(tag is not None for _, tag in found):
-        return [f for f, _ in found]
-    images = {(f.folder, f.key) for f, tag in found if tag not in (None, SEG_TAG)}
-    return [f for f, tag in found if tag is not None and (tag != SEG_TAG or (f.folder, f.key) not in images)]
-
-
+    if any(tag is not None for _, tag in found):
+        by_folder: dict[Path, list[Path]] = {}
+        for f, _ in found:
+            by_folder.setdefault(f.path.parent, []).append(f.path)
+        also_images = set().union(*(images_among_labels(paths) for paths in by_folder.values()))
+        found = [(f, tag) for f, tag in found if tag is not None and f.path not in also_images]
+    groups: dict[tuple[str, str], list[tuple[LabelFile, str | None]]] = {}
+    for f, tag in found:
+        groups.setdefault((f.folder, f.key), []).append((f, tag))
+    files, duplicates = [], []
+    for (_, key), group in sorted(groups.items()):
+        group.sort(key=lambda ft: label_rank(ft[0].path.name))
+        files.append(group[0][0])
+        images = [f for f, tag in group if tag != SEG_TAG]  # a _seg.npy beside a label image gives way silently
+        if len(images) > 1:
+            duplicates.append(f"{key}: {', '.join(str(f.path) for f in sorted(images, key=lambda f: f.path))}")
+    return sorted(files, key=lambda f: f.path), duplicates
 def dataset_of(file: LabelFile, root: Path) -> str:
     """First sub-folder of the file under its root, or the root folder's own name."""
     return file.folder.split("/")[0] if file.folder else (root.resolve().name or str(root))
@@ -90,14 +107,8 @@ def dataset_of(file: LabelFile, root: Path) -> str:
 
 def pair_files(pred_root: Path, ref_root: Path) -> Pairing:
     """Pair predictions under `pred_root` with reference label files under `ref_root`."""
-    preds, refs = find_label_files(pred_root), find_label_files(ref_root)
-    out = Pairing()
-    for files in (preds, refs):
-        counts = Counter((f.folder, f.key) for f in files)
-        for (folder, key), n in sorted(counts.items()):
-            if n > 1:
-                paths = ", ".join(str(f.path) for f in files if (f.folder, f.key) == (folder, key))
-                out.duplicates.append(f"{key}: {paths}")
+    (preds, pred_dups), (refs, ref_dups) = _scan(pred_root), _scan(ref_root)
+    out = Pairing(duplicates=pred_dups + ref_dups)
     pred_by_loc = {(f.folder, f.key): f for f in preds}
     left_refs: list[LabelFile] = []
     used: set[Path] = set()
