@@ -165,6 +165,19 @@ def test_eval_takes_the_label_file_of_highest_precedence_and_reports_the_rest(tm
     assert result.missing == [] and result.extra == []
 
 
+def test_finetune_still_refuses_two_images_of_one_name_and_one_label(tmp_path: Path) -> None:
+    from train.finetune import FinetuneError, find_labelled_images
+
+    _image(tmp_path / "a.tif"), _image(tmp_path / "a.png"), _label(tmp_path / "a_masks.tif")
+    assert pair_folder(tmp_path).contested == [(tmp_path / "a.png", tmp_path / "a_masks.tif")]
+    with pytest.raises(FinetuneError, match="a.tif and .*a.png have the same name 'a'"):
+        find_labelled_images(tmp_path)
+    (tmp_path / "a.tif").rename(tmp_path / "a_image.tif")  # another name: a.png is then unlabelled
+    items, unlabelled = find_labelled_images(tmp_path)
+    assert [(i.name, i.image.name) for i in items] == [("a_image", "a_image.tif")]
+    assert unlabelled == [tmp_path / "a.png"]
+
+
 # ------------------------------------------------------------------------------------ hostile _seg.npy
 
 
