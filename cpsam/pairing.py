@@ -17,7 +17,9 @@ label tag or with `_seg`, `_outlines` or `_flows` (cellpose's and `cpsam segment
 unless it is the image of another label file beside it (`cell_mask.tif` beside `cell_mask_masks.tif`).
 A label file belongs to one image: when two images would take the same one (`a.tif` and `a.png`,
 `a_img.tif` and `a.tif`), `_img` wins over `_image` over no tag, then the suffix earlier in
-`LABEL_SUFFIXES`; the other image is reported as `contested`.
+`LABEL_SUFFIXES`; the other image is reported as `contested`. A label file passed over for one of higher
+precedence is `shadowed`; one that belongs to no image is an orphan. `eval.pairing` orders the label
+files of one key by the same precedence (`label_rank`).
 
 Label files are read by `read_label_file`; a `_seg.npy` holds a pickled dict and is read only through
 `cpsam.safe_npy`, which refuses anything but numpy data (no code runs).
