@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpsam import io
+from cpsam import io, pairing
 from cpsam.segment import ImageError, InferenceRules, Segmenter, rules_for
 from cpsam.segment_cli import non_negative_float, non_negative_int, positive_int, resolve_model, torch_device
 from eval.metrics import DEFAULT_THRESHOLDS, ImageScores, score_image
@@ -114,7 +114,7 @@ def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None 
     split: keep only canonical-dataset rows of this split (e.g. "val"). Raises EvalError for a missing
     folder, a folder without images, or two images of one folder with the same name.
     """
-    from train.finetune import FinetuneError, find_labelled_images, label_beside
+    from train.finetune import FinetuneError, find_labelled_images
 
     items: list[EvalImage] = []
     for root in folders:
@@ -142,7 +142,7 @@ def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None 
                     continue
                 labels = item.labels if gt is not None else None
                 if replace_labels:
-                    labels = label_beside(item.image, masks_dir)
+                    labels = pairing.find_label(item.image, masks_dir)
                 items.append(EvalImage(folder.name, item.name, item.image, labels))
             for path in unlabelled:
                 name = path.stem[: -len("_img")] if path.stem.endswith("_img") else path.stem
@@ -251,15 +251,13 @@ def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[M
     """
     from tqdm import tqdm
 
-    from train.finetune import read_label_file
-
     out = Evaluation()
     mirrored = ModelRun(MIRRORED, teacher.segmenter)
     warmed = False
     for item in tqdm(items, desc="distill eval", unit="image", disable=not progress, file=sys.stderr):
         try:
             image = io.read_image(item.image)
-            truth = read_label_file(item.labels) if item.labels is not None else None
+            truth = pairing.read_label_file(item.labels) if item.labels is not None else None
         except io.InputFileError as exc:
             out.problems.append(str(exc))
             continue

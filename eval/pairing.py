@@ -1,17 +1,18 @@
-"""Find label images in two folder trees and pair them by name.
+"""Find label images in two folder trees and pair them by name (prediction vs ground truth).
 
-Rule (documented for users in `cpsam eval --help`):
+Rule (documented for users in `cpsam eval --help`); the naming parts come from `cpsam.pairing`:
 
-* Label files are `.tif`, `.tiff`, `.png` and `.npy` files anywhere under the folder; folders
-  whose name starts with `.` or `_` (e.g. `_qc`) are skipped.
-* A file's *key* is its name without the extension and without a trailing mask marker:
-  `_cp_masks`, `_masks`, `_mask`, `_labels` or `_label` (so `NAME.tif`, `NAME_masks.tif`,
-  `NAME_cp_masks.png` all have the key `NAME`); after a marker, a trailing `_img` or `_image` is
-  dropped too, so masks predicted for `NAME_img.tif` (`NAME_img_masks.tif`) pair with
-  `NAME_masks.tif`.
+* Label files are files with a label suffix (`cpsam.pairing.LABEL_SUFFIXES`: .tif, .tiff, .png, .npy,
+  ...) anywhere under the folder; folders whose name starts with `.` or `_` (e.g. `_qc`) are skipped.
+* A file's *key* is `cpsam.pairing.label_key`: its name without the extension and without a trailing
+  label marker `_masks`, `_cp_masks`, `_mask`, `_labels`, `_label` or `_seg` (NAME_seg.npy, the
+  Cellpose GUI's file), so `NAME.tif`, `NAME_masks.tif`, `NAME_cp_masks.png` and `NAME_seg.npy` all
+  have the key `NAME`; after a marker, a trailing `_img` or `_image` is dropped too, so masks
+  predicted for `NAME_img.tif` (`NAME_img_masks.tif`) pair with `NAME_masks.tif`.
 * If any file in a tree carries a marker, only marked files are label files there (so
   `NAME_img.tif`, flows and quick-look PNGs beside `NAME_masks.tif` are ignored); otherwise every
-  file is a label file.
+  file is a label file. A `NAME_seg.npy` beside a label image of the same key gives way to it (the
+  label image takes precedence, as in `cpsam.pairing`; `cpsam segment` writes both).
 * Files pair first by (sub-folder, key); what is left pairs by key alone when that key is unique
   in both trees (a flat prediction folder against a ground truth split into sub-folders).
 * The dataset of a pair is the first sub-folder of its reference (ground-truth) file, or the
@@ -26,9 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LABEL_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".npy")
-MASK_MARKERS: tuple[str, ...] = ("_cp_masks", "_masks", "_mask", "_labels", "_label")
-IMAGE_TAGS: tuple[str, ...] = ("_img", "_image")
+from cpsam.pairing import LABEL_SUFFIXES, SEG_TAG, images_among_labels, label_key, label_rank
 
 
 @dataclass(frozen=True)
@@ -61,35 +60,46 @@ class Pairing:
 
 
 def split_key(name: str) -> tuple[str, bool]:
-    """(key, had_marker) for a file name, e.g. 'a_cp_masks.png' -> ('a', True)."""
-    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
-    for marker in MASK_MARKERS:
-        if stem.endswith(marker) and len(stem) > len(marker):
-            key = stem[: -len(marker)]
-            for tag in IMAGE_TAGS:  # NAME_img_masks.tif: masks predicted for NAME_img.tif
-                if key.endswith(tag) and len(key) > len(tag):
-                    return key[: -len(tag)], True
-            return key, True
-    return stem, False
+    """(key, had_marker) for a file name, e.g. 'a_cp_masks.png' -> ('a', True) (`cpsam.pairing.label_key`)."""
+    key, tag = label_key(name)
+    return key, tag is not None
 
 
 def find_label_files(root: Path) -> list[LabelFile]:
-    """Label files under `root` (recursive), sorted by path; see the module rule."""
-    found: list[tuple[LabelFile, bool]] = []
+    """Label files under `root` (recursive), sorted by path; one per (folder, key), see the module rule."""
+    return _scan(root)[0]
+
+
+def _scan(root: Path) -> tuple[list[LabelFile], list[str]]:
+    """(label files, one per (folder, key)), ["key: path, path" for each (folder, key) of several label
+    images]: of several files of one key in one folder the first by `cpsam.pairing.label_rank` is used."""
+    found: list[tuple[LabelFile, str | None]] = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if any(part.startswith((".", "_")) for part in rel.parts[:-1]) or rel.name.startswith("."):
             continue
         if not path.is_file() or path.suffix.lower() not in LABEL_SUFFIXES:
             continue
-        key, marked = split_key(path.name)
+        key, tag = label_key(path.name)
         folder = rel.parent.as_posix()
-        found.append((LabelFile(path, key, "" if folder == "." else folder), marked))
-    if any(marked for _, marked in found):
-        return [f for f, marked in found if marked]
-    return [f for f, _ in found]
-
-
+        found.append((LabelFile(path, key, "" if folder == "." else folder), tag))
+    if any(tag is not None for _, tag in found):
+        by_folder: dict[Path, list[Path]] = {}
+        for f, _ in found:
+            by_folder.setdefault(f.path.parent, []).append(f.path)
+        also_images = set().union(*(images_among_labels(paths) for paths in by_folder.values()))
+        found = [(f, tag) for f, tag in found if tag is not None and f.path not in also_images]
+    groups: dict[tuple[str, str], list[tuple[LabelFile, str | None]]] = {}
+    for f, tag in found:
+        groups.setdefault((f.folder, f.key), []).append((f, tag))
+    files, duplicates = [], []
+    for (_, key), group in sorted(groups.items()):
+        group.sort(key=lambda ft: label_rank(ft[0].path.name))
+        files.append(group[0][0])
+        images = [f for f, tag in group if tag != SEG_TAG]  # a _seg.npy beside a label image gives way silently
+        if len(images) > 1:
+            duplicates.append(f"{key}: {', '.join(str(f.path) for f in sorted(images, key=lambda f: f.path))}")
+    return sorted(files, key=lambda f: f.path), duplicates
 def dataset_of(file: LabelFile, root: Path) -> str:
     """First sub-folder of the file under its root, or the root folder's own name."""
     return file.folder.split("/")[0] if file.folder else (root.resolve().name or str(root))
@@ -97,14 +107,8 @@ def dataset_of(file: LabelFile, root: Path) -> str:
 
 def pair_files(pred_root: Path, ref_root: Path) -> Pairing:
     """Pair predictions under `pred_root` with reference label files under `ref_root`."""
-    preds, refs = find_label_files(pred_root), find_label_files(ref_root)
-    out = Pairing()
-    for files in (preds, refs):
-        counts = Counter((f.folder, f.key) for f in files)
-        for (folder, key), n in sorted(counts.items()):
-            if n > 1:
-                paths = ", ".join(str(f.path) for f in files if (f.folder, f.key) == (folder, key))
-                out.duplicates.append(f"{key}: {paths}")
+    (preds, pred_dups), (refs, ref_dups) = _scan(pred_root), _scan(ref_root)
+    out = Pairing(duplicates=pred_dups + ref_dups)
     pred_by_loc = {(f.folder, f.key): f for f in preds}
     left_refs: list[LabelFile] = []
     used: set[Path] = set()

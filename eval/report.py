@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cpsam.io import InputFileError, atomic_path, atomic_paths, read_labels
+from cpsam.io import InputFileError, atomic_path, atomic_paths
+from cpsam.pairing import read_label_file
 from eval.metrics import COUNT_FIELDS, DEFAULT_THRESHOLDS, ImageScores, score_image
 from eval.pairing import Pair, Pairing
 
@@ -36,8 +37,8 @@ class ImageResult:
 def score_pair(pair: Pair, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> ImageResult:
     """Read and score one pair; unreadable files or shape mismatches become `error` (naming the file)."""
     try:
-        ref = read_labels(pair.reference)
-        pred = read_labels(pair.prediction)
+        ref = read_label_file(pair.reference)
+        pred = read_label_file(pair.prediction)
     except InputFileError as exc:
         return ImageResult(pair, None, str(exc))
     if ref.shape != pred.shape:

@@ -19,6 +19,7 @@ from conftest import shared_path
 
 from cpsam.cli import main as cpsam_main
 from cpsam.io import write_labels, write_tiff
+from cpsam.pairing import read_label_file
 from train.finetune import FinetuneError, find_labelled_images, finetune, split_names
 
 
@@ -47,8 +48,6 @@ def test_labels_are_found_the_way_users_keep_them(tmp_path):
     assert [i.name for i in items] == ["a", "b", "c"]
     assert [p.name for p in unlabelled] == ["unlabelled.tif"]
     assert {i.name: i.labels.name for i in items} == {"a": "a_masks.tif", "b": "b_cp_masks.png", "c": "c_seg.npy"}
-    from train.finetune import read_label_file
-
     for item in items:
         np.testing.assert_array_equal(read_label_file(item.labels), truth[item.name])
     # a separate masks folder: NAME.* there

@@ -13,6 +13,8 @@ from cellpose import utils as cp_utils
 from conftest import shared_path
 
 from cpsam import io
+from cpsam.pairing import read_label_file
+from cpsam.safe_npy import load_npy_dict
 
 GOLDEN = ["cpm15_image01", "neurips22_cell_00849", "Fluo-N2DL-HeLa_01_t013"]
 
@@ -42,11 +44,12 @@ def test_seg_npy_equals_cellpose_masks_flows_to_seg(name: str, tmp_path: Path) -
     image_file.parent.mkdir()
     cp_io.masks_flows_to_seg([np.zeros(masks.shape)], [masks], [[cp_plot.dx_to_circ(dP), dP, cellprob]],
                              [str(image_file)], channels=[0, 0])
-    theirs = np.load(tmp_path / "cp" / f"{name}_seg.npy", allow_pickle=True).item()
+    theirs = load_npy_dict(tmp_path / "cp" / f"{name}_seg.npy")  # the safe reader takes cellpose's file
 
     ours_path = io.write_seg_npy(tmp_path / f"{name}_seg.npy",
                                  io.seg_npy_dict(masks, dP, cellprob, image_file, channels=[0, 0]))
-    ours = np.load(ours_path, allow_pickle=True).item()
+    ours = load_npy_dict(ours_path)
+    np.testing.assert_array_equal(read_label_file(ours_path), masks)  # how prep, finetune and eval read it
     assert set(ours) == set(theirs)
     for key in ("outlines", "masks", "ismanual"):
         assert ours[key].dtype == theirs[key].dtype

@@ -41,8 +41,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cpsam import io
+from cpsam import io, pairing
 from cpsam.models.cellpose_sam import CellposeSAM
+from cpsam.pairing import read_label_file
 from cpsam.segment import Segmenter
 from cpsam.transforms import select_channels, to_channels_last
 from train.augment import AugmentConfig
@@ -50,8 +51,6 @@ from train.config import ConfigError, TrainConfig, apply_overrides, preset
 from train.degrade import DegradeConfig
 from train.schedule import ScheduleConfig
 
-LABEL_TAGS = ("_masks", "_cp_masks", "_mask", "_labels", "_label")
-OUTPUT_TAGS = LABEL_TAGS + ("_seg", "_outlines", "_flows", "_img_outlines")
 MIN_IMAGES = 2  # one to train on, one to validate
 THRESHOLDS = (0.5, 0.75, 0.9)
 RESULT_COLUMNS = (
@@ -103,29 +102,6 @@ class FinetuneResult:
 
 
 # --------------------------------------------------------------------------------------------- labels
-def _is_image(path: Path) -> bool:
-    return (path.is_file() and not path.name.startswith(".") and path.suffix.lower() in io.IMAGE_SUFFIXES
-            and not path.stem.endswith(OUTPUT_TAGS))
-
-
-def label_beside(image: Path, masks_dir: Path | None) -> Path | None:
-    """The label file of `image`: in `masks_dir` (NAME.*, NAME_masks.*, ...) when given, else beside the image
-    (NAME_masks.*, NAME_cp_masks.*, NAME_mask.*, NAME_labels.*, NAME_seg.npy); None when there is none."""
-    stem = image.stem[: -len("_img")] if image.stem.endswith("_img") else image.stem
-    folders = [masks_dir] if masks_dir is not None else [image.parent]
-    for folder in folders:
-        candidates = [folder / f"{image.stem}{s}" for s in io.IMAGE_SUFFIXES] if masks_dir is not None else []
-        for tag in LABEL_TAGS:
-            candidates += [folder / f"{stem}{tag}{s}" for s in io.IMAGE_SUFFIXES]
-            if stem != image.stem:
-                candidates += [folder / f"{image.stem}{tag}{s}" for s in io.IMAGE_SUFFIXES]
-        candidates += [folder / f"{image.stem}_seg.npy", folder / f"{stem}_seg.npy"]
-        for candidate in candidates:
-            if candidate.is_file() and candidate != image:
-                return candidate
-    return None
-
-
 def looked_for(images: Path, masks: Path | None) -> str:
     """Where labels were looked for, in words (for the 'too few labelled images' message)."""
     where = f"in {masks} (NAME.* or NAME_masks.*)" if masks is not None else (
@@ -135,10 +111,11 @@ def looked_for(images: Path, masks: Path | None) -> str:
 
 def find_labelled_images(images: str | os.PathLike[str], masks: str | os.PathLike[str] | None = None
                          ) -> tuple[list[LabelledImage], list[Path]]:
-    """(labelled images sorted by name, images without labels) in the folder `images`.
+    """(labelled images sorted by image path, images without labels) in the folder `images`.
 
-    A canonical dataset folder (with index.csv) yields all of its examples. Raises FinetuneError
-    when the folder does not exist or two labelled images share a name.
+    Images and labels pair by `cpsam.pairing` (labels beside the images, or in `masks`). A canonical
+    dataset folder (with index.csv) yields all of its examples. Raises FinetuneError when the folder does
+    not exist or two labelled images share a name (NAME_img.tif and NAME.png are both 'NAME').
     """
     root = Path(images)
     if not root.is_dir():
@@ -152,36 +129,21 @@ def find_labelled_images(images: str | os.PathLike[str], masks: str | os.PathLik
     masks_dir = Path(masks) if masks is not None else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise FinetuneError(f"--masks {masks_dir}: no such folder")
-    found, unlabelled, seen = [], [], {}
-    for image in sorted(p for p in root.iterdir() if _is_image(p)):
-        label = label_beside(image, masks_dir)
-        if label is None:
-            unlabelled.append(image)
-            continue
+    folder = pairing.pair_folder(root, masks_dir)
+    found, seen = [], {}
+    for image, label in folder.pairs:
         name = image.stem[: -len("_img")] if image.stem.endswith("_img") else image.stem
         if name in seen:
             raise FinetuneError(f"{image} and {seen[name]} have the same name {name!r}; rename one")
         seen[name] = image
         found.append(LabelledImage(name, image, label))
+    for image, _ in folder.contested:  # another image took its label file: one of the same name, or unlabelled
+        name = image.stem[: -len("_img")] if image.stem.endswith("_img") else image.stem
+        if name in seen:
+            first, second = sorted((image, seen[name]))
+            raise FinetuneError(f"{second} and {first} have the same name {name!r}; rename one")
+    unlabelled = sorted(folder.unlabelled + [image for image, _ in folder.contested])
     return found, unlabelled
-
-
-def read_label_file(path: Path) -> np.ndarray:
-    """(H, W) labels from a label image, or the 'masks' of a Cellpose GUI `_seg.npy` (read safely)."""
-    if path.name.endswith("_seg.npy"):
-        from cpsam.safe_npy import UnsafeOrInvalidNpy, load_npy_dict
-
-        try:
-            data = load_npy_dict(path)
-        except (OSError, UnsafeOrInvalidNpy) as exc:
-            raise io.InputFileError(path, f"not a readable Cellpose _seg.npy file ({exc})") from exc
-        if "masks" not in data or np.asarray(data["masks"]).ndim != 2:
-            raise io.InputFileError(path, "no 2-D 'masks' entry (not a Cellpose _seg.npy file)")
-        masks = np.asarray(data["masks"])
-        if not np.issubdtype(masks.dtype, np.integer) or (masks.size and masks.min() < 0):
-            raise io.InputFileError(path, f"'masks' must hold non-negative integer ids, got {masks.dtype}")
-        return masks
-    return io.read_labels(path)
 
 
 def split_names(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cpsam.io import IMAGE_SUFFIXES, InputFileError, read_image, read_labels
+from cpsam import pairing
+from cpsam.io import IMAGE_SUFFIXES, InputFileError, read_image
 from data_prep.sources.base import Example, Item, Source, rel, safe_name
 
-_MASK_TAGS = ("_masks", "_mask", "_labels", "_label")
-_IMG_TAGS = ("_img", "_image", "")
+_LOOKED_FOR = ("NAME_masks.*, _cp_masks, _mask, _labels, _label, NAME_seg.npy, "
+               "or masks/NAME.* beside images/")
 _SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
 
 
@@ -28,9 +29,9 @@ class Folder(Source):
     size = "-"
     manual = "  Nothing to download: point --raw at your folder."
     layout = """
-    NAME_img.tif + NAME_masks.tif, or NAME.tif + NAME_masks.tif (Cellpose convention; also _mask,
-    _labels, _label; any of .tif .tiff .png .npy ...), searched recursively;
-    or images/NAME.ext + masks/NAME.ext.
+    NAME_img.tif + NAME_masks.tif, or NAME.tif + NAME_masks.tif (Cellpose convention; also _cp_masks,
+    _mask, _labels, _label, NAME_seg.npy; any of .tif .tiff .png .npy ...), searched recursively;
+    or images/NAME.ext + masks/NAME.ext (the rule of cpsam.pairing).
     Masks: 2-D integer instance ids, 0 = background. A sub-folder named train/val/test sets the split,
     otherwise --split (default train).
     """
@@ -40,43 +41,28 @@ class Folder(Source):
         self.split = split
 
     def items(self, raw: Path) -> list[Item]:
-        """Image/mask pairs; every image without a mask and every mask without an image becomes an
-        item whose `load` raises InputFileError naming the file (listed and counted, never fatal)."""
-        files = sorted(
-            p
-            for p in raw.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_SUFFIXES
-            and not p.name.startswith(".")
-            and not p.name.endswith("_seg.npy")
-            and not p.stem.endswith("_flows")
-        )
-        by_stem = {(p.parent, p.stem): p for p in files}
-        tagged = {p: _image_of(p, by_stem) for p in files if _mask_tag(p.stem) is not None}
-        # a tagged name that is the image of another mask is an image (cell_mask.tif + cell_mask_masks.tif)
-        images_of_masks = {img for img in tagged.values() if img is not None}
-        masks = {m: img for m, img in tagged.items() if m not in images_of_masks}
+        """Image/label pairs by `cpsam.pairing`, folder by folder; every image without a label, label file
+        without an image, and label file passed over for one that takes precedence becomes an item whose
+        `load` raises InputFileError naming the file (listed and counted, never fatal)."""
         pairs: list[tuple[Path, Path]] = []
         orphans: list[tuple[Path, str]] = []
-        for m, img in masks.items():
-            if img is None:
-                base = m.stem[: -len(_mask_tag(m.stem) or "")]
-                orphans.append((m, f"mask without an image beside it (looked for {base}{{_img,_image,}}.*)"))
-            else:
-                pairs.append((img, m))
-        used = {p for pair in pairs for p in pair} | {m for m, _ in orphans}
-        for mask_dir in sorted(d for d in raw.rglob("masks") if d.is_dir()):
-            for m in sorted(q for q in mask_dir.iterdir() if q in set(files) - used):
-                img = by_stem.get((mask_dir.parent / "images", m.stem))
-                if img is None:
-                    orphans.append((m, f"mask without an image (looked for {mask_dir.parent / 'images' / m.stem}.*)"))
+        for folder in [raw, *sorted(d for d in raw.rglob("*") if d.is_dir())]:
+            if folder != raw and folder.name == "masks" and (folder.parent / "images").is_dir():
+                continue  # paired with images/ beside it
+            masks_dir = folder.parent / "masks"
+            found = pairing.pair_folder(
+                folder, masks_dir if folder != raw and folder.name == "images" and masks_dir.is_dir() else None)
+            pairs += found.pairs
+            orphans += [(p, f"image without a mask (looked for {_LOOKED_FOR})") for p in found.unlabelled]
+            orphans += [(p, f"image without a mask: its mask {m.name} belongs to another image")
+                        for p, m in found.contested]
+            orphans += [(m, f"mask not used: {first.name} takes precedence") for m, first in found.shadowed]
+            for m in found.orphans:
+                if m.parent == folder:
+                    base = m.stem[: -len(pairing.label_tag(m.name) or "")]
+                    orphans.append((m, f"mask without an image beside it (looked for {base}{{_img,_image,}}.*)"))
                 else:
-                    pairs.append((img, m))
-                used |= {m} if img is None else {img, m}
-        for p in files:
-            if p not in used:
-                orphans.append((p, "image without a mask (looked for NAME_masks.*, _mask, _labels, _label, "
-                                   "or masks/NAME.* beside images/)"))
+                    orphans.append((m, f"mask without an image (looked for {folder / m.stem}.*)"))
         items = [self._pair_item(raw, img, m) for img, m in pairs]
         items += [Item(name=f"{rel(p, raw)}#unpaired", split=_split_of(p, raw, self.split),
                        ref=(rel(p, raw), problem), source=rel(p, raw)) for p, problem in sorted(orphans)]
@@ -91,18 +77,7 @@ class Folder(Source):
     def load(self, raw: Path, item: Item) -> Example:
         if item.name.endswith("#unpaired"):  # ref = (file, problem), see `items`
             raise InputFileError(raw / item.ref[0], item.ref[1])
-        return Example(read_image(raw / item.ref[0]), read_labels(raw / item.ref[1]))
-
-
-def _mask_tag(stem: str) -> str | None:
-    """The mask marker a file stem ends with (_masks, _mask, _labels, _label), or None."""
-    return next((t for t in _MASK_TAGS if stem.endswith(t)), None)
-
-
-def _image_of(mask: Path, by_stem: dict[tuple[Path, str], Path]) -> Path | None:
-    """The image beside a tagged mask file (BASE_img.*, BASE_image.*, BASE.*), or None."""
-    base = mask.stem[: -len(_mask_tag(mask.stem) or "")]
-    return next((by_stem[(mask.parent, base + t)] for t in _IMG_TAGS if (mask.parent, base + t) in by_stem), None)
+        return Example(read_image(raw / item.ref[0]), pairing.read_label_file(raw / item.ref[1]))
 
 
 class SegNpy(Source):
@@ -122,8 +97,8 @@ class SegNpy(Source):
 
     def items(self, raw: Path) -> list[Item]:
         items = []
-        for seg in sorted(raw.rglob("*_seg.npy")):
-            base = seg.name[: -len("_seg.npy")]
+        for seg in sorted(raw.rglob("*" + pairing.SEG_NPY)):
+            base = seg.name[: -len(pairing.SEG_NPY)]
             img = next(
                 (
                     seg.with_name(base + s)
@@ -145,16 +120,8 @@ class SegNpy(Source):
 
     def load(self, raw: Path, item: Item) -> Example:
         path = raw / item.ref[0]
-        try:
-            # Cellpose stores a pickled dict; only open _seg.npy files you trust.
-            dat = np.load(path, allow_pickle=True).item()
-        except (ValueError, OSError, AttributeError) as exc:
-            raise InputFileError(path, f"not a Cellpose _seg.npy file ({exc})") from exc
-        if not isinstance(dat, dict) or "masks" not in dat:
-            raise InputFileError(path, "no 'masks' entry (not a Cellpose _seg.npy file)")
+        dat = pairing.read_seg_npy(path)  # a pickled dict, read without running code; masks checked
         masks = np.asarray(dat["masks"])
-        if masks.ndim != 2:
-            raise InputFileError(path, f"masks must be 2-D, got {masks.shape}")
         if item.ref[1]:
             image = read_image(raw / item.ref[1])
         elif "img" in dat:
