@@ -15,12 +15,11 @@ Exit code: 0 all done, 1 some file failed, 2 usage error (bad option, unusable -
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,70 +28,14 @@ import torch
 from tqdm import tqdm
 
 from cpsam import io
+from cpsam.cli_types import finite_float, non_negative_float, non_negative_int, positive_int, torch_device
 from cpsam.segment import ImageError, Segmenter, SegmentResult
 
 OUTPUT_SUFFIXES = ("_masks", "_outlines", "_seg", "_flows", "_cp_masks")
 OUTPUT_FILES = ("_masks.tif", "_seg.npy", "_outlines.png")  # the last one is written last
 
 
-# --------------------------------------------------------------------------- option types
-
-
-def _number(kind: Callable[[str], float], text: str) -> float:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0 (NaN, Inf and negative values are usage errors)."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative (give 0 for the default)")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite float."""
-    return _number(float, text)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(_number(int, text))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(_number(int, text))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def torch_device(text: str) -> torch.device:
-    """argparse type: a torch device that exists here (cpu, cuda, cuda:1, mps)."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and mps devices are supported")
-    return device
+# --------------------------------------------------------------------------- options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

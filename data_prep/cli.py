@@ -14,50 +14,39 @@ cpsam prep info ROOT... [--quick]                   summary; reads and checks ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from cpsam.io import (
-    InputFileError,
-    OutputPathError,
-    check_output_dir,
-    describe_os_error,
-    interrupt_exit_code,
-    interrupt_name,
-    terminate_as_interrupt,
-)
+from cpsam.cli_types import positive_int
+from cpsam.command import UsageError, exit_codes, interruptible
+from cpsam.io import InputFileError, OutputPathError, check_output_dir
+
+WORKERS = min(8, os.cpu_count() or 1)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 and negative values are usage errors)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `cpsam prep` sub-subcommands."""
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = sub.add_parser("list", help="datasets with licence, size and how to obtain them")
+def add_list_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep list`."""
     p.add_argument("-v", "--verbose", action="store_true", help="also print URLs and the expected raw layout")
     p.add_argument("name", nargs="?", help="show one dataset only (implies -v)")
 
-    p = sub.add_parser("download", help="download a dataset with a public URL (resumable, verified)")
+
+def add_download_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep download`."""
     p.add_argument("name")
     p.add_argument("--out", required=True, type=Path, help="folder for the archives (and extracted files)")
     p.add_argument("--no-extract", action="store_true", help="keep the archives packed")
     p.add_argument("--only", default=None, help="only files whose name contains this text (e.g. U373)")
 
-    p = sub.add_parser("convert", help="convert a raw dataset folder into the canonical format")
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep convert`."""
     p.add_argument("name")
     p.add_argument("--raw", required=True, type=Path, help="the raw folder in the documented layout")
     p.add_argument("--out", required=True, type=Path, help="canonical dataset folder (created / extended)")
-    p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="processes")
+    p.add_argument("--workers", type=positive_int, default=WORKERS, help="processes")
     p.add_argument("--limit", type=positive_int, default=None, help="convert only the first N examples (N >= 1)")
     p.add_argument(
         "--split",
@@ -66,12 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split for `folder` / `seg_npy` sources without train/val/test sub-folders",
     )
 
-    p = sub.add_parser("flows", help="fill the flow cache flows/NAME.tif of a canonical dataset")
+
+def add_flows_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep flows`."""
     p.add_argument("root", type=Path)
-    p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--workers", type=positive_int, default=WORKERS)
     p.add_argument("--force", action="store_true", help="recompute existing flow files")
 
-    p = sub.add_parser("synth", help="write synthetic cells with masks as a canonical dataset")
+
+def add_synth_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep synth`."""
     p.add_argument("out", type=Path)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--modality", choices=("fluorescence", "phase"), default="fluorescence")
@@ -82,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=("train", "val", "test"))
 
-    p = sub.add_parser("timelapse", help="random frames x random crops from time-lapse stacks")
+
+def add_timelapse_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep timelapse`."""
     p.add_argument("stacks", nargs="+", type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--masks", nargs="+", type=Path, default=None, help="matching label stacks (optional)")
@@ -91,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--border", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("subimages", help="cut a canonical dataset into tiles or per-cell windows")
+
+def add_subimages_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep subimages`."""
     p.add_argument("root", type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--mode", choices=("tiles", "cells"), default="tiles")
@@ -99,20 +96,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=0)
     p.add_argument("--context", type=float, default=2.0, help="cells: window side / object bbox side")
 
-    p = sub.add_parser(
-        "info", help="images, objects and diameters per dataset and split of canonical folders"
-    )
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep info`."""
     p.add_argument("roots", nargs="+", type=Path)
     p.add_argument("--quick", action="store_true",
                    help="read index.csv only (by default every image and mask is read and checked: NaN/Inf "
                         "pixels, unreadable files, sizes)")
 
-    p = sub.add_parser("export", help="write a canonical dataset as NAME_img.tif / NAME_masks.tif pairs")
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam prep export`."""
     p.add_argument("root", type=Path)
     p.add_argument("--out", required=True, type=Path)
 
 
-def _list(args) -> int:
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    """The error policy of every `cpsam prep` command (each `run_NAME` is decorated with it): a file, download or
+    value problem is one line, exit 1 (an unusable --out: 2); Ctrl-C / SIGTERM exit 130 / 143, finished files
+    complete."""
+    from data_prep.download import DownloadError  # here: its HTTP client loads only for `cpsam prep`
+
+    with interruptible("finished files are complete (each is written atomically), rerun the same command to "
+                       "continue"):
+        with exit_codes(((InputFileError, DownloadError, KeyError, ValueError, OSError), 1)):
+            yield
+
+
+@_reported()
+def run_list(args: argparse.Namespace) -> int:
+    """`cpsam prep list`; returns the exit code."""
     from data_prep.sources import SOURCES
 
     names = [args.name] if args.name else list(SOURCES)
@@ -129,7 +143,9 @@ def _list(args) -> int:
     return 0
 
 
-def _download(args) -> int:
+@_reported()
+def run_download(args: argparse.Namespace) -> int:
+    """`cpsam prep download`; returns the exit code."""
     from data_prep.download import download, extract
     from data_prep.sources import get_source
 
@@ -148,7 +164,9 @@ def _download(args) -> int:
     return 0
 
 
-def _convert(args) -> int:
+@_reported()
+def run_convert(args: argparse.Namespace) -> int:
+    """`cpsam prep convert`; returns the exit code."""
     from data_prep.convert import convert
     from data_prep.sources import get_source
 
@@ -160,8 +178,7 @@ def _convert(args) -> int:
     try:
         check_output_dir(args.out)
     except OutputPathError as exc:
-        print(f"cpsam prep convert: --out {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {exc}") from exc
     rep = convert(src, args.raw, args.out, workers=args.workers, limit=args.limit)  # prints each failure once
     print(
         f"{src.name}: {rep.written} written, {rep.skipped} already done, {len(rep.failed)} failed "
@@ -186,7 +203,9 @@ def _report_bad_examples(ds, action: str) -> int:
     return n_bad
 
 
-def _flows(args) -> int:
+@_reported()
+def run_flows(args: argparse.Namespace) -> int:
+    """`cpsam prep flows`; returns the exit code."""
     from data_prep.canonical import CanonicalDataset
     from data_prep.flows import fill_flow_cache
 
@@ -199,7 +218,9 @@ def _flows(args) -> int:
     return 1 if n_bad else 0
 
 
-def _synth(args) -> int:
+@_reported()
+def run_synth(args: argparse.Namespace) -> int:
+    """`cpsam prep synth`; returns the exit code."""
     from data_prep.synthetic import SyntheticConfig, write_synthetic_dataset
 
     cfg = SyntheticConfig(
@@ -214,7 +235,9 @@ def _synth(args) -> int:
     return 0
 
 
-def _timelapse(args) -> int:
+@_reported()
+def run_timelapse(args: argparse.Namespace) -> int:
+    """`cpsam prep timelapse`; returns the exit code."""
     from data_prep.timelapse import timelapse_crops
 
     out = timelapse_crops(
@@ -230,7 +253,9 @@ def _timelapse(args) -> int:
     return 0
 
 
-def _subimages(args) -> int:
+@_reported()
+def run_subimages(args: argparse.Namespace) -> int:
+    """`cpsam prep subimages`; returns the exit code."""
     from data_prep.subimages import make_subimages
 
     rows = make_subimages(
@@ -240,7 +265,9 @@ def _subimages(args) -> int:
     return 0
 
 
-def _info(args) -> int:
+@_reported()
+def run_info(args: argparse.Namespace) -> int:
+    """`cpsam prep info`; returns the exit code."""
     from data_prep.canonical import CanonicalDataset
 
     ds = CanonicalDataset(args.roots)
@@ -254,42 +281,10 @@ def _info(args) -> int:
     return 1 if n_bad else 0
 
 
-def _export(args) -> int:
+@_reported()
+def run_export(args: argparse.Namespace) -> int:
+    """`cpsam prep export`; returns the exit code."""
     from data_prep.canonical import export_pairs
 
     print(f"{export_pairs(args.root, args.out)} pairs -> {args.out}")
     return 0
-
-
-_ACTIONS = {
-    "list": _list,
-    "download": _download,
-    "convert": _convert,
-    "flows": _flows,
-    "synth": _synth,
-    "timelapse": _timelapse,
-    "subimages": _subimages,
-    "info": _info,
-    "export": _export,
-}
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run one `cpsam prep` action; errors about files are reported in one line, exit code 1
-    (2 for an unusable --out, 130 / 143 when interrupted by Ctrl-C / SIGTERM)."""
-    from data_prep.download import DownloadError
-
-    with terminate_as_interrupt():
-        try:
-            return _ACTIONS[args.action](args)
-        except (InputFileError, DownloadError, KeyError, ValueError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"cpsam prep {args.action}: error: {msg}", file=sys.stderr)
-            return 1
-        except OSError as exc:
-            print(f"cpsam prep {args.action}: error: {describe_os_error(exc)}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt as exc:
-            print(f"cpsam prep {args.action}: interrupted by {interrupt_name(exc)}; finished files are complete "
-                  "(each is written atomically), rerun the same command to continue", file=sys.stderr)
-            return interrupt_exit_code(exc)

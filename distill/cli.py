@@ -17,21 +17,13 @@ Exit codes: 0 done, 1 the run failed, 2 bad request (options, files, config), 12
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 from pathlib import Path
 
 from cpsam import io
-from cpsam.segment_cli import finite_float, non_negative_float, non_negative_int, positive_int
-from train.finetune_cli import _fraction  # the [0, 1) validator of --val-fraction, shared with finetune
+from cpsam.cli_types import finite_float, fraction, non_negative_float, non_negative_int, positive_int
+from cpsam.command import UsageError, exit_codes, interruptible
 
-# sub-commands: name -> (module, help); the default action (no sub-command) trains a student
-ACTIONS = {
-    "cache": ("distill.cli", "store the teacher's outputs for K augmented views per image (resumable, sharded)"),
-    "eval": ("distill.evaluate", "compare students with the teacher (binarized IoU, counts, AP) per image and folder"),
-    "export": ("distill.export", "a student as one TorchScript / ONNX file with normalization and masks inside"),
-}
-INTERMIXED_ARGS = True  # key=value overrides may come before and after the options (cpsam.cli)
+RESUME_HINT = "rerun the same command to resume"
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +36,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "else its own diameter)")
     parser.add_argument("--channels", type=non_negative_int, nargs=2, metavar=("SEG", "NUC"), default=None,
                         help="cellpose-3 channels for the teacher (0 0 = grayscale); default: the first channels")
-    parser.add_argument("--val-fraction", type=_fraction, default=0.2,
+    parser.add_argument("--val-fraction", type=fraction, default=0.2,
                         help="fraction of each source folder's images held out for validation (default 0.2; at "
                              "least one in every folder of two or more)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the crops and training (default 0)")
@@ -56,7 +48,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the default action (train a student)."""
+    """Options of `cpsam distill` without a sub-command: train a student."""
     parser.add_argument("--images", type=Path, default=None,
                         help="folder of images (masks not needed; subfolders = source folders), a canonical dataset "
                              "or a folder of canonical datasets; optional with kd.cache=CACHE")
@@ -86,58 +78,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `cpsam distill` (training); a first word cache / eval / export selects that sub-command."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "sub-commands (cpsam distill NAME --help):\n" + "\n".join(
-        f"  {name:7s} {help_}" for name, (_, help_) in ACTIONS.items())
-    add_train_arguments(parser)
-    default_parse = parser.parse_intermixed_args
-
-    def parse(args=None, namespace=None):  # noqa: ANN001 - argparse's own signature
-        argv = list(sys.argv[1:] if args is None else args)
-        if argv and argv[0] in ACTIONS:
-            return _parse_action(parser.prog, argv[0], argv[1:])
-        parsed = default_parse(argv, namespace)
-        parsed.action = "train"
-        return parsed
-
-    # sub-commands before the training options: argparse cannot mix sub-parsers with free key=value positionals
-    parser.parse_intermixed_args = parse  # type: ignore[method-assign]
-    parser.parse_args = parse  # type: ignore[method-assign]
-
-
-def _parse_action(prog: str, action: str, argv: list[str]) -> argparse.Namespace:
-    module_name, help_ = ACTIONS[action]
-    sub = argparse.ArgumentParser(prog=f"{prog} {action}", description=help_)
-    if action == "cache":
-        add_cache_arguments(sub)
-        parsed = sub.parse_intermixed_args(argv)
-    else:
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub)
-        parse = sub.parse_intermixed_args if getattr(module, "INTERMIXED_ARGS", False) else sub.parse_args
-        parsed = parse(argv)
-    parsed.action = action
-    return parsed
-
-
 def _rules(args: argparse.Namespace) -> dict:
     return {"flow_threshold": args.flow_threshold, "cellprob_threshold": args.cellprob_threshold, "niter": args.niter}
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the chosen action; returns the exit code (module docstring)."""
-    action = getattr(args, "action", "train")
-    if action in ("eval", "export"):
-        return int(importlib.import_module(ACTIONS[action][0]).run(args) or 0)
-    with io.terminate_as_interrupt():
-        try:
-            return run_cache(args) if action == "cache" else run_train(args)
-        except KeyboardInterrupt as exc:
-            print(f"cpsam distill: interrupted by {io.interrupt_name(exc)}; rerun the same command to resume",
-                  file=sys.stderr)
-            return io.interrupt_exit_code(exc)
 
 
 def _load_teacher(specs: list[str] | None):
@@ -158,7 +100,8 @@ def _cache_teacher(overrides: list[str]) -> list[str] | None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """The default action: distill a student (distill.workflow.distill)."""
+    """`cpsam distill` without a sub-command: distill a student (distill.workflow.distill); 0 done, 1 failed run,
+    2 bad request, 128 + N interrupted by signal N (rerun to resume)."""
     from distill.cache import CacheError
     from distill.pseudo_labels import PseudoLabelError
     from distill.teachers import TeacherError
@@ -168,20 +111,15 @@ def run_train(args: argparse.Namespace) -> int:
 
     missing = [opt for opt, value in (("--student", args.student), ("--out", args.out)) if not value]
     if missing:
-        print(f"cpsam distill: give {' and '.join(missing)} (or a sub-command: {', '.join(ACTIONS)})", file=sys.stderr)
-        return 2
-    try:
+        raise UsageError(f"give {' and '.join(missing)} (or a sub-command: cache, eval, export)")
+    with interruptible(RESUME_HINT), exit_codes(
+            ((DistillError, ConfigError, TeacherError, CacheError, PseudoLabelError, ValueError), 2),
+            ((TrainingError, io.InputFileError, OSError), 1)):
         teacher = _load_teacher(args.teacher or _cache_teacher(args.overrides))
         result = distill(teacher, args.images, args.student, args.out, overrides=args.overrides,
                          val_fraction=args.val_fraction, seed=args.seed, diameter=args.diameter or None,
                          channels=args.channels, rules=_rules(args), seed_search_n=args.seed_search,
                          size_epochs=args.size_epochs, progress=not args.quiet)
-    except (DistillError, ConfigError, TeacherError, CacheError, PseudoLabelError, ValueError) as exc:
-        print(f"cpsam distill: {exc}", file=sys.stderr)
-        return 2
-    except (TrainingError, io.InputFileError, OSError) as exc:
-        print(f"cpsam distill: {exc}", file=sys.stderr)
-        return 1
     ap = f"best validation AP@0.5 against the teacher's masks {result.best_ap50:.3f}" if result.best_ap50 is not None \
         else "no validation"
     print(f"cpsam distill: student {args.student} (seed {result.seed}) -> {result.model_path}; {ap}; "
@@ -200,7 +138,8 @@ def _feature_names(text: str, teacher) -> list[str] | None:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    """`cpsam distill cache`: label raw images if needed, build (or resume) the cache, optionally verify it."""
+    """`cpsam distill cache`: label raw images if needed, build (or resume) the cache, optionally verify it; exit
+    codes as `run_train`."""
     from accelerate import PartialState
 
     from distill.cache import CacheError, TeacherCache, build_cache, verify_cache
@@ -212,7 +151,9 @@ def run_cache(args: argparse.Namespace) -> int:
     from train.loop import runs_on_cpu
 
     state = PartialState(cpu=runs_on_cpu())
-    try:
+    with interruptible(RESUME_HINT), exit_codes(
+            ((DistillError, ConfigError, TeacherError, CacheError, PseudoLabelError, ValueError), 2),
+            ((io.InputFileError, OSError), 1)):
         teacher = _load_teacher(args.teacher)
         plan = None
         if state.is_main_process:  # the teacher labels raw images once, before any process reads them
@@ -235,10 +176,4 @@ def run_cache(args: argparse.Namespace) -> int:
               f"already there, {report.seconds:.0f} s -> {args.out}")
         if args.verify and state.is_main_process:
             print(f"cpsam distill cache: {verify_cache(TeacherCache(args.out), teacher, args.verify).line()}")
-    except (DistillError, ConfigError, TeacherError, CacheError, PseudoLabelError, ValueError) as exc:
-        print(f"cpsam distill cache: {exc}", file=sys.stderr)
-        return 2
-    except (io.InputFileError, OSError) as exc:
-        print(f"cpsam distill cache: {exc}", file=sys.stderr)
-        return 1
     return 0

@@ -52,8 +52,9 @@ import torch
 from torch import nn
 
 from cpsam import io, pairing
+from cpsam.cli_types import non_negative_float, non_negative_int, positive_int, torch_device
 from cpsam.segment import ImageError, InferenceRules, Segmenter, rules_for
-from cpsam.segment_cli import non_negative_float, non_negative_int, positive_int, resolve_model, torch_device
+from cpsam.segment_cli import resolve_model
 from eval.metrics import DEFAULT_THRESHOLDS, ImageScores, score_image
 from eval.pairing import Pair
 from eval.report import ALL_DATASETS, ImageResult, markdown_table, summary_rows

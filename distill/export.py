@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpsam import io
+from cpsam.cli_types import positive_int
 from cpsam.segment import CPU_SUB_BATCH, InferenceRules, rules_for
-from cpsam.segment_cli import positive_int
 
 # TorchScript functions cannot read module globals: the constants below are repeated as locals where used
 # (cpsam.transforms' PERCENTILE_SUBSAMPLE_ABOVE = 224**3, PERCENTILE_SUBSAMPLE_STEP = 224, PAD_DIV = 16).

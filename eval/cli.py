@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cpsam.command import UsageError, interruptible
+
 PAIRING_HELP = """\
 pairing: label files are .tif/.tiff/.png/.npy anywhere under a folder (folders starting with '.' or
 '_' are skipped). A file's name without extension and without a trailing _cp_masks, _masks, _mask,
@@ -33,18 +35,8 @@ outputs with --out R.csv: R.csv (per image, every column), R_summary.csv (datase
 without --gt only that is done."""
 
 
-# `cpsam eval WORD ...` runs another module (cpsam.cli dispatches)
-NESTED_COMMANDS = {
-    "invariance": ("eval.invariance", "the paper's invariance benchmark (noise, blur, downsampling, size, channel "
-                   "order) for any model: AP against degradation level"),
-    "paper": ("eval.paper", "the paper's per-dataset tables (its channel placement, niter 2000 for bacteria) and "
-              "the human-consensus bound"),
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `cpsam eval` (`cpsam eval invariance --help` for the invariance benchmark)."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    """Options of `cpsam eval` (its sub-commands `paper` and `invariance` are eval/paper.py, eval/invariance.py)."""
     parser.epilog = PAIRING_HELP
     parser.add_argument("--pred", type=Path, required=True, help="folder of predicted label images")
     parser.add_argument("--gt", type=Path, help="folder of ground-truth label images")
@@ -142,24 +134,16 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `cpsam eval`; returns the exit code (130 / 143 when interrupted)."""
-    from cpsam.io import interrupt_exit_code, interrupt_name, terminate_as_interrupt
-
     problem = _check_arguments(args)
     if problem:
-        print(f"cpsam eval: {problem}", file=sys.stderr)
-        return 2
+        raise UsageError(problem)
     outs = iter(_report_files(args))
     failures = 0
-    with terminate_as_interrupt():
-        try:
-            if args.gt is not None:
-                out = next(outs, None)
-                failures += _evaluate(args.pred, args.gt, f"{args.pred} vs ground truth {args.gt}", out, args)
-            if args.compare is not None:
-                out = next(outs, None)
-                failures += _evaluate(args.pred, args.compare, f"{args.pred} vs reference {args.compare}", out, args)
-        except KeyboardInterrupt as exc:
-            print(f"cpsam eval: interrupted by {interrupt_name(exc)}; the report in progress was not written",
-                  file=sys.stderr)
-            return interrupt_exit_code(exc)
+    with interruptible("the report in progress was not written"):
+        if args.gt is not None:
+            out = next(outs, None)
+            failures += _evaluate(args.pred, args.gt, f"{args.pred} vs ground truth {args.gt}", out, args)
+        if args.compare is not None:
+            out = next(outs, None)
+            failures += _evaluate(args.pred, args.compare, f"{args.pred} vs reference {args.compare}", out, args)
     return 1 if failures else 0

@@ -9,48 +9,23 @@
     cpsam binary explore --images DIR [--masks DIR] [--loading-code CODE] [--n 16] --out grid.png [key=value ...]
 
 key=value pairs are training-config overrides (`cpsam train --help` lists the keys) and may stand before or after
-the options.
+the options (every action).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from cpsam import io
-from cpsam.segment_cli import finite_float, non_negative_int, positive_int
+from cpsam.cli_types import finite_float, fraction, non_negative_int, positive_int, probability
+from cpsam.command import exit_codes
 
-ACTIONS = {
-    "train": "train a U-Net on labelled images (any layout); writes RUN/model.pt, history.csv, history.png",
-    "predict": "write NAME_masks.tif (connected components) and NAME_prob.tif (cell probability) per image",
-    "distill": "train a student on a teacher's soft targets over images without masks",
-    "compare": "score several runs on the same images: compare.csv / compare.md table and compare.png",
-    "explore": "a grid of augmented training samples with their loading codes applied",
-}
-
-
-def _probability(text: str) -> float:
-    value = finite_float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`cpsam binary ACTION ...`: the action's own options are parsed in `run` (so `--help` works per action)."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "actions:\n" + "\n".join(f"  {k:8s} {v}" for k, v in ACTIONS.items()) + (
-        "\n\nRun `cpsam binary ACTION --help` for the options of one action.")
-    parser.add_argument("action", choices=sorted(ACTIONS), help="what to do")
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="the action's options")
+IMAGES_HELP = ("images: a folder (labels beside them or in --masks), a FullImage/Mask_Norm/codes.txt root, a "
+               "TRAIN_IMG_DIR/0 ... VALID_LABEL_DIR/0 root, or a canonical dataset")
 
 
 def _code_table() -> str:
@@ -60,81 +35,85 @@ def _code_table() -> str:
         f"  {entry:9s} {meaning}" for entry, meaning in code_table())
 
 
-def action_parser(action: str) -> argparse.ArgumentParser:
-    """The parser of one action (key=value overrides intermixed with the options)."""
+def _add_labelled_images(p: argparse.ArgumentParser) -> None:
+    """Options of `train` and `explore`: the labelled images and how their channels load."""
+    p.add_argument("--images", required=True, type=Path, help=IMAGES_HELP)
+    p.add_argument("--masks", type=Path, default=None, help="folder of label images NAME.* / NAME_masks.*")
+    p.add_argument("--loading-code", default="", help="how channels are loaded (default: the first C channels)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
+    p.epilog = _code_table()
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="training config overrides key=value")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam binary train`."""
     from train.binary_workflow import BINARY_MODELS
 
-    p = argparse.ArgumentParser(prog=f"cpsam binary {action}", description=ACTIONS[action],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    if action in ("train", "explore"):
-        p.add_argument("--images", required=True, type=Path,
-                       help="images: a folder (labels beside them or in --masks), a FullImage/Mask_Norm/codes.txt "
-                            "root, a TRAIN_IMG_DIR/0 ... VALID_LABEL_DIR/0 root, or a canonical dataset")
-        p.add_argument("--masks", type=Path, default=None, help="folder of label images NAME.* / NAME_masks.*")
-        p.add_argument("--loading-code", default="", help="how channels are loaded (default: the first C channels)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
-        p.epilog = _code_table()
-    if action == "train":
-        p.add_argument("--out", required=True, type=Path, help="run folder (created; rerun to resume)")
-        p.add_argument("--model", default="resnet34_unet", choices=BINARY_MODELS, help="architecture")
-        p.add_argument("--encoder-weights", default=None,
-                       help="local ImageNet timm/torchvision ResNet file for the encoder (default: random weights)")
-        p.add_argument("--init", default=None, help="start from a trained binary model.pt / run folder instead")
-        p.add_argument("--val-fraction", type=_fraction, default=0.2, help="images kept for validation (default 0.2)")
-    if action == "explore":
-        p.add_argument("--out", required=True, type=Path, help="output PNG")
-        p.add_argument("--n", type=positive_int, default=16, help="samples in the grid (default 16)")
-    if action == "predict":
-        p.add_argument("--model", required=True, help="a binary model.pt or run folder")
-        p.add_argument("--images", required=True, type=Path, help="folder of images (or a canonical dataset)")
-        p.add_argument("--out", required=True, type=Path, help="output folder")
-        p.add_argument("--threshold", type=_probability, default=0.5, help="cell probability threshold (0.5)")
-        p.add_argument("--min-size", type=non_negative_int, default=0, help="drop components under this many px")
-        p.add_argument("--tile", type=positive_int, default=None, help="tile side in px (default: the model's)")
-    if action == "distill":
-        p.add_argument("--teacher", required=True, help="the teacher's model.pt or run folder")
-        p.add_argument("--images", required=True, type=Path, help="images without masks (labels beside are ignored)")
-        p.add_argument("--student", default="resnet10t_unet", choices=BINARY_MODELS, help="student architecture")
-        p.add_argument("--out", required=True, type=Path, help="run folder of the student")
-        p.add_argument("--temperature", type=finite_float, default=1.0, help="soft-target temperature T (1)")
-        p.add_argument("--val", default=None, help="canonical dataset to validate on (default: the teacher's)")
-        p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    if action == "compare":
-        p.add_argument("runs", nargs="+", help="run folders, model.pt files or YAML configs (trained first)")
-        p.add_argument("--out", required=True, type=Path, help="output folder for compare.csv/.md/.png")
-        p.add_argument("--images", default=None, help="labelled images to score on (default: the first run's val)")
-        p.add_argument("--masks", default=None, help="their labels folder")
-    if action in ("train", "distill", "explore"):
-        p.add_argument("overrides", nargs="*", help="training config overrides key=value")
-    return p
+    _add_labelled_images(p)
+    p.add_argument("--out", required=True, type=Path, help="run folder (created; rerun to resume)")
+    p.add_argument("--model", default="resnet34_unet", choices=BINARY_MODELS, help="architecture")
+    p.add_argument("--encoder-weights", default=None,
+                   help="local ImageNet timm/torchvision ResNet file for the encoder (default: random weights)")
+    p.add_argument("--init", default=None, help="start from a trained binary model.pt / run folder instead")
+    p.add_argument("--val-fraction", type=fraction, default=0.2, help="images kept for validation (default 0.2)")
+    _add_overrides(p)
 
 
-def _dispatch(action: str, args: argparse.Namespace) -> str:
-    from train import binary_workflow as wf
+def add_explore_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam binary explore`."""
+    _add_labelled_images(p)
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--n", type=positive_int, default=16, help="samples in the grid (default 16)")
+    _add_overrides(p)
 
-    if action == "train":
-        r = wf.train_binary(args.images, args.out, masks=args.masks, model_name=args.model,
-                            loading_code=args.loading_code, init=args.init, encoder_weights=args.encoder_weights,
-                            val_fraction=args.val_fraction, seed=args.seed, overrides=args.overrides)
-        return _run_line(r)
-    if action == "distill":
-        r = wf.distill_binary(args.teacher, args.images, args.student, args.out, temperature=args.temperature,
-                              val=args.val, seed=args.seed, overrides=args.overrides)
-        return _run_line(r)
-    if action == "predict":
-        written, problems = wf.predict_folder(args.model, args.images, args.out, threshold=args.threshold,
-                                              min_size=args.min_size, tile=args.tile)
-        for problem in problems:
-            print(f"cpsam binary predict: {problem}", file=sys.stderr)
-        if problems and not written:
-            raise io.InputFileError(args.images, "no image could be segmented")
-        return f"wrote masks and probabilities of {len(written) // 2} images to {args.out}"
-    if action == "compare":
-        paths = wf.compare_runs(args.runs, args.out, images=args.images, masks=args.masks)
-        return f"wrote {', '.join(str(p) for p in paths)}\n" + paths[1].read_text()
-    out = wf.explore(args.images, args.out, masks=args.masks, loading_code=args.loading_code, n=args.n,
-                     seed=args.seed, overrides=args.overrides)
-    return f"wrote {out} ({args.n} augmented samples of epoch 0)"
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam binary predict`."""
+    p.add_argument("--model", required=True, help="a binary model.pt or run folder")
+    p.add_argument("--images", required=True, type=Path, help="folder of images (or a canonical dataset)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--threshold", type=probability, default=0.5, help="cell probability threshold (0.5)")
+    p.add_argument("--min-size", type=non_negative_int, default=0, help="drop components under this many px")
+    p.add_argument("--tile", type=positive_int, default=None, help="tile side in px (default: the model's)")
+
+
+def add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam binary distill`."""
+    from train.binary_workflow import BINARY_MODELS
+
+    p.add_argument("--teacher", required=True, help="the teacher's model.pt or run folder")
+    p.add_argument("--images", required=True, type=Path, help="images without masks (labels beside are ignored)")
+    p.add_argument("--student", default="resnet10t_unet", choices=BINARY_MODELS, help="student architecture")
+    p.add_argument("--out", required=True, type=Path, help="run folder of the student")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="soft-target temperature T (1)")
+    p.add_argument("--val", default=None, help="canonical dataset to validate on (default: the teacher's)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    _add_overrides(p)
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpsam binary compare`."""
+    p.add_argument("runs", nargs="+", help="run folders, model.pt files or YAML configs (trained first)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for compare.csv/.md/.png")
+    p.add_argument("--images", default=None, help="labelled images to score on (default: the first run's val)")
+    p.add_argument("--masks", default=None, help="their labels folder")
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    """The error policy of every `cpsam binary` command (each `run_NAME` is decorated with it): 1 for a failed run
+    or unreadable input, 2 for a bad request (options, model file, config)."""
+    from cpsam.models.loading import CheckpointError
+    from train.config import ConfigError
+    from train.finetune import FinetuneError
+    from train.loop import TrainingError
+
+    with exit_codes((io.InputFileError, 1), ((FinetuneError, ConfigError, CheckpointError, ValueError), 2),
+                    ((TrainingError, io.OutputPathError, OSError), 1)):
+        yield
 
 
 def _run_line(r) -> str:
@@ -143,23 +122,60 @@ def _run_line(r) -> str:
             + (f"; validation {metrics}" if metrics else ""))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Parse the action's options and run it. Exit 0 done, 1 failed run or unreadable input, 2 bad request."""
-    from cpsam.models.loading import CheckpointError
-    from train.config import ConfigError
-    from train.finetune import FinetuneError
-    from train.loop import TrainingError
+@_reported()
+def run_train(args: argparse.Namespace) -> int:
+    """`cpsam binary train`."""
+    from train import binary_workflow as wf
 
-    parsed = action_parser(args.action).parse_intermixed_args(args.rest)
-    try:
-        print(_dispatch(args.action, parsed))
-    except io.InputFileError as exc:
-        print(f"cpsam binary {args.action}: {exc}", file=sys.stderr)
-        return 1
-    except (FinetuneError, ConfigError, CheckpointError, ValueError) as exc:
-        print(f"cpsam binary {args.action}: {exc}", file=sys.stderr)
-        return 2
-    except (TrainingError, io.OutputPathError, OSError) as exc:
-        print(f"cpsam binary {args.action}: {exc}", file=sys.stderr)
-        return 1
+    r = wf.train_binary(args.images, args.out, masks=args.masks, model_name=args.model,
+                        loading_code=args.loading_code, init=args.init, encoder_weights=args.encoder_weights,
+                        val_fraction=args.val_fraction, seed=args.seed, overrides=args.overrides)
+    print(_run_line(r))
+    return 0
+
+
+@_reported()
+def run_distill(args: argparse.Namespace) -> int:
+    """`cpsam binary distill`."""
+    from train import binary_workflow as wf
+
+    r = wf.distill_binary(args.teacher, args.images, args.student, args.out, temperature=args.temperature,
+                          val=args.val, seed=args.seed, overrides=args.overrides)
+    print(_run_line(r))
+    return 0
+
+
+@_reported()
+def run_predict(args: argparse.Namespace) -> int:
+    """`cpsam binary predict`."""
+    from train import binary_workflow as wf
+
+    written, problems = wf.predict_folder(args.model, args.images, args.out, threshold=args.threshold,
+                                          min_size=args.min_size, tile=args.tile)
+    for problem in problems:
+        print(f"cpsam binary predict: {problem}", file=sys.stderr)
+    if problems and not written:
+        raise io.InputFileError(args.images, "no image could be segmented")
+    print(f"wrote masks and probabilities of {len(written) // 2} images to {args.out}")
+    return 0
+
+
+@_reported()
+def run_compare(args: argparse.Namespace) -> int:
+    """`cpsam binary compare`."""
+    from train import binary_workflow as wf
+
+    paths = wf.compare_runs(args.runs, args.out, images=args.images, masks=args.masks)
+    print(f"wrote {', '.join(str(p) for p in paths)}\n" + paths[1].read_text())
+    return 0
+
+
+@_reported()
+def run_explore(args: argparse.Namespace) -> int:
+    """`cpsam binary explore`."""
+    from train import binary_workflow as wf
+
+    out = wf.explore(args.images, args.out, masks=args.masks, loading_code=args.loading_code, n=args.n,
+                     seed=args.seed, overrides=args.overrides)
+    print(f"wrote {out} ({args.n} augmented samples of epoch 0)")
     return 0

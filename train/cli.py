@@ -5,13 +5,15 @@
     cpsam train lr-find CONFIG.yaml [key=value ...] [--num-it 100] --out lr_find.png   (the learning-rate finder)
     accelerate launch [--multi_gpu --num_processes N ...] -m cpsam train CONFIG.yaml [key=value ...]
     torchrun --nproc_per_node N -m cpsam train CONFIG.yaml [key=value ...]
+
+key=value overrides may stand before and after the options.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from cpsam.command import DataError, UsageError, exit_codes
 from train.config import ConfigError, flat_keys, load_config
 
 
@@ -22,56 +24,47 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
-INTERMIXED_ARGS = True  # key=value overrides may come before and after the options (cpsam.cli)
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a YAML run config (scripts/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. batch_size=16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cpsam train` (the epilog lists every config key with its default)."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _keys_help()
-    parser.add_argument("config", help="a YAML run config (scripts/configs/*.yaml), or 'preview' / 'lr-find' then "
-                                       "the config")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. batch_size=16")
-    parser.add_argument("--n", type=int, default=16, help="preview: number of samples in the grid (default 16)")
-    parser.add_argument("--out", default=None, help="preview / lr-find: output PNG (default preview.png / "
-                                                    "lr_find.png; lr-find also writes the .csv beside it)")
-    parser.add_argument("--num-it", type=int, default=100, help="lr-find: number of steps of the sweep (default 100)")
-    parser.add_argument("--start-lr", type=float, default=1e-7, help="lr-find: first learning rate (default 1e-7)")
-    parser.add_argument("--end-lr", type=float, default=10.0, help="lr-find: last learning rate (default 10)")
+    _add_config_arguments(parser)
+
+
+def add_preview_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `cpsam train preview`."""
+    _add_config_arguments(parser)
+    parser.add_argument("--n", type=int, default=16, help="number of samples in the grid (default 16)")
+    parser.add_argument("--out", default="preview.png", help="output PNG (default preview.png)")
+
+
+def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `cpsam train lr-find`."""
+    _add_config_arguments(parser)
+    parser.add_argument("--out", default="lr_find.png",
+                        help="output PNG (default lr_find.png); the values go to the .csv beside it")
+    parser.add_argument("--num-it", type=int, default=100, help="number of steps of the sweep (default 100)")
+    parser.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    parser.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default 10)")
+
+
+def _config(args: argparse.Namespace):
+    """The run config of CONFIG.yaml with the overrides; a bad file or key is one line, exit 1."""
+    with exit_codes(((ConfigError, ValueError, OSError), 1)):
+        return load_config(args.config, list(args.overrides))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the command; returns the exit code (1 with a one-line message on a bad config or a failed run)."""
-    overrides = list(args.overrides)
-    mode = args.config if args.config in ("preview", "lr-find") else "train"
-    if mode != "train":
-        if not overrides:
-            print(f"cpsam train {mode}: give the config file: cpsam train {mode} CONFIG.yaml [key=value ...]",
-                  file=sys.stderr)
-            return 2
-        path, overrides = overrides[0], overrides[1:]
-    else:
-        path = args.config
-    try:
-        cfg = load_config(path, overrides)
-        if mode == "preview":
-            from train.preview import write_preview
+    """`cpsam train`: one line, exit 1, on a bad config or a failed run; 128 + N when stopped by signal N."""
+    from train.loop import TrainingError, train
 
-            out = write_preview(cfg, args.n, args.out or "preview.png")
-            print(f"wrote {out} ({args.n} augmented samples of epoch 0)")
-            return 0
-        if mode == "lr-find":
-            return _lr_find(cfg, args)
-        from train.loop import TrainingError, train
-
-        try:
-            result = train(cfg)
-        except TrainingError as exc:
-            print(f"cpsam train: {exc}", file=sys.stderr)
-            return 1
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"cpsam train: {exc}", file=sys.stderr)
-        return 1
+    cfg = _config(args)
+    with exit_codes(((ConfigError, TrainingError, ValueError, OSError), 1)):
+        result = train(cfg)
     if result.interrupted:
         return 128 + result.interrupted
     if not result.is_main:
@@ -81,7 +74,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lr_find(cfg, args: argparse.Namespace) -> int:
+def run_preview(args: argparse.Namespace) -> int:
+    """`cpsam train preview`: write the grid of augmented samples."""
+    from train.preview import write_preview
+
+    cfg = _config(args)
+    with exit_codes(((ConfigError, ValueError, OSError), 1)):
+        out = write_preview(cfg, args.n, args.out)
+    print(f"wrote {out} ({args.n} augmented samples of epoch 0)")
+    return 0
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
     """`cpsam train lr-find`: the sweep (train.lr_find), its plot and CSV, the suggestion on stdout."""
     from pathlib import Path
 
@@ -89,17 +93,17 @@ def _lr_find(cfg, args: argparse.Namespace) -> int:
     from train.lr_find import lr_find_for_config
 
     if args.num_it < 1 or not 0 < args.start_lr < args.end_lr:
-        print("cpsam train lr-find: need --num-it >= 1 and 0 < --start-lr < --end-lr", file=sys.stderr)
-        return 2
-    result = lr_find_for_config(cfg, args.num_it, args.start_lr, args.end_lr, progress=cfg.log.progress)
-    if not result.lrs:
-        print("cpsam train lr-find: the training data gave no batch", file=sys.stderr)
-        return 1
-    png = Path(args.out or "lr_find.png")
-    result.plot(png)
-    with atomic_path(png.with_suffix(".csv")) as tmp:
-        Path(tmp).write_text("lr,smoothed_loss\n" + "".join(f"{a:.6g},{b:.6g}\n" for a, b in
-                                                           zip(result.lrs, result.losses, strict=True)))
+        raise UsageError("need --num-it >= 1 and 0 < --start-lr < --end-lr")
+    cfg = _config(args)
+    with exit_codes(((ConfigError, ValueError, OSError), 1)):
+        result = lr_find_for_config(cfg, args.num_it, args.start_lr, args.end_lr, progress=cfg.log.progress)
+        if not result.lrs:
+            raise DataError("the training data gave no batch")
+        png = Path(args.out)
+        result.plot(png)
+        with atomic_path(png.with_suffix(".csv")) as tmp:
+            Path(tmp).write_text("lr,smoothed_loss\n" + "".join(f"{a:.6g},{b:.6g}\n" for a, b in
+                                                               zip(result.lrs, result.losses, strict=True)))
     others = ", ".join(f"{k} {v:.2e}" for k, v in result.suggestions.items() if k != "valley")
     best = f"{result.suggestion:.2e}" if result.suggestion is not None else "none (too few points)"
     print(f"lr-find: {len(result.lrs)} steps, {result.lrs[0]:.1e} -> {result.lrs[-1]:.2e}; suggested lr (valley) "

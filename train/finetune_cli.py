@@ -7,21 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from cpsam import io
-from cpsam.segment_cli import finite_float, non_negative_float, non_negative_int, positive_int
-
-
-def _fraction(text: str) -> float:
-    value = finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-INTERMIXED_ARGS = True  # key=value overrides may come before and after the options (cpsam.cli)
+from cpsam.cli_types import fraction, non_negative_float, non_negative_int, positive_int
+from cpsam.command import exit_codes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NAME_seg.npy) or a canonical dataset folder")
     parser.add_argument("--out", required=True, type=Path, help="run folder (created; rerun to resume)")
     parser.add_argument("--masks", type=Path, default=None, help="folder of label images NAME.* / NAME_masks.*")
-    parser.add_argument("--val-fraction", type=_fraction, default=0.2,
+    parser.add_argument("--val-fraction", type=fraction, default=0.2,
                         help="fraction of labelled images kept for validation (default 0.2, at least one)")
     parser.add_argument("--diameter", type=non_negative_float, default=0.0,
                         help="cell diameter in pixels for scoring before/after (0: the size model's estimate or the "
@@ -53,18 +43,12 @@ def run(args: argparse.Namespace) -> int:
     from train.finetune import FinetuneError, finetune
     from train.loop import TrainingError
 
-    try:
+    with exit_codes(((FinetuneError, ConfigError), 2), ((TrainingError, io.InputFileError), 1)):
         result = finetune(
             args.model, args.images, args.out, masks=args.masks, val_fraction=args.val_fraction,
             diameter=args.diameter or None, channels=args.channels, seed=args.seed, overrides=args.overrides,
             size_epochs=args.size_epochs,
         )
-    except (FinetuneError, ConfigError) as exc:
-        print(f"cpsam finetune: {exc}", file=sys.stderr)
-        return 2
-    except (TrainingError, io.InputFileError) as exc:
-        print(f"cpsam finetune: {exc}", file=sys.stderr)
-        return 1
     b, a = result.before, result.after
     print(f"cpsam finetune: {len(result.train_names)} train / {len(result.val_names)} val images, "
           f"{result.seconds:.0f} s; validation AP@0.5 {b.mean('ap50'):.3f} -> {a.mean('ap50'):.3f}, "
