@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 # name -> (module path, one-line help). Later issues add their rows here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "binary": ("train.binary_cli", "cell / background U-Nets: train, predict, distill (soft targets), compare"),
+    "binary": ("train.binary.cli", "cell / background U-Nets: train, predict, distill (soft targets), compare"),
     "demo": ("eval.demo", "the study at small scale: teacher, fine-tuning, two distilled students, evaluation "
                       "(--quick: segment sample images; --self-check: models)"),
     "finetune": ("train.finetune_cli", "retrain a model on your own labelled images; scores before/after, results.csv"),

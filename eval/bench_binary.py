@@ -75,7 +75,7 @@ def centre_crop(array: np.ndarray, size: int) -> np.ndarray:
 def held_out(roots: list[Path], names: tuple[str, ...] | None = None, crop: int = 0) -> dict[str, list]:
     """Per folder (dataset name) the EvalImage items of its val rows (centre crops of `crop` px when > 0)."""
     from data_prep.canonical import CanonicalDataset
-    from train.binary_report import EvalImage
+    from train.binary.report import EvalImage
 
     out = {}
     for root in roots:
@@ -89,7 +89,7 @@ def held_out(roots: list[Path], names: tuple[str, ...] | None = None, crop: int 
 
 def score_per_folder(model: Path, images: dict[str, list]) -> dict[str, dict[str, float]]:
     """Per folder and pooled ("all"): IoU, Dice, precision, recall, seconds per image (inference only)."""
-    from train.binary_report import score_model
+    from train.binary.report import score_model
 
     out, counts, seconds, n = {}, np.zeros(3), 0.0, 0
     for folder, items in images.items():
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{SHARED} is absent: this benchmark needs the project's shared data", file=sys.stderr)
         return 2
     from data_prep.shared_data import build_shared_datasets
-    from train.binary_data import BinaryData
-    from train.binary_workflow import binary_config, distill_binary, make_init
+    from train.binary.data import BinaryData
+    from train.binary.workflow import binary_config, distill_binary, make_init
     from train.loop import train
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

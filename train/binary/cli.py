@@ -1,4 +1,4 @@
-"""`cpsam binary`: cell / background U-Nets (see train/binary_workflow.py).
+"""`cpsam binary`: cell / background U-Nets (see train/binary/workflow.py).
 
     cpsam binary train   --images DIR [--masks DIR] --out RUN [--model resnet34_unet] [--loading-code CODE]
                          [--encoder-weights FILE] [key=value ...]
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _code_table() -> str:
-    from train.loading_codes import code_table
+    from train.binary.loading_codes import code_table
 
     return "loading codes (comma-separated, one entry per network input channel):\n" + "\n".join(
         f"  {entry:9s} {meaning}" for entry, meaning in code_table())
@@ -62,7 +62,7 @@ def _code_table() -> str:
 
 def action_parser(action: str) -> argparse.ArgumentParser:
     """The parser of one action (key=value overrides intermixed with the options)."""
-    from train.binary_workflow import BINARY_MODELS
+    from train.binary.workflow import BINARY_MODELS
 
     p = argparse.ArgumentParser(prog=f"cpsam binary {action}", description=ACTIONS[action],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +110,7 @@ def action_parser(action: str) -> argparse.ArgumentParser:
 
 
 def _dispatch(action: str, args: argparse.Namespace) -> str:
-    from train import binary_workflow as wf
+    from train.binary import workflow as wf
 
     if action == "train":
         r = wf.train_binary(args.images, args.out, masks=args.masks, model_name=args.model,
