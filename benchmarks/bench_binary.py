@@ -1,7 +1,7 @@
 """Real-data proof of the binary family, on CPU: a resnet34_unet trained on binarized masks of ../shared/data,
 class weighting measured, and a small student distilled from the teacher's soft targets without masks.
 
-Run:  python -m eval.bench_binary [--work bench_output/binary] [--teacher-minutes 15] [--student-minutes 10]
+Run:  python -m benchmarks.bench_binary [--work bench_output/binary] [--teacher-minutes 15] [--student-minutes 10]
 
 1. Canonical datasets of six folders of ../shared/data (data_prep.shared_data: the last image of each folder
    is held out for validation): HeLa and DeepCell fluorescence nuclei, U373 and 3T3 phase contrast, CPM-15

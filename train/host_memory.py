@@ -14,7 +14,7 @@ faults for the many short-lived gradient temporaries). With the optimizer step f
 (train.optim_in_backward: gradients never accumulate) the step then peaks at the activations' own peak.
 In the first step the 1 MiB threshold stays on through the backward pass, because AdamW creates its state
 there: state left in the heap among temporaries pins them. Measured on a CP-SAM ViT-L step on 2 cores (batch 1,
-256 px; eval/bench_train.py and README): peak RSS 7.56 GB at 8.8 s per step with glibc's default and a separate
+256 px; benchmarks/bench_train.py and README): peak RSS 7.56 GB at 8.8 s per step with glibc's default and a separate
 optimizer step, 6.32 GB at 10.9 s with the phases and the fused step (separate runs; probes of our side alone gave
 9.8 vs 9.9 s); the forward pass pays for its page faults (3.8 vs 2.7 s). A fixed 1 MiB threshold for the whole
 step reaches the same memory but costs about 20 % more time in probes (2.5 M page faults per step).
