@@ -30,12 +30,12 @@ smoke: $(STAMP)
 
 # Speed/memory against cellpose on this machine (minutes each; run on an otherwise idle machine).
 bench: $(STAMP)
-	$(PY) -m eval.bench_dynamics
-	$(PY) -m eval.bench_metrics
-	$(PY) -m eval.bench_segment
-	$(PY) -m eval.bench_model
-	$(PY) -m eval.bench_augment
-	$(PY) -m eval.bench_train
+	$(PY) -m benchmarks.bench_dynamics
+	$(PY) -m benchmarks.bench_metrics
+	$(PY) -m benchmarks.bench_segment
+	$(PY) -m benchmarks.bench_model
+	$(PY) -m benchmarks.bench_augment
+	$(PY) -m benchmarks.bench_train
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

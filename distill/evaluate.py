@@ -23,7 +23,7 @@ binarized IoU and count error against: where the teacher agrees with its own mir
 cyto_0: H&E and phase contrast, docs/results/distillation.md), no student can be expected to do better.
 
 Seconds per image (end to end, in this process, after a warm-up image) are indicative only:
-eval/bench_students.py times models in isolated processes.
+benchmarks/bench_students.py times models in isolated processes.
 
 Inputs (`--images`, repeatable): a folder of images, a canonical dataset (index.csv + images/), or a
 folder of such folders (each subfolder not starting with '_' or '.' is a folder of the report). Label
@@ -319,7 +319,8 @@ def report_markdown(evaluation: Evaluation, teacher_spec: str, student_specs: Se
     parts = ["# Distillation: students against their teacher",
              f"Teacher `{teacher_spec}`; students " + ", ".join(f"`{s}`" for s in student_specs) + ".",
              "Per-image values averaged over the images of each folder; counts summed. vs teacher: n_true is the "
-             "teacher's count. Seconds: end to end per image in one process (indicative; see eval/bench_students.py).",
+             "teacher's count. Seconds: end to end per image in one process (indicative; see "
+             "benchmarks/bench_students.py).",
              f"`{MIRRORED}` (when present): the teacher on each image mirrored left-right, its masks mirrored back, "
              "against its own masks: how far the teacher agrees with itself under a symmetry of the task, the "
              "scale to read the students' agreement against."]

@@ -355,7 +355,7 @@ def run_study(out: Path, scale: StudyScale = StudyScale(), seed: int = 0) -> lis
         "GT = the held-out images' manual masks; teacher = cyto_0's masks on the same images. Students run at the "
         "diameter the teacher's size model estimated for each image, so the teacher's seconds include that estimate "
         "(a second network pass) and the others' do not. Seconds per image: end to end in one process "
-        "(indicative; `python -m eval.bench_students` times each model in a fresh process).", "",
+        "(indicative; `python -m benchmarks.bench_students` times each model in a fresh process).", "",
         "## Figures", "", "![metrics](figures/metrics.png)", "",
         *[f"![{p.stem}](figures/{p.name})" for p in overlays], "",
         "![agreement vs speed](evaluation/agreement_vs_speed.png)", "",

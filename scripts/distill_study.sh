@@ -59,4 +59,4 @@ for s in $STUDENTS; do
     ckpts+=(--student-checkpoint "$out/$s/model.pt")
 done
 "$PY" -m cpsam distill eval --teacher "$teacher" "${args[@]}" --images "$heldout" "${gt[@]}" --out "$out/eval"
-"$PY" -m eval.bench_students "${ckpts[@]}" --plot "$out/bench_students.png"
+"$PY" -m benchmarks.bench_students "${ckpts[@]}" --plot "$out/bench_students.png"

@@ -13,10 +13,10 @@ import torch
 from cpsam.io import read_image, read_labels
 from data_prep.canonical import write_example, write_index
 from train.augment import AugmentConfig
-from train.binary import BinaryDataset, image_counts, summarize_counts
+from train.binary.loading_codes import code_table, loading_generator, parse_loading_code
+from train.binary.objective import BinaryDataset, image_counts, summarize_counts
 from train.data import PipelineSpec, SampleKey, sample_generators
 from train.degrade import DegradeConfig
-from train.loading_codes import code_table, loading_generator, parse_loading_code
 from train.loss import dice_jaccard, foreground_counts, soft_target_loss
 from train.sampler import MultiDatasetSampler
 
@@ -221,8 +221,8 @@ def test_raising_the_cell_weight_raises_recall_and_lowers_precision(hela: Path, 
     sum(p)). Measured here: weight 1 precision 0.87 / recall 0.79, weight 4 precision 0.43 / recall 0.99.
     """
     from data_prep.canonical import CanonicalDataset
-    from train.binary_predict import cell_probability, load_binary_model, predict_probabilities
-    from train.binary_workflow import make_init
+    from train.binary.predict import cell_probability, load_binary_model, predict_probabilities
+    from train.binary.workflow import make_init
 
     init = make_init(tmp_path / "init.pt", "resnet10t_unet", 1, seed=0, decoder_div=8)
     val = CanonicalDataset(hela, split="val")

@@ -15,7 +15,7 @@ from cpsam.cli import main
 from cpsam.io import read_image, read_labels
 from data_prep.canonical import read_index
 from data_prep.labels import split_components
-from train.binary_data import detect_layout, prepare_binary_data
+from train.binary.data import detect_layout, prepare_binary_data
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FOLDER = "fluo_nuclei_ctc_N2DL-HeLa"

@@ -1,7 +1,7 @@
 """cpsam.dynamics against the installed cellpose 4.2 `dynamics` on real masks and golden flows.
 
 Kept fast: cellpose's own diffusion takes seconds per image on 2 cores, so comparisons with it
-use crops; whole golden images are in the slow test and in eval/bench_dynamics.py.
+use crops; whole golden images are in the slow test and in benchmarks/bench_dynamics.py.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from cellpose import metrics as cp_metrics
 from conftest import shared_path
 from stardist.matching import matching as sd_matching
 
+from benchmarks.bench_metrics import build_case
 from cpsam.io import read_labels
-from eval.bench_metrics import build_case
 from eval.metrics import score_image
 
 # AP@0.5 of the golden cellpose-3 masks against the manual masks, from shared/golden/README.md.

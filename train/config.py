@@ -197,7 +197,7 @@ class KDConfig:
 
 @dataclass
 class BinaryConfig:
-    """Cell / background segmentation (objective=binary or binary_distill; train/binary.py reads it).
+    """Cell / background segmentation (objective=binary or binary_distill; train/binary/objective.py reads it).
 
     `class_weights`: cross-entropy weight per class [background, cell] (raising the cell weight trades
     precision for recall). `loading_code`: how channels are loaded per sample (see docs/commands/binary.md).

@@ -176,7 +176,7 @@ def class_weights_from_counts(pixel_counts_per_class: np.ndarray | Tensor) -> Te
     return torch.from_numpy(1.0 / pclass).float()
 
 
-# ----------------------------------------------------------------------------- binary family (train/binary.py)
+# ------------------------------------------------------------------------- binary family (train/binary/objective.py)
 
 
 def foreground_counts(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:

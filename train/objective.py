@@ -128,7 +128,8 @@ class StepModule(nn.Module):
 
 # name -> factory(cfg) ; "module" strings are imported on first use (objectives outside train/)
 _BUILTIN: dict[str, Callable[[TrainConfig], Objective]] = {"cellpose": Objective}
-_LAZY: dict[str, str] = {"distill": "distill.objective", "binary": "train.binary", "binary_distill": "train.binary"}
+_LAZY: dict[str, str] = {"distill": "distill.objective", "binary": "train.binary.objective",
+                         "binary_distill": "train.binary.objective"}
 
 
 def register_objective(name: str, factory: Callable[[TrainConfig], Objective]) -> None:

@@ -6,7 +6,7 @@ the end of the backward pass. Stepping each parameter in its post-accumulate-gra
 tutorial "How to save memory by fusing the optimizer step into the backward pass") keeps at most one gradient
 alive, so gradients reuse the memory the freed activations leave. On a CPU, where glibc keeps freed heap memory
 resident, this is what lets the forward-phase mmap threshold (train.host_memory) bring a ViT-L step's peak RSS to
-the activations' own peak (eval/bench_train.py; docs/results/training.md).
+the activations' own peak (benchmarks/bench_train.py; docs/results/training.md).
 
 Unlike the tutorial's one optimizer per parameter, the run keeps ONE optimizer: the hook runs that optimizer's own
 `step()` with every param group narrowed to the one parameter, so its state_dict, checkpoints, exact resume and

@@ -1,7 +1,7 @@
 """Real-data proof of the binary family, on CPU: a resnet34_unet trained on binarized masks of ../shared/data,
 class weighting measured, and a small student distilled from the teacher's soft targets without masks.
 
-Run:  python -m eval.bench_binary [--work bench_output/binary] [--teacher-minutes 15] [--student-minutes 10]
+Run:  python -m benchmarks.bench_binary [--work bench_output/binary] [--teacher-minutes 15] [--student-minutes 10]
 
 1. Canonical datasets of six folders of ../shared/data (data_prep.shared_data: the last image of each folder
    is held out for validation): HeLa and DeepCell fluorescence nuclei, U373 and 3T3 phase contrast, CPM-15
@@ -75,7 +75,7 @@ def centre_crop(array: np.ndarray, size: int) -> np.ndarray:
 def held_out(roots: list[Path], names: tuple[str, ...] | None = None, crop: int = 0) -> dict[str, list]:
     """Per folder (dataset name) the EvalImage items of its val rows (centre crops of `crop` px when > 0)."""
     from data_prep.canonical import CanonicalDataset
-    from train.binary_report import EvalImage
+    from train.binary.report import EvalImage
 
     out = {}
     for root in roots:
@@ -89,7 +89,7 @@ def held_out(roots: list[Path], names: tuple[str, ...] | None = None, crop: int 
 
 def score_per_folder(model: Path, images: dict[str, list]) -> dict[str, dict[str, float]]:
     """Per folder and pooled ("all"): IoU, Dice, precision, recall, seconds per image (inference only)."""
-    from train.binary_report import score_model
+    from train.binary.report import score_model
 
     out, counts, seconds, n = {}, np.zeros(3), 0.0, 0
     for folder, items in images.items():
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{SHARED} is absent: this benchmark needs the project's shared data", file=sys.stderr)
         return 2
     from data_prep.shared_data import build_shared_datasets
-    from train.binary_data import BinaryData
-    from train.binary_workflow import binary_config, distill_binary, make_init
+    from train.binary.data import BinaryData
+    from train.binary.workflow import binary_config, distill_binary, make_init
     from train.loop import train
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

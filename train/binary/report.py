@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from cpsam.io import atomic_path
+from train.binary.objective import image_counts
+from train.binary.predict import cell_probability, load_binary_model, predict_probabilities
 from train.logs import read_metrics
 
 HISTORY_COLUMNS = ("step", "epoch", "lr", "loss", "loss_ce", "loss_kd", "dice", "jaccard", "val_iou", "val_dice",
@@ -56,7 +58,7 @@ def _ema(values: Sequence[float], beta: float = 0.9) -> list[float]:
 
 def plot_history(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
     """RUN/history.png (or `out`): training loss (raw and smoothed) | Jaccard of training batches and val IoU."""
-    import matplotlib
+    import matplotlib  # only when a figure is drawn (start-up time); Agg before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,9 +139,6 @@ def score_model(path: str | os.PathLike[str], images: Sequence[EvalImage], *, de
                 tile: int | None = None, threshold: float = 0.5) -> ModelScore:
     """Score the binary model at `path` (model.pt or run folder) on `images`: pooled pixel counts, time per image
     (inference only: model loading excluded)."""
-    from train.binary import image_counts
-    from train.binary_predict import cell_probability, load_binary_model, predict_probabilities
-
     net, code = load_binary_model(path, device)
     counts = np.zeros(3)
     seconds = 0.0
@@ -156,7 +155,7 @@ def score_model(path: str | os.PathLike[str], images: Sequence[EvalImage], *, de
 def write_comparison(scores: Sequence[ModelScore], out: str | os.PathLike[str]) -> list[Path]:
     """OUT/compare.csv, OUT/compare.md (one table) and OUT/compare.png (grouped bars of IoU, Dice, precision,
     recall per run); returns the three paths."""
-    import matplotlib
+    import matplotlib  # only when a figure is drawn (start-up time); Agg before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,16 +1,14 @@
 """Benchmark: our Cellpose-SAM forward vs cellpose 4's `cellpose.vit.CPSAM`, same weights, one fresh process each.
 
-Run:  .venv/bin/python eval/bench_model.py [--batches 1,4] [--repeats 3] [--device cpu] [--configs ...]
+Run:  python -m benchmarks.bench_model [--batches 1,4] [--repeats 3] [--device cpu] [--configs ...]
 
 Configurations: cellpose fp32 / bf16, ours math / sdpa in fp32 / bf16, on 256x256 tiles.
 Timing: every configuration runs in its own fresh process (one after the other), which loads the
 same weight file, runs one warm-up forward (its peak memory is measured) and `--repeats` timed
 forwards on the same seeded input; the median is reported with the ratio cellpose-fp32 / config
 (> 1 means faster than cellpose), for wall-clock time and for the process's CPU time (all its
-threads), which background load distorts less. Separate processes matter (measured, 2-thread CPU,
-batch 1): alone, cellpose's CPSAM forward takes 10.7 s with 1.6 million minor page faults (fresh
-(N, N) attention temporaries, 64 MiB each, in every block; ours: 0 faults); timed round-robin in
-one process with our math and sdpa models it took 6.9 s, a state no cellpose user runs in.
+threads), which background load distorts less. Separate processes matter: cellpose's forward allocates fresh
+(N, N) attention temporaries in every block, so its time depends on the allocator state other models left.
 Accuracy: max |y - y_cellpose_fp32| / max |y_cellpose_fp32| on the same input.
 Peak memory: on CUDA, torch.cuda.max_memory_allocated during the warm-up forward; on CPU, the peak
 resident-set growth of that forward (Linux VmHWM, reset after loading).

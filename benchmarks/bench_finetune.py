@@ -1,7 +1,7 @@
 """Proof that fine-tuning improves real segmentation: `cpsam finetune` on the shared images, scored on
 images it never saw.
 
-Run:  python -m eval.bench_finetune [--sets he phase] [--work runs/bench_finetune] [key=value ...]
+Run:  python -m benchmarks.bench_finetune [--sets he phase] [--work runs/bench_finetune] [key=value ...]
 
 Sets (from ../shared/data, linked into WORK/<set>/train, never copied into the repository):
 - he: cyto_0 fine-tuned on the H&E nuclei of he_miccai2015_cpm and he_gbm40_emory, cpm15_image14 kept

@@ -6,7 +6,7 @@
 
 Samples come from the one pipeline (`train.data.TrainDataset` + `train.augment`): the augmented crop keeps all the
 source channels the loading code reads, then the code makes the network input with the sample's own generator
-(`train.loading_codes.loading_generator`); the target is the crop's instance masks > 0 (class 1 = cell). The flow
+(`train.binary.loading_codes.loading_generator`); the target is the crop's instance masks > 0 (class 1 = cell). The flow
 targets of the Cellpose pipeline are not needed: a zero flow field (a broadcast view, no memory) stands in for the
 flow cache, so no flows are computed.
 
@@ -16,7 +16,7 @@ binary_distill: loss = T^2 KL(softmax(teacher / T) || softmax(student / T)) per 
 with the teacher run online on each micro-batch (`prepare_batch`); masks are never read by the loss; Dice and
 Jaccard are logged against the teacher's hard prediction.
 Validation (both): foreground IoU, Dice, precision and recall of whole `data.val` images (tiled inference,
-`train.binary_predict`), pixel counts summed over images and ranks; the best checkpoint by `val_iou`.
+`train.binary.predict`), pixel counts summed over images and ranks; the best checkpoint by `val_iou`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from train.binary.loading_codes import LoadingCode, loading_generator, parse_loading_code
+from train.binary.predict import cell_probability, load_binary_model, predict_probabilities
 from train.config import ConfigError, TrainConfig
 from train.data import PipelineSpec, SampleKey, TrainDataset
-from train.loading_codes import LoadingCode, loading_generator, parse_loading_code
 from train.loss import class_loss, dice_jaccard, foreground_counts, soft_target_loss
 from train.objective import Objective, register_objective
 from train.sampler import MultiDatasetSampler
@@ -141,8 +142,6 @@ class BinaryDistillObjective(BinaryObjective):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        from train.binary_predict import load_binary_model
-
         if not cfg.binary.teacher:
             raise ConfigError("objective binary_distill needs binary.teacher (a binary model.pt or run folder)")
         if not cfg.binary.temperature > 0:
@@ -215,8 +214,6 @@ def validate_binary(net: nn.Module, images: Sequence[Any], n_datasets: int, rank
     Returns `summarize_counts` of the all-reduced (n_datasets, 4) float64 [TP, FP, FN, images] sums; every rank
     gets the same numbers. The net is left in eval mode (the loop switches back).
     """
-    from train.binary_predict import cell_probability, predict_probabilities
-
     sums = torch.zeros(n_datasets, 4, dtype=torch.float64)
     mine = list(images[rank::world])
     for item in tqdm(mine, desc="validate", disable=not (progress and rank == 0), leave=False):

@@ -1,6 +1,6 @@
 """The binary family's workflows behind `cpsam binary`: train, distill, predict, compare, explore.
 
-train:   labelled images (any layout of train.binary_data) -> RUN/data -> RUN/init.pt (the architecture, with a
+train:   labelled images (any layout of train.binary.data) -> RUN/data -> RUN/init.pt (the architecture, with a
          local ImageNet encoder file or random weights) -> `train.loop.train` with objective "binary" -> RUN/model.pt,
          RUN/history.csv, RUN/history.png.
 distill: a trained binary teacher + images without masks -> RUN2/data (the images, unannotated: one whole-image
@@ -24,15 +24,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cpsam import io
 from cpsam.models import create_model
 from cpsam.models.loading import read_checkpoint, save_checkpoint
+from cpsam.models.unet import ENCODERS, load_encoder_weights
+from data_prep.canonical import CanonicalDataset, read_index, to_chw, write_example, write_index
 from train.augment import AugmentConfig
-from train.binary_data import BinaryData, image_name, list_images, prepare_binary_data
-from train.config import ConfigError, TrainConfig, apply_overrides
+from train.binary.data import BinaryData, image_name, list_images, prepare_binary_data, read_binary_labels
+from train.binary.loading_codes import parse_loading_code
+from train.binary.objective import BinaryDataset
+from train.binary.predict import cell_probability, load_binary_model, predict_probabilities, probability_to_masks
+from train.binary.report import EvalImage, plot_history, score_model, write_comparison, write_history
+from train.config import ConfigError, TrainConfig, apply_overrides, dataset_entries, load_config
+from train.data import PipelineSpec, SampleKey
 from train.degrade import DegradeConfig
-from train.finetune import FinetuneError
+from train.finetune import FinetuneError, find_labelled_images
+from train.loop import train
+from train.preview import sample_panels
+from train.sampler import MultiDatasetSampler
 from train.schedule import ScheduleConfig
 
 BINARY_MODELS = ("resnet34_unet", "resnet18_unet", "resnet10t_unet")
@@ -92,8 +103,6 @@ def make_init(path: Path, model_name: str, in_chans: int, seed: int, encoder_wei
     """Write the run's starting weights (our checkpoint format) to `path`: `model_name` with `in_chans` inputs and
     2 classes, random (seeded) weights, the encoder from a local ImageNet file when one is given or in torch's hub
     cache; says on stderr which. Raises FinetuneError for an unknown model or an unusable weight file."""
-    from cpsam.models.unet import ENCODERS, load_encoder_weights
-
     if model_name not in ENCODERS:
         raise FinetuneError(f"--model {model_name!r} is not a binary model; choose one of {', '.join(BINARY_MODELS)}")
     torch.manual_seed(seed)
@@ -114,15 +123,11 @@ def make_init(path: Path, model_name: str, in_chans: int, seed: int, encoder_wei
 
 
 def _finish(run: Path, cfg: TrainConfig, seconds: float, result) -> BinaryRun:
-    from train.binary_report import plot_history, write_history
-
     history, plot = write_history(run), plot_history(run)
     return BinaryRun(run, run / "model.pt", history, plot, int(result.step), seconds, dict(result.final_metrics))
 
 
 def _in_channels(code_text: str, source_channels: int) -> int:
-    from train.loading_codes import parse_loading_code
-
     if not code_text.strip():
         return max(1, int(source_channels))
     try:
@@ -138,8 +143,6 @@ def train_binary(images: str | os.PathLike[str], out: str | os.PathLike[str], *,
                  progress: bool = True) -> BinaryRun:
     """`cpsam binary train` (module docstring). `init`: start from a trained binary model instead of RUN/init.pt.
     Raises FinetuneError (bad data, model or override), ConfigError and train.loop.TrainingError."""
-    from train.loop import train
-
     start = time.perf_counter()
     run = Path(out)
     if run.exists() and not run.is_dir():
@@ -170,10 +173,6 @@ def build_distill_data(images: str | os.PathLike[str], run: Path, *,
     computed online); no teacher pass over the images is spent on pseudo-labels.
     Returns (the dataset folder, images written, 'FILE: problem' lines).
     """
-    from tqdm import tqdm
-
-    from data_prep.canonical import read_index, to_chw, write_example, write_index
-
     root = run / "data"
     done = {r.name: r for r in read_index(root)}
     rows, problems = [], []
@@ -198,8 +197,6 @@ def distill_binary(teacher: str | os.PathLike[str], images: str | os.PathLike[st
                    overrides: Sequence[str] = (), progress: bool = True) -> BinaryRun:
     """`cpsam binary distill` (module docstring). `val`: canonical dataset(s) to validate on (default: the
     teacher's validation data). Raises FinetuneError, ConfigError and train.loop.TrainingError."""
-    from train.loop import train
-
     start = time.perf_counter()
     run = Path(out)
     run.mkdir(parents=True, exist_ok=True)
@@ -233,11 +230,6 @@ def predict_folder(model: str | os.PathLike[str], images: str | os.PathLike[str]
                    device: str | torch.device = "cpu", progress: bool = True) -> tuple[list[Path], list[str]]:
     """Write OUT/NAME_masks.tif and OUT/NAME_prob.tif for every image of `images` (both or neither, atomically).
     Returns (paths written, 'FILE: problem' of the images that failed)."""
-    from tqdm import tqdm
-
-    from data_prep.canonical import to_chw
-    from train.binary_predict import cell_probability, load_binary_model, predict_probabilities, probability_to_masks
-
     net, code = load_binary_model(model, device)
     folder = io.check_output_dir(out)
     written, problems = [], []
@@ -262,11 +254,6 @@ def comparison_images(images: str | os.PathLike[str] | None, masks: str | os.Pat
                       first_run: Path) -> list:
     """The images `compare` scores: `images` (any labelled layout; every image of it) or, by default, the
     validation images of the first run's config (its data.val rows of val_split). Returns EvalImage items."""
-    from data_prep.canonical import CanonicalDataset
-    from train.binary_data import read_binary_labels
-    from train.binary_report import EvalImage
-    from train.finetune import find_labelled_images
-
     if images is not None:
         found, _ = find_labelled_images(images, masks)
         return [EvalImage(item.name, io.read_image(item.image), read_binary_labels(item.labels)) for item in found]
@@ -283,10 +270,6 @@ def compare_runs(runs: Sequence[str], out: str | os.PathLike[str], *, images: st
                  masks: str | None = None, device: str | torch.device = "cpu") -> list[Path]:
     """`cpsam binary compare`: runs are run folders, model files or YAML configs (trained first, through the loop);
     all are scored on the same images (`comparison_images`). Returns the table and figure paths."""
-    from train.binary_report import score_model, write_comparison
-    from train.config import load_config
-    from train.loop import train
-
     paths = []
     for item in runs:
         p = Path(item)
@@ -306,13 +289,6 @@ def explore(images: str | os.PathLike[str], out: str | os.PathLike[str], *, mask
     """`cpsam binary explore`: the first `n` augmented training samples of epoch 0 with the loading code applied;
     per sample the training preview's panel (input + mask outlines, `train.preview.sample_panels`), its right
     half replaced by the binary target, captioned with what each input channel received. Writes a PNG grid."""
-    from train.binary import BinaryDataset
-    from train.config import dataset_entries
-    from train.data import PipelineSpec, SampleKey
-    from train.loading_codes import parse_loading_code
-    from train.preview import sample_panels
-    from train.sampler import MultiDatasetSampler
-
     if n < 1:
         raise FinetuneError(f"--n must be >= 1, got {n}")
     with tempfile.TemporaryDirectory(prefix="cpsam_explore_") as work:

@@ -1,8 +1,8 @@
 """Training-data throughput and memory: our per-sample pipeline vs cellpose 4.2's augmentations, per thread.
 
-    python -m eval.bench_augment                  # ~20 s per measurement, memory over 5,000 samples
-    python -m eval.bench_augment --quick          # ~2 s per measurement, memory over 500 samples
-    python -m eval.bench_augment --samples 200 --rounds 3 --threads 1 --skip-memory
+    python -m benchmarks.bench_augment                  # ~20 s per measurement, memory over 5,000 samples
+    python -m benchmarks.bench_augment --quick          # ~2 s per measurement, memory over 500 samples
+    python -m benchmarks.bench_augment --samples 200 --rounds 3 --threads 1 --skip-memory
 
 Data: the real annotated images of ../shared/data, written once as canonical datasets (one per folder,
 flow cache filled: `data_prep.shared_data.build_shared_datasets`) into a temporary folder (or --canonical).
@@ -426,7 +426,7 @@ def run_child(args: argparse.Namespace, mode: str, canonical: Path) -> dict[str,
     """Run `--child mode` in a fresh process with the thread variables set; returns its JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "eval.bench_augment", "--child", mode, "--canonical", str(canonical),
+        cmd = [sys.executable, "-m", "benchmarks.bench_augment", "--child", mode, "--canonical", str(canonical),
                "--child-json", str(out), "--threads", str(args.threads), "--rounds", str(args.rounds),
                "--seconds", str(args.seconds), "--memory-samples", *map(str, args.memory_samples)]
         if args.samples:

@@ -5,7 +5,7 @@ The ground truth is a mosaic of real manual masks (CTC Fluo-N2DL-HeLa frames fro
 (shifted by 1 px, 5 % of objects dropped, 5 % split in two, ids shuffled to non-consecutive
 values), so the overlap graph has real multi-object components.
 
-    python -m eval.bench_metrics [--data ../shared/data] [--repeats 3]
+    python -m benchmarks.bench_metrics [--data ../shared/data] [--repeats 3]
 
 Prints one line per method (best-of-N wall time) and the speed ratio; checks the counts agree.
 """

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from cpsam import transforms
-from cpsam.models.loading import load_model, read_checkpoint
+from cpsam.models.loading import CheckpointError, load_model, read_checkpoint
 from data_prep.labels import split_components
 from train.augment import normalize_image, to_model_channels
-from train.loading_codes import LoadingCode, parse_loading_code
+from train.binary.loading_codes import LoadingCode, parse_loading_code
 
 TILE_OVERLAP = 0.1
 INFERENCE_TILE = 512  # px; larger tiles than training's waste less on overlaps (the net is fully convolutional)
@@ -101,8 +101,6 @@ def load_binary_model(path: str | os.PathLike[str],
     Raises cpsam.models.CheckpointError (a ValueError naming the file) for an unreadable file or one that is not a
     binary-family checkpoint.
     """
-    from cpsam.models.loading import CheckpointError
-
     p = Path(path)
     if p.is_dir():
         p = p / "model.pt"

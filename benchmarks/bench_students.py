@@ -1,11 +1,11 @@
 """Students against their teachers: end-to-end seconds per image (preprocessing / network / masks),
 peak memory, parameters and FLOPs, for CP-SAM ViT-L, cyto_0 and every student, on the same images.
 
-    python -m eval.bench_students                                  # 3 real 512-px crops, diameter 20
-    python -m eval.bench_students --student-checkpoint RUN/model.pt --student-checkpoint RUN2/model.pt
-    python -m eval.bench_students --students fastnet-1-32-64,cpnet-1-32 --vit-images 0
+    python -m benchmarks.bench_students                                  # 3 real 512-px crops, diameter 20
+    python -m benchmarks.bench_students --student-checkpoint RUN/model.pt --student-checkpoint RUN2/model.pt
+    python -m benchmarks.bench_students --students fastnet-1-32-64,cpnet-1-32 --vit-images 0
 
-Every model runs in its own fresh process (`python -m eval.bench_students --child ...`): it is built or
+Every model runs in its own fresh process (`python -m benchmarks.bench_students --child ...`): it is built or
 loaded (not timed), segments every image once as a warm-up (not timed: the first call on each tile
 shape builds its oneDNN kernels), then `--rounds` timed passes; the median per image is reported.
 One pass times, per image, `Segmenter.segment(compute_masks=False)` split by forward hooks into the
@@ -18,7 +18,7 @@ dynamics cost depends on the image, not on the network that made the flows); tra
 their own.
 
 Peak memory: the growth of the child's peak resident set (VmHWM, reset after loading and warm-up,
-`eval.bench_model`'s helpers) while it segments its largest image, plus the model's weights; "n per
+`benchmarks.bench_model`'s helpers) while it segments its largest image, plus the model's weights; "n per
 teacher" = how many such images the student holds in the memory the cyto_0 teacher needs for one
 (weights + one image), the seed's GPU-memory claim restated for this machine.
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one (1, C, tile, tile) forward, times the tiles
@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.bench_model import peak_rss_bytes, reset_peak_rss, rss_bytes
+from benchmarks.bench_segment import SHARED, bench_images
 from cpsam.segment import Segmenter, tiles_per_image
-from eval.bench_model import peak_rss_bytes, reset_peak_rss, rss_bytes
-from eval.bench_segment import SHARED, bench_images
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_WEIGHTS = SHARED / "weights" / "cyto_0_cpnet_torch.pt"
@@ -178,7 +178,7 @@ def run_child(spec: str, images_npz: Path, diameter: float, rounds: int, teacher
 
 def measure(spec: str, images_npz: Path, args: argparse.Namespace, masks_out: Path, rounds: int) -> dict:
     """`run_child` in a fresh subprocess; returns its JSON result (raises RuntimeError with its stderr)."""
-    cmd = [sys.executable, "-m", "eval.bench_students", "--child", spec, "--images-npz", str(images_npz),
+    cmd = [sys.executable, "-m", "benchmarks.bench_students", "--child", spec, "--images-npz", str(images_npz),
            "--diameter", str(args.diameter), "--rounds", str(rounds), "--masks-out", str(masks_out),
            "--teacher-diam-mean", str(args.teacher_diam_mean), "--batch-size", str(args.batch_size)]
     if args.no_fuse:

@@ -1,4 +1,4 @@
-"""`cpsam binary`: cell / background U-Nets (see train/binary_workflow.py).
+"""`cpsam binary`: cell / background U-Nets (see train/binary/workflow.py).
 
     cpsam binary train   --images DIR [--masks DIR] --out RUN [--model resnet34_unet] [--loading-code CODE]
                          [--encoder-weights FILE] [key=value ...]
@@ -23,14 +23,19 @@ from pathlib import Path
 from cpsam import io
 from cpsam.cli_types import finite_float, fraction, non_negative_int, positive_int, probability
 from cpsam.command import exit_codes
+from cpsam.models.loading import CheckpointError
+from train.binary import workflow as wf
+from train.binary.loading_codes import code_table
+from train.binary.workflow import BINARY_MODELS
+from train.config import ConfigError
+from train.finetune import FinetuneError
+from train.loop import TrainingError
 
 IMAGES_HELP = ("images: a folder (labels beside them or in --masks), a FullImage/Mask_Norm/codes.txt root, a "
                "TRAIN_IMG_DIR/0 ... VALID_LABEL_DIR/0 root, or a canonical dataset")
 
 
 def _code_table() -> str:
-    from train.loading_codes import code_table
-
     return "loading codes (comma-separated, one entry per network input channel):\n" + "\n".join(
         f"  {entry:9s} {meaning}" for entry, meaning in code_table())
 
@@ -50,8 +55,6 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cpsam binary train`."""
-    from train.binary_workflow import BINARY_MODELS
-
     _add_labelled_images(p)
     p.add_argument("--out", required=True, type=Path, help="run folder (created; rerun to resume)")
     p.add_argument("--model", default="resnet34_unet", choices=BINARY_MODELS, help="architecture")
@@ -82,8 +85,6 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cpsam binary distill`."""
-    from train.binary_workflow import BINARY_MODELS
-
     p.add_argument("--teacher", required=True, help="the teacher's model.pt or run folder")
     p.add_argument("--images", required=True, type=Path, help="images without masks (labels beside are ignored)")
     p.add_argument("--student", default="resnet10t_unet", choices=BINARY_MODELS, help="student architecture")
@@ -106,11 +107,6 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def _reported() -> Iterator[None]:
     """The error policy of every `cpsam binary` command (each `run_NAME` is decorated with it): 1 for a failed run
     or unreadable input, 2 for a bad request (options, model file, config)."""
-    from cpsam.models.loading import CheckpointError
-    from train.config import ConfigError
-    from train.finetune import FinetuneError
-    from train.loop import TrainingError
-
     with exit_codes((io.InputFileError, 1), ((FinetuneError, ConfigError, CheckpointError, ValueError), 2),
                     ((TrainingError, io.OutputPathError, OSError), 1)):
         yield
@@ -125,8 +121,6 @@ def _run_line(r) -> str:
 @_reported()
 def run_train(args: argparse.Namespace) -> int:
     """`cpsam binary train`."""
-    from train import binary_workflow as wf
-
     r = wf.train_binary(args.images, args.out, masks=args.masks, model_name=args.model,
                         loading_code=args.loading_code, init=args.init, encoder_weights=args.encoder_weights,
                         val_fraction=args.val_fraction, seed=args.seed, overrides=args.overrides)
@@ -137,8 +131,6 @@ def run_train(args: argparse.Namespace) -> int:
 @_reported()
 def run_distill(args: argparse.Namespace) -> int:
     """`cpsam binary distill`."""
-    from train import binary_workflow as wf
-
     r = wf.distill_binary(args.teacher, args.images, args.student, args.out, temperature=args.temperature,
                           val=args.val, seed=args.seed, overrides=args.overrides)
     print(_run_line(r))
@@ -148,8 +140,6 @@ def run_distill(args: argparse.Namespace) -> int:
 @_reported()
 def run_predict(args: argparse.Namespace) -> int:
     """`cpsam binary predict`."""
-    from train import binary_workflow as wf
-
     written, problems = wf.predict_folder(args.model, args.images, args.out, threshold=args.threshold,
                                           min_size=args.min_size, tile=args.tile)
     for problem in problems:
@@ -163,8 +153,6 @@ def run_predict(args: argparse.Namespace) -> int:
 @_reported()
 def run_compare(args: argparse.Namespace) -> int:
     """`cpsam binary compare`."""
-    from train import binary_workflow as wf
-
     paths = wf.compare_runs(args.runs, args.out, images=args.images, masks=args.masks)
     print(f"wrote {', '.join(str(p) for p in paths)}\n" + paths[1].read_text())
     return 0
@@ -173,8 +161,6 @@ def run_compare(args: argparse.Namespace) -> int:
 @_reported()
 def run_explore(args: argparse.Namespace) -> int:
     """`cpsam binary explore`."""
-    from train import binary_workflow as wf
-
     out = wf.explore(args.images, args.out, masks=args.masks, loading_code=args.loading_code, n=args.n,
                      seed=args.seed, overrides=args.overrides)
     print(f"wrote {out} ({args.n} augmented samples of epoch 0)")

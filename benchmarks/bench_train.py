@@ -1,6 +1,6 @@
 """Benchmark: one CP-SAM training step, ours vs cellpose 4's own, same weights and batch, one fresh process each.
 
-Run:  python -m eval.bench_train [--batch-sizes 1 2] [--steps 3] [--model cpsam_vit_l] [--threads N]
+Run:  python -m benchmarks.bench_train [--batch-sizes 1 2] [--steps 3] [--model cpsam_vit_l] [--threads N]
                                  [--skip-layer-drop] [--attention sdpa|math] [--activation-checkpointing]
                                  [--plain-autograd] [--host-mmap-threshold-mb MB] [--step-in-backward auto|on|off]
                                  [--profile 15]
@@ -39,7 +39,7 @@ the patch embedding through `.weight.data` / `.bias.data`, so those two tensors 
 The cellpose side exists only for ViT-L (CPSAM builds SAM's vit_l and nothing else); with another
 `--model` only our side runs.
 Weights: random, in the official layout, written by cellpose's CPSAM with every tensor perturbed so
-that none is zero (eval.bench_model.make_reference_weights; SAM's init leaves pos-embed and rel-pos zero).
+that none is zero (benchmarks.bench_model.make_reference_weights; SAM's init leaves pos-embed and rel-pos zero).
 """
 
 from __future__ import annotations
@@ -287,10 +287,10 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
 
 def measure(side: str, args: argparse.Namespace, weights: Path | None, batch: int, layer_drop: float,
             grads_out: Path | None) -> dict:
-    """Run `run_child` in a fresh subprocess (`python -m eval.bench_train --child ...`) and return its result,
+    """Run `run_child` in a fresh subprocess (`python -m benchmarks.bench_train --child ...`) and return its result,
     or {"error": one-line reason} when the child fails (a child killed by SIGKILL has most likely run out of
     memory)."""
-    cmd = [sys.executable, "-m", "eval.bench_train", "--child", side, "--model", args.model,
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", "--child", side, "--model", args.model,
            "--batch-sizes", str(batch), "--steps", str(args.steps), "--threads", str(args.threads),
            "--layer-drop", str(layer_drop), "--attention", args.attention, "--profile", str(args.profile)]
     if args.activation_checkpointing:
@@ -345,7 +345,7 @@ def median(values: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.bench_train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2], help="default: 1 2")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed steps after 1 warm-up (default 3)")
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tmp.name)
     weights = None
     if with_cellpose:
-        from eval.bench_model import make_reference_weights
+        from benchmarks.bench_model import make_reference_weights
 
         weights = folder / "cpsam_random.pt"
         make_reference_weights(weights, seed=SEED)

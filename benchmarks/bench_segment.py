@@ -1,8 +1,8 @@
 """Segmentation throughput: cross-image tile batching vs one image at a time vs the cellpose package.
 
-    python -m eval.bench_segment                      # cyto_0 (classic CPnet) on 16 real images
-    python -m eval.bench_segment --model cpsam.pt     # an official Cellpose-SAM file
-    python -m eval.bench_segment --device cuda --batch-size 64
+    python -m benchmarks.bench_segment                      # cyto_0 (classic CPnet) on 16 real images
+    python -m benchmarks.bench_segment --model cpsam.pt     # an official Cellpose-SAM file
+    python -m benchmarks.bench_segment --device cuda --batch-size 64
 
 Images: 16 real images from ../shared/data (every folder, grayscale and RGB), centre-cropped to
 --crop pixels (0 keeps them whole). Every mode runs the same weights on the same images, after one
@@ -14,16 +14,15 @@ warm-up pass over the images, and includes normalization, tiling, the network an
              classic CPnet (cellpose 4 cannot load those) its own `normalize_img` -> `core.run_net`
              (224 tiles) -> `dynamics.resize_and_compute_masks`, image by image, with our CPnet.
 The modes are timed in turn, `--rounds` times over (first mode of a round alternating), and the
-median rate per mode is reported: on a 2-core machine the first pass after the warm-up was up to 20%
-slower whatever the mode. Prints images/s per mode, the ratios, and the AP@0.5 agreement of our
+median rate per mode is reported (the first pass after the warm-up can be slower whatever the mode).
+Prints images/s per mode, the ratios, and the AP@0.5 agreement of our
 masks with cellpose's.
 Rules (`--rules`): our Segmenter runs a classic CPnet under cellpose 3.1.1.2's rules by default
 (tiles shrink to images smaller than a tile, cellpose 3's flow -> mask rules); the only cellpose
 installed is 4.2, whose pipeline pads small images to a full tile and uses its own mask rules. The
 default, `--rules cp4`, runs our Segmenter under cellpose 4's rules as well (like for like: same
 algorithm, identical masks). `--rules auto` keeps each model's own rules: a CPnet then differs from
-cellpose 4 on images narrower than a tile (measured: mother-machine images 51 and 47 px wide, AP@0.5
-0.17 and 0.44 against cellpose 4's masks; CPnet's style vector averages over the padding).
+cellpose 4 on images narrower than a tile (CPnet's style vector averages over cellpose 4's padding).
 """
 
 from __future__ import annotations

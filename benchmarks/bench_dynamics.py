@@ -13,7 +13,7 @@ pixels; AP@0.5 of our masks against cellpose's and against the label image, obje
 Our times are warm (median of --repeats runs after one warm-up call); the first call in the
 process (numba cache load, or compile on a fresh machine) is printed separately.
 
-    .venv/bin/python eval/bench_dynamics.py [--sizes 512 2048] [--repeats 3] [--threads 1]
+    python -m benchmarks.bench_dynamics [--sizes 512 2048] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
