@@ -16,11 +16,14 @@ from pathlib import Path
 from cpsam.command import UsageError, interruptible
 
 PAIRING_HELP = """\
-pairing: label files are .tif/.tiff/.png/.npy anywhere under a folder (folders starting with '.' or
-'_' are skipped). A file's name without extension and without a trailing _cp_masks, _masks, _mask,
-_labels or _label is its key (NAME.tif, NAME_masks.tif and NAME_cp_masks.png all pair as NAME; so
-does NAME_img_masks.tif: _img/_image before a marker is dropped). In a tree where some files carry
-such a marker, only those are label files (NAME_img.tif is ignored).
+pairing (cpsam.pairing, the rule prep, finetune and distill use too): label files are images
+(.tif/.tiff/.png/.npy/.jpg/.jpeg/.bmp) or the Cellpose GUI's NAME_seg.npy anywhere under a folder
+(folders starting with '.' or '_' are skipped). A file's name without extension and without a
+trailing _masks, _cp_masks, _mask, _labels or _label is its key (NAME.tif, NAME_masks.tif and
+NAME_cp_masks.png all pair as NAME; so does NAME_img_masks.tif: _img/_image before a marker is
+dropped). In a tree where some files carry such a marker, only those are label files (NAME_img.tif
+is ignored). Several label files of one key: the first in that order wins (a _seg.npy gives way to a
+label image), the others are reported as names found more than once.
 Files pair by (sub-folder, key), then by key alone when it is unique in both trees. The dataset of
 a pair is the first sub-folder of its ground-truth file (the ground-truth folder's name at the top).
 
