@@ -201,10 +201,9 @@ class Segmenter:
             outputs are accumulated in float32 either way.
         tile_overlap: fraction of tile overlap (cellpose default 0.1, clipped to [0.05, 0.5]).
         rules: override the cellpose-3/4 rule set chosen from the model type.
-        masks_device: where `cpsam.dynamics` turns flows into masks: None = CPU (numba, equal to
-            cellpose), or a torch device such as "cuda" for its torch path (cellpose 4 mask rules
-            only: with rules.mask_rules == "cp3", the CPnet default, a non-CPU device raises
-            ValueError; pass rules=dataclasses.replace(rules_for(model), mask_rules="cp4")).
+        masks_device: where `cpsam.dynamics` turns flows into masks: None = CPU (numba), or a
+            torch device such as "cuda" for `cpsam.dynamics.torch_rules` there, under either mask
+            rule set (same masks).
         size_model: a `cpsam.size.SizeModel` used when no diameter is given (default: the model's
             `size_model` attribute, which `pretrained("cyto_0")` and the model loaders set when a
             size file is found beside the weights). Only models with a style vector (CPnet) use it.
@@ -235,11 +234,6 @@ class Segmenter:
         recorded = recorded_inference(model).get("channels")
         # [SEG, NUC] the model was trained on (a distilled student: its teacher's), used when none are given
         self.default_channels: list[int] | None = [int(c) for c in recorded] if recorded is not None else None
-        if self.rules.mask_rules == "cp3" and masks_device is not None and torch.device(masks_device).type != "cpu":
-            raise ValueError(
-                f"masks_device={masks_device}: cellpose 3's mask rules (mask_rules='cp3', the default for a "
-                "classic CPnet) run on the CPU only; use masks_device=None or rules with mask_rules='cp4'"
-            )
         self.masks_device = masks_device
         self._tapers: dict[tuple[int, int], torch.Tensor] = {}
         self.style_channels = int(getattr(model, "style_channels", 0) or 0)  # 0: no style vector (CP-SAM)

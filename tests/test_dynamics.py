@@ -35,7 +35,9 @@ GOLDEN = ["neurips22_cell_00849", "cpm15_image01", "usiigaci_set1", "Fluo-N2DL-H
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    """cellpose's torch loops crawl when 2 OpenMP threads fight other jobs for 2 cores."""
+    """cellpose's torch loops crawl when 2 OpenMP threads fight other jobs for 2 cores. numba's OpenMP
+    layer resets the thread count when it starts: start it first (a parallel kernel), then set one."""
+    dynamics.masks_to_flows(np.ones((8, 8), np.int32))
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
