@@ -64,8 +64,8 @@ class InferenceRules:
             numpy float32) and the default niter as float32 1 / rescale * 200, truncated; else
             float64 diam_mean / diameter and int(200 / rescale) (cellpose 4). The two niter
             rules differ by one step where 200 / rescale is within float32 rounding of an integer.
-        mask_rules: flow -> mask rules of `cpsam.dynamics.flows_to_masks`: "cp3" (cellpose 3.1.1.2
-            on CPU, CPU only) or "cp4" (cellpose 4.2.1.1).
+        mask_rules: flow -> mask rules of `cpsam.dynamics.flows_to_masks`: "cp3" (what cellpose 3.1.1.2
+            computes on a CPU) or "cp4" (cellpose 4.2.1.1); either runs on any masks_device.
     """
 
     tile_size: int

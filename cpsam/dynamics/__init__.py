@@ -271,6 +271,7 @@ def flow_error(
     device: None/"cpu" numba, another torch device `torch_rules.flow_errors` there.
     """
     masks = _check_labels(masks)
+    _check_rules(rules)
     if dP.shape[1:] != masks.shape:
         raise ValueError(f"dP has shape {dP.shape}, masks {masks.shape}: need dP (2, H, W)")
     lab = np.ascontiguousarray(masks, dtype=np.int32)
@@ -282,7 +283,7 @@ def flow_error(
         err = torch_rules.flow_errors(torch.from_numpy(lab.astype(np.int64)).to(dev),
                                       torch.from_numpy(np.asarray(dP, np.float32)).to(dev), n, rules == "cp3")
         return err.double().cpu().numpy()
-    mu = _unit_flows(lab, n, None, _check_rules(rules))
+    mu = _unit_flows(lab, n, None, rules)
     if rules == "cp3":
         return masks_cp3.mask_errors(lab, mu, dP, n)
     return masks_cp4.mask_errors(lab, mu, dP, n)
