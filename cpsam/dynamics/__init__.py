@@ -230,7 +230,7 @@ def follow_flows(
     dP: (2, H, W) flows at 5x scale; fg: (H, W) bool. Returns (2, N) int32 truncated final [y, x]
     pixel positions of the N foreground pixels in row-major order (the reference's `p_final`).
     exact=True gives the reference's positions bit for bit; exact=False stops trajectories whose
-    truncated position has settled (a few pixels in 10^4 may land one bin away; much faster).
+    truncated position has settled (not bit-exact: a trajectory may end one bin away).
     rules: "cp4" steps in [-1, 1] grid coordinates as torch `grid_sample` (cellpose 4, see
     `masks_cp4`); "cp3" steps in pixel coordinates, clamped to [0, L - 1], with cellpose 3's CPU
     bilinear sampler (its mixed float32/float64 precision, see `masks_cp3`). numba, CPU.

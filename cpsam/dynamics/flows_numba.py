@@ -208,6 +208,8 @@ def _flows_parallel(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
 
 
 def flows_numba(lab: np.ndarray, n: int, n_iter: int | None = None, parallel: bool = True) -> np.ndarray:
-    """Unit flows (2, H, W) float64 of consecutive int32 labels 1..n (numba, CPU)."""
+    """Unit flows (2, H, W) float64 of int32 labels 1..n (an absent label is skipped; numba, CPU).
+
+    n_iter: diffusion steps; None = the reference's 2 * max(h + w + 2) over the objects."""
     fn = _flows_parallel if parallel else _flows_serial
     return fn(np.ascontiguousarray(lab, dtype=np.int32), int(n), -1 if n_iter is None else int(n_iter))
