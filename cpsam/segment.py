@@ -63,8 +63,8 @@ class InferenceRules:
             numpy float32) and the default niter as float32 1 / rescale * 200, truncated; else
             float64 diam_mean / diameter and int(200 / rescale) (cellpose 4). The two niter
             rules differ by one step where 200 / rescale is within float32 rounding of an integer.
-        mask_rules: flow -> mask rules of `cpsam.dynamics.flows_to_masks`: "cp3" (cellpose 3.1.1.2
-            on CPU, CPU only) or "cp4" (cellpose 4.2.1.1).
+        mask_rules: flow -> mask rules of `cpsam.dynamics.flows_to_masks`: "cp3" (what cellpose 3.1.1.2
+            computes on a CPU) or "cp4" (cellpose 4.2.1.1); either runs on any masks_device.
     """
 
     tile_size: int
@@ -200,10 +200,9 @@ class Segmenter:
             outputs are accumulated in float32 either way.
         tile_overlap: fraction of tile overlap (cellpose default 0.1, clipped to [0.05, 0.5]).
         rules: override the cellpose-3/4 rule set chosen from the model type.
-        masks_device: where `cpsam.dynamics` turns flows into masks: None = CPU (numba, equal to
-            cellpose), or a torch device such as "cuda" for its torch path (cellpose 4 mask rules
-            only: with rules.mask_rules == "cp3", the CPnet default, a non-CPU device raises
-            ValueError; pass rules=dataclasses.replace(rules_for(model), mask_rules="cp4")).
+        masks_device: where `cpsam.dynamics` turns flows into masks: None = CPU (numba), or a
+            torch device such as "cuda" for `cpsam.dynamics.torch_rules` there, under either mask
+            rule set (same masks).
         size_model: a `cpsam.size.SizeModel` used when no diameter is given (default: the model's
             `size_model` attribute, which `pretrained("cyto_0")` and the model loaders set when a
             size file is found beside the weights). Only models with a style vector (CPnet) use it.
@@ -234,11 +233,6 @@ class Segmenter:
         recorded = recorded_inference(model).get("channels")
         # [SEG, NUC] the model was trained on (a distilled student: its teacher's), used when none are given
         self.default_channels: list[int] | None = [int(c) for c in recorded] if recorded is not None else None
-        if self.rules.mask_rules == "cp3" and masks_device is not None and torch.device(masks_device).type != "cpu":
-            raise ValueError(
-                f"masks_device={masks_device}: cellpose 3's mask rules (mask_rules='cp3', the default for a "
-                "classic CPnet) run on the CPU only; use masks_device=None or rules with mask_rules='cp4'"
-            )
         self.masks_device = masks_device
         self._tapers: dict[tuple[int, int], torch.Tensor] = {}
         self.style_channels = int(getattr(model, "style_channels", 0) or 0)  # 0: no style vector (CP-SAM)

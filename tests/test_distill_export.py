@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DIR
 
-from cpsam import dynamics, io
+from cpsam import io
+from cpsam.dynamics import torch_rules
 from cpsam.models import create_model, load_model, save_checkpoint
 from cpsam.segment import Segmenter
 from distill import export
 from eval.metrics import score_image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = SHARED_DIR
 CYTO0 = SHARED / "weights" / "cyto_0_cpnet_torch.pt"
 IMAGES = (  # (file, top, left, side): a phase-contrast bacteria image and a fluorescence nuclei crop
     ("data/bact_phase_neurips22/neurips22_cell_00528_img.tif", 0, 0, 200),
@@ -83,6 +85,7 @@ def _run_isolated(model_file: Path, images: list[np.ndarray], diameter: float, t
 def test_exported_cyto0_gives_the_masks_of_cpsam_segment_without_cpsam(tmp_path, cyto0_results):
     """cyto_0 (a CPnet: cellpose 3 rules) exported and run with only torch + numpy importable."""
     model, images, refs = cyto0_results
+    assert export.flows_to_masks_torch is torch_rules.flows_to_masks  # the one torch implementation
     out = export.export_model(model, tmp_path / "cyto0.pt")
     assert out.is_file() and not list(tmp_path.glob("*.part*"))
     results = _run_isolated(out, images, 20.0, tmp_path)
@@ -124,38 +127,6 @@ def test_exported_fastnet_student_matches_segmenter_flows(tmp_path):
     masks, flows = cp3(small, 20.0)
     assert np.abs(flows[2].numpy() - want.cellprob).max() < 1e-4
     assert np.array_equal(masks.numpy(), want.masks.astype(np.int32))
-
-
-def test_torch_dynamics_equal_cpsam_dynamics_on_real_flows(cyto0_results):
-    """flows -> masks in torch ops equals cpsam.dynamics (numba) label for label, under both rule sets."""
-    ref = cyto0_results[2][1]
-    dP = np.ascontiguousarray(ref.dP)
-    cellprob = np.ascontiguousarray(ref.cellprob)
-    for rules in ("cp3", "cp4"):
-        want = dynamics.flows_to_masks(dP, cellprob, niter=ref.niter, rules=rules)
-        got = export.flows_to_masks_torch(torch.from_numpy(dP), torch.from_numpy(cellprob), ref.niter, rules=rules)
-        assert want.max() >= 10
-        assert np.array_equal(got.numpy(), want.astype(np.int64)), rules
-
-
-@pytest.mark.parametrize("rules", ["cp3", "cp4"])
-def test_torch_hole_filling_and_small_masks_equal_cpsam(rules):
-    """Holes (one holding another mask, one open to the outside only diagonally), small masks, label gaps."""
-    masks = np.zeros((40, 48), np.int64)
-    masks[2:14, 2:14] = 1
-    masks[6:9, 6:9] = 0  # a hole of 9 px
-    masks[2:14, 20:34] = 2
-    masks[5:10, 24:29] = 5  # a mask inside mask 2's hole: absorbed
-    masks[20:30, 2:12] = 3
-    masks[20, 2] = 0  # a corner notch: not a hole
-    masks[24:26, 24:26] = 7  # 4 px: too small
-    masks[30:38, 30:40] = 8
-    masks[33, 34] = 0  # a one-pixel hole
-    want = dynamics.fill_holes_and_remove_small_masks(masks.astype(np.uint16), min_size=15, rules=rules)
-    mt = torch.from_numpy(masks)
-    got = export._drop_small(export._fill_holes(export._drop_small(mt, 15, rules == "cp3")), 15, rules == "cp3")
-    assert np.array_equal(got.numpy(), want.astype(np.int64))
-    assert want[7, 7] == want[3, 3] and want[7, 26] == want[3, 21] and want[33, 34] == want[31, 31]
 
 
 def test_export_cli_reports_a_bad_model_in_one_line(tmp_path, capsys):

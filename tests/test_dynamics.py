@@ -35,7 +35,9 @@ GOLDEN = ["neurips22_cell_00849", "cpm15_image01", "usiigaci_set1", "Fluo-N2DL-H
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    """cellpose's torch loops crawl when 2 OpenMP threads fight other jobs for 2 cores."""
+    """cellpose's torch loops crawl when 2 OpenMP threads fight other jobs for 2 cores. numba's OpenMP
+    layer resets the thread count when it starts: start it first (a parallel kernel), then set one."""
+    dynamics.masks_to_flows(np.ones((8, 8), np.int32))
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -127,9 +129,12 @@ def test_masks_to_flows_empty_and_bad_input() -> None:
 
 
 def test_masks_to_flows_torch_path_matches_numba() -> None:
+    """device="cpu" is the numba path; a GPU device runs `torch_rules.unit_flows`, here on the CPU."""
     m = crop(real_masks("gbm"), 200, 200, 128)
     ours = dynamics.masks_to_flows(m)
-    tor = dynamics.masks_to_flows(m, device="cpu")
+    np.testing.assert_array_equal(dynamics.masks_to_flows(m, device="cpu"), ours)
+    lab, n = dynamics._consecutive(m)
+    tor = dynamics.torch_rules.unit_flows(torch.from_numpy(lab.astype(np.int64)), n, False).float().numpy()
     assert cosine_in_objects(ours, tor, m > 0).min() >= 0.999999
     np.testing.assert_allclose(tor, ours, atol=1e-6)
 

@@ -225,13 +225,11 @@ def test_cp3_rules_errors() -> None:
     cp = np.ones((16, 16), np.float32)
     with pytest.raises(ValueError, match="rules must be one of"):
         dynamics.flows_to_masks(dP, cp, rules="cp2")
-    with pytest.raises(ValueError, match="CPU only"):
-        dynamics.flows_to_masks(dP, cp, rules="cp3", device="cuda")
-    with pytest.raises(ValueError, match="CPU only"):
-        dynamics.flows_to_masks_batch([dP], [cp], rules="cp3", device="cuda")
-    with pytest.raises(ValueError, match="CPU only"):
-        dynamics.flow_error(np.ones((16, 16), np.int32), dP, rules="cp3", device="cuda")
-    # "cpu" is fine for the batch API (numba path)
+    with pytest.raises(ValueError, match="rules must be one of"):
+        dynamics.flows_to_masks_batch([dP], [cp], rules="cp2", device="cpu")
+    with pytest.raises(ValueError, match="rules must be one of"):
+        dynamics.masks_to_flows(np.ones((16, 16), np.int32), rules="cp2")
+    # a torch device runs the torch cp3 rules (tests/test_dynamics_parity.py: the numba masks)
     out = dynamics.flows_to_masks_batch([dP, dP], [cp, -cp], rules="cp3", device="cpu")
     assert [o.shape for o in out] == [(16, 16), (16, 16)] and out[1].max() == 0
 
@@ -241,8 +239,8 @@ def test_segmenter_uses_cp3_mask_rules_and_niter_for_cpnet() -> None:
     rules = rules_for(net)
     assert rules.mask_rules == "cp3" and rules.float32_rescale
     assert InferenceRules(tile_size=256, pad_to_tile=True, float32_rescale=False).mask_rules == "cp4"
-    with pytest.raises(ValueError, match="CPU only"):
-        Segmenter(net, device="cpu", masks_device="cuda")
+    # cp3 mask rules on a torch masks device: accepted (torch_rules), stored for the dynamics
+    assert Segmenter(net, device="cpu", masks_device="cuda").masks_device == "cuda"
     image = np.random.default_rng(0).random((40, 48)).astype(np.float32)
     # 27 / 9.45 = 2.857...: float64 200 / rescale = 69.99999, cellpose 3's float32 gives 70.0
     res = Segmenter(net, device="cpu").segment([image], diameter=9.45, compute_masks=False)[0]

@@ -1,8 +1,13 @@
-"""Cellpose 3.1 (CPU path) flow -> mask rules: numba kernels for `cpsam.dynamics` rules="cp3".
+"""Flows -> labels under the cellpose 3 rules: numba kernels for `cpsam.dynamics` rules="cp3".
 
-Private helper of `cpsam.dynamics`; see that module for the public API. What cellpose 3.1.1.2
-does on a CPU-only machine, where it differs from the cellpose 4 rules of `_dynamics_masks.py` /
-`_dynamics_flows.py` (verified bit for bit against cellpose 3.1.1.2 on real flows):
+Kernels behind `cpsam.dynamics` rules="cp3" on the CPU (the public API is there); the same rules
+in torch ops are `cpsam.dynamics.torch_rules`. Inputs as `masks_cp4`: dP (2, H, W) float32 flows
+at 5x scale, fg (H, W) bool, labels (H, W) int32; positions (2, N) int32 [y, x].
+
+Rules copied from cellpose 3.1.1.2 as it runs on a CPU (`dynamics.steps2D_interp` /
+`map_coordinates`, `masks_to_flows_cpu`, `metrics.flow_error`, `utils.fill_holes_and_remove_small_masks`),
+where they differ from the cellpose 4 rules of `masks_cp4` / `flows_numba` (the masks equal
+cellpose 3.1.1.2's bit for bit on its golden flows, tests/test_dynamics_cp3.py):
 
 * Euler integration in *pixel* coordinates (no [-1, 1] normalisation, no grid_sample): the field
   is dP * fg / 5 (float32), sampled bilinearly with the four corner indices clamped to the image,
@@ -28,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from cpsam._dynamics_flows import _bboxes, diffuse_crop  # shared with the cellpose 4 flow kernels
-from cpsam._dynamics_masks import _HISTORY, cycle_position, settled
+from cpsam.dynamics.flows_numba import _bboxes, diffuse_crop  # shared with the cellpose 4 flow kernels
+from cpsam.dynamics.masks_cp4 import _HISTORY, cycle_position, settled
 
 
 @njit(cache=True, nogil=True, inline="always")

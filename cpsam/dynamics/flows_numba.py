@@ -1,22 +1,24 @@
-"""Labels -> unit flows by Cellpose's heat diffusion (numba kernels and a torch version).
+"""Labels -> unit flows by Cellpose's heat diffusion under the cellpose 4 rules (numba kernels).
 
-Private helper of `cpsam.dynamics`; see that module for the public API.
+Kernels behind `cpsam.dynamics.masks_to_flows` rules="cp4" on the CPU (the public API is there;
+`masks_cp3` reuses `diffuse_crop` and `_bboxes`; the torch version is
+`cpsam.dynamics.torch_rules.unit_flows`). Input: (H, W) int32 labels 1..n; output (2, H, W)
+float64 unit flows [dY, dX], 0 on background.
 
-Behaviour reproduced (recipe section 3.1, pitfall 12): the source of every object is its rounded
-mean pixel (round half to even, in the object's bounding-box frame), or the object pixel nearest
-to it; `n_iter = 2 * max(bbox_h + bbox_w + 2)` over all objects; every iteration adds 1 at each
-source and sets each object pixel to the sum of its same-label 3x3 neighbourhood divided by 9;
-gradients are central differences of the heat over *all* neighbours; vectors are normalised with
-1e-60. The heat of one object never reaches another one, so instead of sweeping the whole image
-`n_iter` times (what cellpose does) each object is diffused on its own bounding-box crop, with a
-dense, vectorisable 3x3 stencil, objects in parallel. The arithmetic (float64, neighbour
+Rule copied from cellpose 4.2.1.1 `dynamics.masks_to_flows_gpu` (recipe section 3.1, pitfall 12):
+the source of every object is its rounded mean pixel (round half to even, in the object's
+bounding-box frame), or the object pixel nearest to it; `n_iter = 2 * max(bbox_h + bbox_w + 2)`
+over all objects; every iteration adds 1 at each source and sets each object pixel to the sum of
+its same-label 3x3 neighbourhood divided by 9; gradients are central differences of the heat over
+*all* neighbours; vectors are normalised with 1e-60. The heat of one object never reaches another
+one, so instead of sweeping the whole image `n_iter` times (what cellpose does) each object is
+diffused on its own bounding-box crop, objects in parallel. The arithmetic (float64, neighbour
 summation order, division by 9) is the reference one, so the flows agree to the last bits.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from numba import njit, prange
 
 
@@ -206,46 +208,8 @@ def _flows_parallel(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
 
 
 def flows_numba(lab: np.ndarray, n: int, n_iter: int | None = None, parallel: bool = True) -> np.ndarray:
-    """Unit flows (2, H, W) float64 of consecutive int32 labels 1..n (numba, CPU)."""
+    """Unit flows (2, H, W) float64 of int32 labels 1..n (an absent label is skipped; numba, CPU).
+
+    n_iter: diffusion steps; None = the reference's 2 * max(h + w + 2) over the objects."""
     fn = _flows_parallel if parallel else _flows_serial
     return fn(np.ascontiguousarray(lab, dtype=np.int32), int(n), -1 if n_iter is None else int(n_iter))
-
-
-def flows_torch(lab: np.ndarray, n: int, device: torch.device, n_iter: int | None = None) -> torch.Tensor:
-    """Unit flows (2, H, W) float32 tensor on `device` of consecutive int32 labels 1..n.
-
-    Dense formulation for accelerators: every iteration updates the whole padded image with the
-    8 same-label neighbour masks. Sources and the iteration count come from the numba helpers.
-    float64 except on MPS (no float64 there).
-    """
-    lab = np.ascontiguousarray(lab, dtype=np.int32)
-    h, w = lab.shape
-    box, src, n_ref = _objects(lab, int(n))
-    if n_iter is None:
-        n_iter = int(n_ref)
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    lab_t = torch.nn.functional.pad(torch.from_numpy(lab).to(device), (1, 1, 1, 1))
-    centre = lab_t[1:-1, 1:-1]
-    fg = centre > 0
-    offsets = [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
-    same = [
-        (lab_t[1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] == centre) & fg for dy, dx in offsets
-    ]
-    heat = torch.zeros((h + 2, w + 2), dtype=dtype, device=device)
-    inner = heat[1:-1, 1:-1]
-    present = box[:, 1] > 0
-    cy = torch.from_numpy(box[present, 0] + src[present, 0] + 1).to(device)
-    cx = torch.from_numpy(box[present, 2] + src[present, 1] + 1).to(device)
-    fg_f = fg.to(dtype)
-    same_f = [s.to(dtype) for s in same]
-    for _ in range(n_iter):
-        heat[cy, cx] += 1.0
-        acc = inner * fg_f
-        for (dy, dx), s in zip(offsets, same_f, strict=True):
-            acc = acc + heat[1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] * s
-        inner.copy_(acc / 9.0)
-    dy = heat[2:, 1:-1] - heat[:-2, 1:-1]
-    dx = heat[1:-1, 2:] - heat[1:-1, :-2]
-    nrm = 1e-60 + torch.sqrt(dy * dy + dx * dx)
-    mu = torch.stack((dy / nrm, dx / nrm)) * fg_f
-    return mu.to(torch.float32)

@@ -1,8 +1,11 @@
-"""Flows -> labels: Euler integration and histogram seeding (numba kernels and a torch version).
+"""Flows -> labels under the cellpose 4 rules: Euler integration, histogram seeding, flow errors (numba).
 
-Private helper of `cpsam.dynamics`; see that module for the public API.
+Kernels behind `cpsam.dynamics` rules="cp4" on the CPU (the public API is there); the same rules
+in torch ops are `cpsam.dynamics.torch_rules`. Inputs: dP (2, H, W) float32 flows at 5x scale,
+fg (H, W) bool; positions (2, N) int32 [y, x] of the N foreground pixels in row-major order.
 
-Behaviour reproduced (recipe section 2.5, pitfall 11):
+Rules copied from cellpose 4.2.1.1 `dynamics` (`steps_interp`, `get_masks_torch`, `flow_error`;
+recipe section 2.5, pitfall 11):
 * Euler steps on normalised coordinates p = 2 * pixel / (L - 1) - 1, the field scaled by
   2 / (L - 1), sampled bilinearly as `torch.nn.functional.grid_sample(align_corners=False,
   padding_mode="zeros")` does on CPU, in float32 with the same operation order, clamped to
@@ -22,7 +25,7 @@ Behaviour reproduced (recipe section 2.5, pitfall 11):
 from __future__ import annotations
 
 import numpy as np
-import torch
+import torch  # torch's own CPU argsort orders seeds with equal counts as cellpose
 from numba import njit, prange
 
 _HISTORY = 16  # longest cycle detected (positions remembered per trajectory)
@@ -193,36 +196,6 @@ def integrate_numba(
     if parallel and len(ys) > 4096:
         return _integrate_parallel(field, ys, xs, int(niter), sx, sy, 64, float(settle))
     return _integrate_serial(field, ys, xs, int(niter), sx, sy, float(settle))
-
-
-def integrate_torch(
-    dPs: torch.Tensor, fgs: torch.Tensor, niter: int
-) -> list[torch.Tensor]:
-    """Batched Euler integration with `grid_sample` on any device.
-
-    dPs (B, 2, H, W) float32 network flows (x5 scale), fgs (B, H, W) bool. Returns per image a
-    (2, N_b) int32 tensor of truncated final [y, x] positions of its foreground pixels.
-    """
-    b, _, h, w = dPs.shape
-    d = dPs * fgs[:, None].to(dPs.dtype) / 5.0
-    im = torch.stack((d[:, 1] * (2.0 / max(w - 1, 1)), d[:, 0] * (2.0 / max(h - 1, 1))), dim=1)
-    idx = [torch.nonzero(fgs[i]) for i in range(b)]
-    npts = max(1, max(int(p.shape[0]) for p in idx))
-    pt = torch.zeros((b, 1, npts, 2), dtype=torch.float32, device=dPs.device)
-    for i, p in enumerate(idx):
-        pt[i, 0, : p.shape[0], 0] = p[:, 1].float() / max(w - 1, 1)
-        pt[i, 0, : p.shape[0], 1] = p[:, 0].float() / max(h - 1, 1)
-    pt = pt * 2 - 1
-    for _ in range(niter):
-        v = torch.nn.functional.grid_sample(im, pt, mode="bilinear", padding_mode="zeros", align_corners=False)
-        pt = (pt + v[:, :, 0].permute(0, 2, 1)[:, None]).clamp_(-1.0, 1.0)
-    pt = (pt + 1) * 0.5
-    out = []
-    for i, p in enumerate(idx):
-        q = pt[i, 0, : p.shape[0]]
-        yx = torch.stack((q[:, 1] * max(h - 1, 1), q[:, 0] * max(w - 1, 1)))
-        out.append(yx.int())
-    return out
 
 
 @njit(cache=True, nogil=True)

@@ -1,14 +1,16 @@
 """The Cellpose flow algebra: label masks -> unit flows, and network flows -> label masks.
 
-Behaviour is that of `cellpose.dynamics` 4.2 (recipe sections 2.5-2.7 and 3.1), reimplemented
-for speed on CPU (numba: per-object diffusion on bounding-box crops, foreground-only Euler
-integration that stops at exact fixed points/cycles) with a torch path for GPUs.
+Two rule sets, each implemented once for the CPU (numba) and once in torch:
+* rules="cp4" (default): `cellpose.dynamics` 4.2.1.1 (recipe sections 2.5-2.7 and 3.1).
+* rules="cp3": what cellpose 3.1.1.2 computes on a CPU (its classic-model masks): Euler steps in
+  pixel coordinates with its own bilinear sampler, a per-object flow-error diffusion (own source,
+  iteration count and 1/9 factor), no renumbering after the QC and its rank-based size filter.
 
-`rules="cp3"` (flows_to_masks, follow_flows, flow_error, masks_to_flows,
-fill_holes_and_remove_small_masks) reproduces instead what cellpose 3.1.1.2 computes on a CPU:
-Euler steps in pixel coordinates with its own bilinear sampler, a per-object flow-error
-diffusion (own centre, iteration count and 1/9 factor) and its rank-based small-mask filter;
-see `cpsam._dynamics_cp3` for the exact differences. It is CPU only (numba).
+Modules: `flows_numba` (labels -> unit flows, cp4, numba), `masks_cp4` / `masks_cp3` (flows ->
+masks kernels of each rule set, numba), `torch_rules` (both rule sets in torch ops, any device,
+TorchScript-compatible; also compiled into `cpsam distill export` files). device=None / "cpu"
+runs numba, any other torch device (e.g. "cuda") `torch_rules`, under either rule set; the two
+give the same masks (tests/test_dynamics_parity.py).
 
 Conventions: flows are (2, H, W) [dY, dX]. `masks_to_flows` returns *unit* flows (training
 targets are 5x these); `flows_to_masks` takes the network's flows at 5x scale and its
@@ -30,9 +32,7 @@ import torch
 from scipy.ndimage import find_objects
 from tqdm import tqdm
 
-from cpsam import _dynamics_cp3 as _cp3
-from cpsam import _dynamics_flows as _flows
-from cpsam import _dynamics_masks as _masks
+from cpsam.dynamics import flows_numba, masks_cp3, masks_cp4, torch_rules
 
 __all__ = [
     "masks_to_flows",
@@ -50,15 +50,18 @@ __all__ = [
 RULES = ("cp4", "cp3")
 
 
-def _check_rules(rules: str, device: torch.device | None = None) -> str:
+def _check_rules(rules: str) -> str:
     if rules not in RULES:
         raise ValueError(f"rules must be one of {RULES}, got {rules!r}")
-    if rules == "cp3" and device is not None and device.type != "cpu":
-        raise ValueError(
-            f"rules='cp3' reproduces cellpose 3's CPU computation and runs on the CPU only (numba); "
-            f"got device {device}. Pass device=None, or rules='cp4' for the torch path."
-        )
     return rules
+
+
+def _on_torch(device: str | torch.device | None) -> torch.device | None:
+    """The torch device that runs `torch_rules`, or None for the numba CPU kernels (None / "cpu")."""
+    if device is None:
+        return None
+    dev = torch.device(device)
+    return None if dev.type == "cpu" else dev
 
 
 def _check_labels(masks: np.ndarray, name: str = "masks") -> np.ndarray:
@@ -81,13 +84,16 @@ def _consecutive(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return lab.astype(np.int32, copy=False), int(n)
 
 
-def _unit_flows(lab: np.ndarray, n: int, device: torch.device | None, parallel: bool = True) -> np.ndarray:
-    """float64 (2, H, W) unit flows of consecutive int32 labels (numba on CPU, torch elsewhere)."""
+def _unit_flows(lab: np.ndarray, n: int, device: torch.device | None, rules: str) -> np.ndarray:
+    """float64 (2, H, W) unit flows of int32 labels 1..n (numba for device None, else torch_rules)."""
     if n == 0:
         return np.zeros((2, *lab.shape), np.float64)
-    if device is not None and device.type != "cpu":
-        return _flows.flows_torch(lab, n, device).double().cpu().numpy()
-    return _flows.flows_numba(lab, n, parallel=parallel)
+    if device is not None:
+        lab_t = torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)).to(device)
+        return torch_rules.unit_flows(lab_t, n, rules == "cp3").double().cpu().numpy()
+    if rules == "cp3":
+        return masks_cp3.unit_flows(lab, n)
+    return flows_numba.flows_numba(lab, n)
 
 
 def masks_to_flows(
@@ -97,19 +103,18 @@ def masks_to_flows(
 
     masks: (H, W) integer labels, 0 = background; ids need not be consecutive (any integer dtype
     up to uint32/int64), objects may touch the border or be split in several pieces.
-    device: None/"cpu" runs the numba CPU kernels; a torch device ("cuda") runs a dense torch
-    diffusion there. Returns (2, H, W) float32 [dY, dX], unit length on objects, 0 on background.
+    device: None/"cpu" runs the numba CPU kernels; another torch device ("cuda") runs
+    `torch_rules.unit_flows` there. Returns (2, H, W) float32 [dY, dX], unit length on objects,
+    0 on background.
     rules: "cp4" = cellpose 4 (one global iteration count 2 * max(h + w + 2), source at the
     rounded mean); "cp3" = cellpose 3's CPU `masks_to_flows_cpu` (each object diffused on its own
-    for 2 * (h + w + 4) iterations from its pixel nearest to the mean; CPU only).
-    Raises ValueError for a non-2-D or non-integer array.
+    for 2 * (h + w + 4) iterations from its pixel nearest to the mean, (1/9) * sum).
+    Raises ValueError for a non-2-D or non-integer array or unknown rules.
     """
     masks = _check_labels(masks)
-    dev = None if device is None else torch.device(device)
+    _check_rules(rules)
     lab, n = _consecutive(masks)
-    if _check_rules(rules, dev) == "cp3":
-        return _cp3.unit_flows(lab, n).astype(np.float32)
-    return _unit_flows(lab, n, dev).astype(np.float32)
+    return _unit_flows(lab, n, _on_torch(device), rules).astype(np.float32)
 
 
 def _flows_worker(masks: np.ndarray) -> np.ndarray:
@@ -225,15 +230,15 @@ def follow_flows(
     dP: (2, H, W) flows at 5x scale; fg: (H, W) bool. Returns (2, N) int32 truncated final [y, x]
     pixel positions of the N foreground pixels in row-major order (the reference's `p_final`).
     exact=True gives the reference's positions bit for bit; exact=False stops trajectories whose
-    truncated position has settled (a few pixels in 10^4 may land one bin away; much faster).
-    rules: "cp4" steps in [-1, 1] grid coordinates as torch `grid_sample` (cellpose 4);
-    "cp3" steps in pixel coordinates, clamped to [0, L - 1], with cellpose 3's CPU bilinear
-    sampler (its mixed float32/float64 precision, see `cpsam._dynamics_cp3`).
+    truncated position has settled (not bit-exact: a trajectory may end one bin away).
+    rules: "cp4" steps in [-1, 1] grid coordinates as torch `grid_sample` (cellpose 4, see
+    `masks_cp4`); "cp3" steps in pixel coordinates, clamped to [0, L - 1], with cellpose 3's CPU
+    bilinear sampler (its mixed float32/float64 precision, see `masks_cp3`). numba, CPU.
     """
     settle = 0.0 if exact else _SETTLE
     if _check_rules(rules) == "cp3":
-        return _cp3.integrate(dP, fg, niter, settle=settle)
-    return _masks.integrate_numba(dP, fg, niter, settle=settle)
+        return masks_cp3.integrate(dP, fg, niter, settle=settle)
+    return masks_cp4.integrate_numba(dP, fg, niter, settle=settle)
 
 
 def get_masks(pos: np.ndarray, fg: np.ndarray, max_size_fraction: float = 0.4) -> np.ndarray:
@@ -243,7 +248,7 @@ def get_masks(pos: np.ndarray, fg: np.ndarray, max_size_fraction: float = 0.4) -
     `max_size_fraction` of the image are removed; renumbered 1..N in order of first appearance.
     """
     h, w = fg.shape
-    seed_lab, _ = _masks.labels_from_positions(pos, (h, w))
+    seed_lab, _ = masks_cp4.labels_from_positions(pos, (h, w))
     out = np.zeros((h, w), np.uint32)
     out[fg] = seed_lab
     uniq, counts = fastremap.unique(out, return_counts=True)
@@ -262,20 +267,26 @@ def flow_error(
     masks: (H, W) labels 1..N (consecutive); dP: (2, H, W) network flows at 5x scale.
     Returns (N,) float64: mean over each mask's pixels of sum_c (mu_c - dP_c / 5)^2 where mu are
     the unit flows re-diffused from `masks` (cellpose's `dynamics.flow_error`) under `rules`
-    (see `masks_to_flows`; "cp3" is CPU only and gives nan for an absent label).
+    (see `masks_to_flows`); an absent label gives 0 ("cp4") or nan ("cp3", as cellpose 3).
+    device: None/"cpu" numba, another torch device `torch_rules.flow_errors` there.
     """
     masks = _check_labels(masks)
+    _check_rules(rules)
     if dP.shape[1:] != masks.shape:
         raise ValueError(f"dP has shape {dP.shape}, masks {masks.shape}: need dP (2, H, W)")
     lab = np.ascontiguousarray(masks, dtype=np.int32)
     n = int(lab.max()) if lab.size else 0
     if n == 0:
         return np.zeros(0, np.float64)
-    dev = None if device is None else torch.device(device)
-    if _check_rules(rules, dev) == "cp3":
-        return _cp3.mask_errors(lab, _cp3.unit_flows(lab, n), dP, n)
-    mu = _unit_flows(lab, n, dev)
-    return _masks.mask_errors(lab, mu, dP, n)
+    dev = _on_torch(device)
+    if dev is not None:
+        err = torch_rules.flow_errors(torch.from_numpy(lab.astype(np.int64)).to(dev),
+                                      torch.from_numpy(np.asarray(dP, np.float32)).to(dev), n, rules == "cp3")
+        return err.double().cpu().numpy()
+    mu = _unit_flows(lab, n, None, rules)
+    if rules == "cp3":
+        return masks_cp3.mask_errors(lab, mu, dP, n)
+    return masks_cp4.mask_errors(lab, mu, dP, n)
 
 
 def _finish(
@@ -283,7 +294,6 @@ def _finish(
     dP: np.ndarray,
     flow_threshold: float,
     min_size: int,
-    device: torch.device | None,
     rules: str = "cp4",
 ) -> np.ndarray:
     """Flow-error QC, dtype, hole filling and size filter (the tail of compute_masks).
@@ -291,7 +301,7 @@ def _finish(
     cellpose 3 does not renumber after the QC (its size filter then works on labels with gaps).
     """
     if masks.max() > 0 and flow_threshold is not None and flow_threshold > 0:
-        err = flow_error(masks, dP, device=device, rules=rules)
+        err = flow_error(masks, dP, rules=rules)
         bad = 1 + np.nonzero(err > flow_threshold)[0]
         if len(bad):
             masks = fastremap.mask(masks, bad)
@@ -328,26 +338,24 @@ def flows_to_masks(
     Pixels with cellprob > cellprob_threshold are integrated for `niter` Euler steps, seeded and
     grown; masks larger than max_size_fraction * H * W are removed; masks whose mean squared flow
     error exceeds flow_threshold are removed (0 disables); holes are filled and masks under
-    min_size pixels removed. device: None/"cpu" uses numba; a torch device uses the torch path.
+    min_size pixels removed. device: None/"cpu" uses numba; another torch device ("cuda") runs
+    `torch_rules` there (same masks, see `flows_to_masks_batch`).
     exact=True (default) reproduces the reference's masks bit for bit (labels included).
-    exact=False is an opt-in shortcut that stops Euler trajectories once their final pixel looks
-    settled (see `follow_flows`): 20-30% faster, AP@0.5 >= 0.99 against exact at the default
-    thresholds, but on real flows at other thresholds or niter it changed masks (AP@0.5 down to
-    0.62 on HeLa golden flows at cellprob_threshold -2), so it is not the default. The torch path
-    is always exact.
+    exact=False is an opt-in shortcut (numba path only) that stops Euler trajectories once their
+    final pixel looks settled (see `follow_flows`): not bit-exact, a trajectory may end one bin
+    away, which can change masks; the torch path is always exact.
     rules: "cp4" = cellpose 4.2.1.1; "cp3" = cellpose 3.1.1.2 on a CPU (its classic-model
     masks): pixel-coordinate Euler steps with its own bilinear sampler, per-object flow-error
-    diffusion, no renumbering after the QC and its rank-based size filter (see `cpsam._dynamics_cp3`).
-    "cp3" is CPU only: a non-CPU device raises ValueError. Seeding is the same in both.
+    diffusion, no renumbering after the QC and its rank-based size filter (see `masks_cp3`).
+    Seeding is the same in both.
     Returns (H, W) uint16 labels 1..N (uint32 above 65535 masks).
     """
-    dev = None if device is None else torch.device(device)
-    _check_rules(rules, dev)
-    if dev is not None and dev.type != "cpu":
+    _check_rules(rules)
+    if _on_torch(device) is not None:
         return flows_to_masks_batch(
             [dP], [cellprob], niter=niter, cellprob_threshold=cellprob_threshold,
             flow_threshold=flow_threshold, min_size=min_size, max_size_fraction=max_size_fraction,
-            device=device,
+            device=device, rules=rules,
         )[0]
     dP, cellprob = _check_flows(dP, cellprob)
     fg = cellprob > cellprob_threshold
@@ -355,7 +363,7 @@ def flows_to_masks(
         return np.zeros(cellprob.shape, np.uint16)
     pos = follow_flows(dP, fg, niter, exact=exact, rules=rules)
     masks = get_masks(pos, fg, max_size_fraction)
-    return _finish(masks, dP, flow_threshold, min_size, None, rules)
+    return _finish(masks, dP, flow_threshold, min_size, rules)
 
 
 def flows_to_masks_batch(
@@ -374,21 +382,22 @@ def flows_to_masks_batch(
     """`flows_to_masks` for many images/tiles: dPs B x (2, H_i, W_i), cellprobs B x (H_i, W_i).
 
     device None: numba on CPU, one image after the other (each kernel uses all cores).
-    device given (e.g. "cuda", or "cpu" for the torch code on CPU): Euler integration runs in
-    torch `grid_sample` batched over images of equal size (always all niter steps, as cellpose),
-    the flow-error QC diffusion runs in torch on that device; seeding stays on CPU (numba).
-    `exact` applies to the numba path (see `flows_to_masks`). rules="cp3" (cellpose 3's CPU
-    rules) always runs the numba path: device must be None or "cpu", else ValueError.
-    Returns a list of (H_i, W_i) labels.
+    device given (e.g. "cuda", or "cpu" for the torch code on CPU): `torch_rules` on that device
+    under either rule set, the Euler steps batched over images of equal size (always all niter
+    steps, as cellpose), seeding, QC, hole filling and size filter per image. `exact` applies to
+    the numba path (see `flows_to_masks`). Returns a list of (H_i, W_i) uint16 labels (uint32
+    above 65535 masks).
     """
     n = len(dPs)
     if len(cellprobs) != n:
         raise ValueError(f"{n} flow fields but {len(cellprobs)} cell-probability maps")
+    _check_rules(rules)
     kw = dict(niter=niter, cellprob_threshold=cellprob_threshold, flow_threshold=flow_threshold,
               min_size=min_size, max_size_fraction=max_size_fraction)
-    if _check_rules(rules, None if device is None else torch.device(device)) == "cp3" or device is None:
+    if device is None:
         return [flows_to_masks(_np(dPs[i]), _np(cellprobs[i]), exact=exact, rules=rules, **kw) for i in range(n)]
     dev = torch.device(device)
+    qc = float(flow_threshold) if flow_threshold is not None else 0.0
     items = [_check_flows(_np(dPs[i]), _np(cellprobs[i])) for i in range(n)]
     out: list[np.ndarray | None] = [None] * n
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -397,16 +406,28 @@ def flows_to_masks_batch(
     for shape, idx in by_shape.items():
         dP_t = torch.from_numpy(np.stack([items[i][0] for i in idx])).to(dev)
         fg_t = torch.from_numpy(np.stack([items[i][1] > cellprob_threshold for i in idx])).to(dev)
-        if bool(fg_t.any()):
-            positions = _masks.integrate_torch(dP_t, fg_t, niter)
+        if not bool(fg_t.any()):
+            for i in idx:
+                out[i] = np.zeros(shape, np.uint16)
+            continue
+        if rules == "cp3":
+            positions = [torch_rules.euler_cp3(dP_t[k], fg_t[k], niter) for k in range(len(idx))]
+        else:
+            positions = torch_rules.euler_cp4(dP_t, fg_t, niter)
         for k, i in enumerate(idx):
-            fg = items[i][1] > cellprob_threshold
-            if not fg.any():
+            if not bool(fg_t[k].any()):
                 out[i] = np.zeros(shape, np.uint16)
                 continue
-            masks = get_masks(positions[k].cpu().numpy(), fg, max_size_fraction)
-            out[i] = _finish(masks, items[i][0], flow_threshold, min_size, dev)
+            masks = torch_rules.masks_from_positions(positions[k], dP_t[k], fg_t[k], qc, min_size,
+                                                     max_size_fraction, rules)
+            out[i] = _label_array(masks)
     return out  # type: ignore[return-value]
+
+
+def _label_array(masks: torch.Tensor) -> np.ndarray:
+    """(H, W) int64 tensor of labels -> numpy uint16 (uint32 above 65535 labels), as `_finish`."""
+    m = masks.cpu().numpy()
+    return m.astype(np.uint16 if m.size == 0 or m.max() < 2**16 else np.uint32)
 
 
 def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
