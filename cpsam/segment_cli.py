@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from cpsam import io
+from cpsam.models import resolve_model
 from cpsam.segment import ImageError, Segmenter, SegmentResult
 
 OUTPUT_SUFFIXES = ("_masks", "_outlines", "_seg", "_flows", "_cp_masks")
@@ -207,36 +208,6 @@ def is_complete(out_dir: Path, image: Path) -> bool:
     except OSError:
         return False
     return all(s.st_size > 0 for s in stats) and stats[-1].st_mtime >= image_mtime
-
-
-def resolve_model(spec: str, device: torch.device) -> torch.nn.Module:
-    """A model file path (any format `cpsam.models.loading.load_model` knows), a run folder holding a
-    model.pt, or a pretrained name. A classic model's size model beside the file (`MODEL_size.npy`,
-    `size_STEM.npy`; see `cpsam.size`) is attached as `model.size_model`, so that no diameter means
-    an estimated one; an unreadable size file is reported and ignored."""
-    from cpsam.models.pretrained import list_pretrained, pretrained
-
-    if Path(spec).is_dir() and (Path(spec) / "model.pt").is_file():
-        spec = str(Path(spec) / "model.pt")
-    if Path(spec).is_file():
-        from cpsam.models.loading import load_model
-        from cpsam.size import SizeModelError, find_size_model
-
-        model = load_model(spec, device=device)
-        if not hasattr(model, "diam_mean"):  # the binary family predicts cell / background, not flows
-            raise ValueError(f"--model {spec}: a {getattr(model, 'model_name', type(model).__name__)} cell / "
-                             "background model, not a flow model; segment with `cpsam binary predict`")
-        try:
-            model.size_model = find_size_model(spec)
-        except SizeModelError as exc:
-            print(f"cpsam: size model ignored: {exc}", file=sys.stderr)
-        return model
-    if spec in list_pretrained():
-        return pretrained(spec, device=device)
-    if Path(spec).exists():
-        raise FileNotFoundError(f"--model {spec}: {io.not_a_file_problem(spec)}")
-    known = ", ".join(list_pretrained())
-    raise FileNotFoundError(f"--model {spec!r} is neither a file nor a pretrained name ({known})")
 
 
 # --------------------------------------------------------------------------- outputs

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpsam import io
+from cpsam.models import resolve_model
 from cpsam.segment import CPU_SUB_BATCH, InferenceRules, rules_for
 from cpsam.segment_cli import positive_int
 
@@ -688,8 +689,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`cpsam distill export`; 0 written, 2 bad request (unreadable model, unwritable --out)."""
-    from cpsam.segment_cli import resolve_model
-
     try:
         model = resolve_model(args.model, torch.device("cpu"))
     except (OSError, ValueError, RuntimeError) as exc:

@@ -76,7 +76,7 @@ def build_model(spec: str, teacher_diam_mean: float, fuse: bool) -> tuple[nn.Mod
     from cpsam.models.students import FastNet
 
     if Path(spec).exists():
-        from cpsam.segment_cli import resolve_model
+        from cpsam.models import resolve_model
 
         model, trained = resolve_model(spec, torch.device("cpu")), True
     elif spec in list_models():

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from cpsam import dynamics, io
+from cpsam.metrics import score_image
 from cpsam.models import create_model, load_model, save_checkpoint
 from cpsam.segment import Segmenter
 from distill import export
-from eval.metrics import score_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CYTO0 = SHARED / "weights" / "cyto_0_cpnet_torch.pt"
