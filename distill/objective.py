@@ -1,7 +1,7 @@
 """The distillation objective ("distill"): a student trained from a teacher through the one training loop.
 
     cfg = train.config.load_config(None, ["objective=distill", "kd.teacher=[cyto_0]", "model.name=cpnet", ...])
-    train.loop.train(cfg)                     # the loop finds this objective through train.objective._LAZY
+    train.loop.train(cfg)                     # the loop finds it by its entry point (cpsam.objectives: distill)
 
 Per micro-batch (section `kd` of the config, train.config.KDConfig):
 - data: the pipeline's crop in the teacher's channels (online), or one of the example's cached views with its
@@ -94,6 +94,7 @@ def _pipeline_differences(run: PipelineSpec, cached: PipelineSpec) -> list[str]:
     return diff
 
 
+@register_objective("distill")
 class DistillObjective(Objective):
     """Student <- teacher (module docstring). Raises ConfigError for bad kd.* values or a cache that does not fit."""
 
@@ -339,5 +340,3 @@ class DistillObjective(Objective):
             out["val_kd_loss"] = self.val_kd_loss(net, rank, world, reduce_sum, kwargs.get("device"))
         return out
 
-
-register_objective("distill", DistillObjective)
