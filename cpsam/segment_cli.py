@@ -29,7 +29,6 @@ import torch
 from tqdm import tqdm
 
 from cpsam import io
-from cpsam.models import resolve_model
 from cpsam.segment import ImageError, Segmenter, SegmentResult
 
 OUTPUT_SUFFIXES = ("_masks", "_outlines", "_seg", "_flows", "_cp_masks")
@@ -384,6 +383,10 @@ def _run(args: argparse.Namespace, run_holder: list[_Run]) -> int:
     stopped = ""
     if files:
         try:
+            # here, not at the top: cpsam.models loads segment_anything (seconds), and the option validators of
+            # this module are imported by other commands' parsers
+            from cpsam.models import resolve_model
+
             model = resolve_model(args.model, device)
             segmenter = Segmenter(model, device=device, batch_size=args.batch_size, bf16=args.bf16)
         except (OSError, ValueError, RuntimeError) as exc:

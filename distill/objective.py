@@ -35,7 +35,7 @@ from distill.student import match_student_feature, student_feature_shapes, stude
 from distill.student_input import student_view
 from distill.teacher_init import freeze_copied_batchnorms, init_from_teacher
 from distill.teachers import FEATURE_NAMES, Teacher, load_teacher
-from train.config import ConfigError, KDConfig, TrainConfig
+from train.config import ConfigError, KDConfig, TrainConfig, dataset_entries
 from train.data import PipelineSpec, SampleKey, TrainDataset
 from train.loss import cellpose_loss_terms
 from train.objective import Objective, register_objective
@@ -295,8 +295,6 @@ class DistillObjective(Objective):
         if self._val_batches is not None:
             return self._val_batches
         cfg = self.cfg
-        from train.config import dataset_entries
-
         roots = dataset_entries(cfg.data.val)[0] if cfg.data.val else []
         self._val_batches = []
         if not roots or self.spec is None:
