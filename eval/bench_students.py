@@ -249,7 +249,7 @@ def print_table(results: dict[str, dict], teacher: dict, vit: dict | None,
 
 def plot(rows: list[dict], path: Path, with_agreement: bool) -> Path:
     """Agreement with the teacher (binarized IoU) against speed-up over cyto_0, or speed alone."""
-    from eval.plots import SpeedPoint, accuracy_speed_scatter
+    from cpsam.report.plots import SpeedPoint, accuracy_speed_scatter
 
     if with_agreement:
         points = [SpeedPoint(r["model"], r["total_s"], r["biou"]) for r in rows if np.isfinite(r["biou"])]
