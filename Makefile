@@ -39,6 +39,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on broken links and missing nav entries.
 docs: $(STAMP)

@@ -76,7 +76,7 @@ def build_model(spec: str, teacher_diam_mean: float, fuse: bool) -> tuple[nn.Mod
     from cpsam.models.students import FastNet
 
     if Path(spec).exists():
-        from cpsam.segment_cli import resolve_model
+        from cpsam.models import resolve_model
 
         model, trained = resolve_model(spec, torch.device("cpu")), True
     elif spec in list_models():
@@ -249,7 +249,7 @@ def print_table(results: dict[str, dict], teacher: dict, vit: dict | None,
 
 def plot(rows: list[dict], path: Path, with_agreement: bool) -> Path:
     """Agreement with the teacher (binarized IoU) against speed-up over cyto_0, or speed alone."""
-    from eval.plots import SpeedPoint, accuracy_speed_scatter
+    from cpsam.report.plots import SpeedPoint, accuracy_speed_scatter
 
     if with_agreement:
         points = [SpeedPoint(r["model"], r["total_s"], r["biou"]) for r in rows if np.isfinite(r["biou"])]

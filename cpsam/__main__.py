@@ -6,7 +6,7 @@ import sys
 def _main() -> int:
     """Run `cpsam.cli.main`, turning a KeyboardInterrupt that no subcommand handled into one line."""
     try:
-        from cpsam.cli import main
+        from cpsam.cli import main  # inside the try: Ctrl-C while the command imports is caught too
 
         return main()
     except KeyboardInterrupt:

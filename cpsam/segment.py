@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from cpsam import transforms
-from cpsam.size import SizeModel
+from cpsam.size import SizeModel, median_diameter
 
 DEFAULT_NITER = 200
 # On a CPU a network call runs its tiles this many at a time. Larger CPU batches gain nothing in
@@ -83,7 +83,7 @@ def recorded_inference(model: nn.Module) -> dict[str, Any]:
 def rules_for(model: nn.Module) -> InferenceRules:
     """Cellpose-3 rules for a classic CPnet (and its students), cellpose-4 rules for anything else; the flow ->
     mask rules recorded in the model's checkpoint win (a FastNet distilled from cyto_0 keeps cyto_0's "cp3")."""
-    from cpsam.models.cpnet import CPnet
+    from cpsam.models.cpnet import CPnet  # here, not at the top: cpsam.models loads segment_anything (seconds)
 
     if isinstance(model, CPnet):
         rules = InferenceRules(tile_size=int(model.tile_size), pad_to_tile=False, float32_rescale=True,
@@ -363,8 +363,6 @@ class Segmenter:
         interp=False); the result agrees with cellpose 3.1.1.2 within 2 % (tests/test_size.py).
         Raises ValueError without a size model, ImageError for an unusable image.
         """
-        from cpsam.size import median_diameter
-
         if self.size_model is None:
             raise ValueError("this model has no size model: give a diameter")
         common = dict(channels=channels, channel_axis=channel_axis, augment=augment, estimate_diameters=False)
@@ -535,7 +533,7 @@ class Segmenter:
             flows = resized
         dP, cellprob = flows[:2], flows[2]
         if compute_masks:
-            from cpsam.dynamics import flows_to_masks
+            from cpsam.dynamics import flows_to_masks  # numba (~1 s) only once masks are asked for
 
             masks = flows_to_masks(
                 dP, cellprob, niter=state.niter, device=self.masks_device, rules=self.rules.mask_rules, **mask_kwargs

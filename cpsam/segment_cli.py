@@ -152,36 +152,6 @@ def is_complete(out_dir: Path, image: Path) -> bool:
     return all(s.st_size > 0 for s in stats) and stats[-1].st_mtime >= image_mtime
 
 
-def resolve_model(spec: str, device: torch.device) -> torch.nn.Module:
-    """A model file path (any format `cpsam.models.loading.load_model` knows), a run folder holding a
-    model.pt, or a pretrained name. A classic model's size model beside the file (`MODEL_size.npy`,
-    `size_STEM.npy`; see `cpsam.size`) is attached as `model.size_model`, so that no diameter means
-    an estimated one; an unreadable size file is reported and ignored."""
-    from cpsam.models.pretrained import list_pretrained, pretrained
-
-    if Path(spec).is_dir() and (Path(spec) / "model.pt").is_file():
-        spec = str(Path(spec) / "model.pt")
-    if Path(spec).is_file():
-        from cpsam.models.loading import load_model
-        from cpsam.size import SizeModelError, find_size_model
-
-        model = load_model(spec, device=device)
-        if not hasattr(model, "diam_mean"):  # the binary family predicts cell / background, not flows
-            raise ValueError(f"--model {spec}: a {getattr(model, 'model_name', type(model).__name__)} cell / "
-                             "background model, not a flow model; segment with `cpsam binary predict`")
-        try:
-            model.size_model = find_size_model(spec)
-        except SizeModelError as exc:
-            print(f"cpsam: size model ignored: {exc}", file=sys.stderr)
-        return model
-    if spec in list_pretrained():
-        return pretrained(spec, device=device)
-    if Path(spec).exists():
-        raise FileNotFoundError(f"--model {spec}: {io.not_a_file_problem(spec)}")
-    known = ", ".join(list_pretrained())
-    raise FileNotFoundError(f"--model {spec!r} is neither a file nor a pretrained name ({known})")
-
-
 # --------------------------------------------------------------------------- outputs
 
 
@@ -356,6 +326,10 @@ def _run(args: argparse.Namespace, run_holder: list[_Run]) -> int:
     stopped = ""
     if files:
         try:
+            # here, not at the top: cpsam.models loads segment_anything (seconds), and the option validators of
+            # this module are imported by other commands' parsers
+            from cpsam.models import resolve_model
+
             model = resolve_model(args.model, device)
             segmenter = Segmenter(model, device=device, batch_size=args.batch_size, bf16=args.bf16)
         except (OSError, ValueError, RuntimeError) as exc:

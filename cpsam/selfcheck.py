@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from cpsam.models import create_model
+
 SELF_CHECK_MODELS: tuple[tuple[str, dict], ...] = (
     ("cpsam_tiny", {}),
     ("cpsam_vit_b", {}),
@@ -30,8 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def self_check(models: list[tuple[str, dict]], device: str) -> list[dict]:
     """Build each (name, kwargs) model with random weights and run one tile; returns one row per model."""
-    from cpsam.models import create_model
-
     rows = []
     for name, kwargs in models:
         row: dict = {"model": name + (f" nbase={kwargs['nbase']}" if "nbase" in kwargs else "")}

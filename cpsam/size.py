@@ -28,6 +28,9 @@ from pathlib import Path
 import fastremap
 import numpy as np
 
+from cpsam.io import atomic_path
+from cpsam.safe_npy import UnsafeOrInvalidNpy, load_npy_dict
+
 MIN_DIAMETER = 5.0  # cellpose's floor of the style estimate, pixels
 
 
@@ -76,8 +79,6 @@ class SizeModel:
     def save(self, path: str | Path) -> Path:
         """Write the model as cellpose does (`np.save` of the dict; cellpose 3 loads it with
         `np.load(path, allow_pickle=True).item()`), atomically. Returns the path."""
-        from cpsam.io import atomic_path
-
         path = Path(path)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
@@ -106,8 +107,6 @@ def load_size_model(path: str | Path) -> SizeModel:
     """Read a cellpose size model file (.npy holding the pickled dict). Raises SizeModelError naming
     the file when it is missing, unreadable, hostile (pickled code) or not a size model."""
     path = Path(path)
-    from cpsam.safe_npy import UnsafeOrInvalidNpy, load_npy_dict
-
     try:
         params = load_npy_dict(path)
     except OSError as exc:

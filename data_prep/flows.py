@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cpsam.dynamics import write_flow_cache
 from data_prep.canonical import CanonicalDataset
 
 MIN_FILES_PER_WORKER = 32
@@ -22,8 +23,6 @@ def fill_flow_cache(
     Returns the number of flow files written. Each file is written atomically by cpsam.dynamics.
     `workers` is capped at one process per MIN_FILES_PER_WORKER files.
     """
-    from cpsam.dynamics import write_flow_cache
-
     ds = CanonicalDataset(root)
     todo = [i for i in range(len(ds)) if force or not ds.has_flows(i)]
     if not todo:

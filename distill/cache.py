@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from tqdm import tqdm
 
 from cpsam.io import atomic_path
@@ -34,6 +35,7 @@ from distill.teachers import Teacher
 from train.augment import AugmentConfig
 from train.data import PipelineSpec, SampleKey, TrainDataset
 from train.degrade import DegradeConfig
+from train.loop import runs_on_cpu
 from train.sampler import MultiDatasetSampler
 
 CACHE_FORMAT = "cpsam-distill-cache"
@@ -262,10 +264,6 @@ def build_cache(teacher: Teacher, datasets: Sequence[str | os.PathLike[str]], ou
     names (None = the teacher's default map, [] = none). Shards over `accelerate` processes; every process
     returns its own BuildReport. Raises CacheError for settings that differ from an existing cache in `out`.
     """
-    from accelerate import PartialState
-
-    from train.loop import runs_on_cpu
-
     state = PartialState(cpu=runs_on_cpu())
     out = Path(out)
     if views < 1:

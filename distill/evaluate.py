@@ -9,7 +9,7 @@ for that image (`--student-diameter own`: their own size model / diameter) and u
 inference rules (tiling and flow -> mask rules of cellpose 3 for a CPnet teacher, 4 for CP-SAM; their own
 tile size), which a distilled student inherits (`--student-rules own`: the student's own rules).
 
-Scores (`eval.metrics.score_image`; averaged over the images of a folder, the paper's rule, counts summed):
+Scores (`cpsam.metrics.score_image`; averaged over the images of a folder, the paper's rule, counts summed):
 - against the teacher's masks: binarized IoU (foreground = mask > 0), object counts and relative count
   error |n_student - n_teacher| / n_teacher, AP and error rate at IoU 0.5 (0.75, 0.9 too);
 - against ground truth (with `--gt`), for the teacher and every student.
@@ -50,14 +50,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from cpsam import io, pairing
 from cpsam.cli_types import non_negative_float, non_negative_int, positive_int, torch_device
+from cpsam.metrics import ALL_DATASETS, DEFAULT_THRESHOLDS, ImageScores, score_image, summarize_by_dataset
+from cpsam.models import ModelSpecError, resolve_model
+from cpsam.report.tables import markdown_table, write_csv
 from cpsam.segment import ImageError, InferenceRules, Segmenter, rules_for
-from cpsam.segment_cli import resolve_model
-from eval.metrics import DEFAULT_THRESHOLDS, ImageScores, score_image
-from eval.pairing import Pair
-from eval.report import ALL_DATASETS, ImageResult, markdown_table, summary_rows
+from data_prep.canonical import read_index
+from train.finetune import FinetuneError, find_labelled_images
 
 TEACHER = "teacher"
 MIRRORED = "teacher-mirrored"
@@ -90,10 +92,11 @@ class ModelRun:
 
 @dataclass
 class Evaluation:
-    """Everything `evaluate` measured: per-image rows, scored results per (model, reference), problems."""
+    """Everything `evaluate` measured: per-image rows, (folder, scores) of each image per (model, reference),
+    seconds per image per model, problems."""
 
     rows: list[dict[str, object]] = field(default_factory=list)
-    results: dict[tuple[str, str], list[ImageResult]] = field(default_factory=dict)
+    results: dict[tuple[str, str], list[tuple[str, ImageScores]]] = field(default_factory=dict)
     seconds: dict[str, list[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -102,8 +105,6 @@ class Evaluation:
 
 
 def _has_images(folder: Path) -> bool:
-    from train.finetune import find_labelled_images
-
     labelled, unlabelled = find_labelled_images(folder)
     return bool(labelled or unlabelled)
 
@@ -115,8 +116,6 @@ def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None 
     split: keep only canonical-dataset rows of this split (e.g. "val"). Raises EvalError for a missing
     folder, a folder without images, or two images of one folder with the same name.
     """
-    from train.finetune import FinetuneError, find_labelled_images
-
     items: list[EvalImage] = []
     for root in folders:
         root = Path(root)
@@ -154,8 +153,6 @@ def list_eval_images(folders: Sequence[Path], gt: str | None, split: str | None 
 def _canonical_splits(folder: Path) -> dict[str, str] | None:
     if not (folder / "index.csv").is_file():
         return None
-    from data_prep.canonical import read_index
-
     return {row.name: row.split for row in read_index(folder)}
 
 
@@ -179,7 +176,7 @@ def load_models(teacher: str, students: Sequence[str], device: torch.device, bat
     def load(spec: str, role: str) -> nn.Module:
         try:
             return resolve_model(spec, device)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except ModelSpecError as exc:
             raise EvalError(f"cannot load --{role} {spec}: {exc}") from exc
 
     t_model = load(teacher, "teacher")
@@ -250,8 +247,6 @@ def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[M
     An unreadable image, or ground truth that does not fit, is recorded in `problems` and passed over.
     The first image is segmented once more by every model before timing starts (warm-up).
     """
-    from tqdm import tqdm
-
     out = Evaluation()
     mirrored = ModelRun(MIRRORED, teacher.segmenter)
     warmed = False
@@ -289,18 +284,17 @@ def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[M
         for model, reference, ref_masks, masks, seconds, diam in pairs:
             scores = score_image(ref_masks, masks, thresholds)
             out.rows.append(score_row(item, model, reference, scores, seconds, diam))
-            pair = Pair(item.dataset, item.name, item.labels or item.image, item.image)
-            out.results.setdefault((model, reference), []).append(ImageResult(pair, scores))
+            out.results.setdefault((model, reference), []).append((item.dataset, scores))
     out.seconds = {run.label: list(run.seconds) for run in (teacher, *students, *([mirrored] if mirror else []))}
     return out
 
 
 def summaries(evaluation: Evaluation) -> list[dict[str, object]]:
-    """Per (model, reference): one row per folder plus `all` (eval.report.summary_rows), with the model,
+    """Per (model, reference): one row per folder plus `all` (`cpsam.metrics.summarize_by_dataset`), with the model,
     the reference, `count_rel_error_total` and the mean seconds per image of the model added."""
     rows = []
     for (model, reference), results in evaluation.results.items():
-        for row in summary_rows(results):
+        for row in summarize_by_dataset(results):
             n_true, n_pred = float(row["n_true"]), float(row["n_pred"])  # type: ignore[arg-type]
             seconds = evaluation.seconds.get(model) or [math.nan]
             rows.append({"model": model, "reference": reference, **row,
@@ -341,8 +335,8 @@ def report_markdown(evaluation: Evaluation, teacher_spec: str, student_specs: Se
 def write_eval_report(out: Path, evaluation: Evaluation, teacher_spec: str, student_specs: Sequence[str]
                       ) -> list[Path]:
     """Write the REPORT_FILES into `out` (created) together: all of them or none (`cpsam.io.atomic_paths`)."""
-    from eval.plots import SpeedPoint, accuracy_speed_scatter, error_rate_bars
-    from eval.report import write_csv
+    # matplotlib (a second of start-up) only when a report is drawn, not for `cpsam distill eval --help`
+    from cpsam.report.plots import SpeedPoint, accuracy_speed_scatter, error_rate_bars
 
     io.check_output_dir(out)
     targets = [out / name for name in REPORT_FILES]

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from cpsam import io
 from cpsam.cli_types import positive_int
 from cpsam.dynamics.torch_rules import flows_to_masks as flows_to_masks_torch
+from cpsam.models import resolve_model
 from cpsam.segment import CPU_SUB_BATCH, InferenceRules, rules_for
 
 # TorchScript functions cannot read module globals: the constants below are repeated as locals where used
@@ -351,8 +352,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`cpsam distill export`; 0 written, 2 bad request (unreadable model, unwritable --out)."""
-    from cpsam.segment_cli import resolve_model
-
     try:
         model = resolve_model(args.model, torch.device("cpu"))
     except (OSError, ValueError, RuntimeError) as exc:

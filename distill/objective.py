@@ -1,7 +1,7 @@
 """The distillation objective ("distill"): a student trained from a teacher through the one training loop.
 
     cfg = train.config.load_config(None, ["objective=distill", "kd.teacher=[cyto_0]", "model.name=cpnet", ...])
-    train.loop.train(cfg)                     # the loop finds this objective through train.objective._LAZY
+    train.loop.train(cfg)                     # the loop finds it by its entry point (cpsam.objectives: distill)
 
 Per micro-batch (section `kd` of the config, train.config.KDConfig):
 - data: the pipeline's crop in the teacher's channels (online), or one of the example's cached views with its
@@ -35,7 +35,7 @@ from distill.student import match_student_feature, student_feature_shapes, stude
 from distill.student_input import student_view
 from distill.teacher_init import freeze_copied_batchnorms, init_from_teacher
 from distill.teachers import FEATURE_NAMES, Teacher, load_teacher
-from train.config import ConfigError, KDConfig, TrainConfig
+from train.config import ConfigError, KDConfig, TrainConfig, dataset_entries
 from train.data import PipelineSpec, SampleKey, TrainDataset
 from train.loss import cellpose_loss_terms
 from train.objective import Objective, register_objective
@@ -94,6 +94,7 @@ def _pipeline_differences(run: PipelineSpec, cached: PipelineSpec) -> list[str]:
     return diff
 
 
+@register_objective("distill")
 class DistillObjective(Objective):
     """Student <- teacher (module docstring). Raises ConfigError for bad kd.* values or a cache that does not fit."""
 
@@ -294,8 +295,6 @@ class DistillObjective(Objective):
         if self._val_batches is not None:
             return self._val_batches
         cfg = self.cfg
-        from train.config import dataset_entries
-
         roots = dataset_entries(cfg.data.val)[0] if cfg.data.val else []
         self._val_batches = []
         if not roots or self.spec is None:
@@ -339,5 +338,3 @@ class DistillObjective(Objective):
             out["val_kd_loss"] = self.val_kd_loss(net, rank, world, reduce_sum, kwargs.get("device"))
         return out
 
-
-register_objective("distill", DistillObjective)

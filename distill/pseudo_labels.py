@@ -32,6 +32,7 @@ from tqdm import tqdm
 from cpsam import io
 from cpsam.segment import Segmenter, SegmentResult
 from cpsam.transforms import select_channels, to_channels_last
+from data_prep.canonical import read_index, write_example, write_index
 from distill.teachers import Teacher
 from train.finetune import find_labelled_images, split_names
 
@@ -176,8 +177,6 @@ def pseudo_label(teacher: Teacher, images: Path, out: Path, *, val_fraction: flo
     flow_threshold, cellprob_threshold, niter: the teacher's mask rules (recorded; the student is validated with
     the same). Returns the PseudoLabelResult. Raises PseudoLabelError (no images, other settings in OUT).
     """
-    from data_prep.canonical import read_index, write_example, write_index
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rules = {"flow_threshold": float(flow_threshold), "cellprob_threshold": float(cellprob_threshold),
              "niter": niter}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpsam.models import ModelSpecError, resolve_model
 from cpsam.models.cellpose_sam import CellposeSAM
 from cpsam.models.cpnet import CPnet
 from cpsam.segment import InferenceRules, rules_for
@@ -296,11 +297,9 @@ def load_teacher(specs: str | Sequence[str], device: torch.device | str = "cpu")
     """A Teacher from one spec, an Ensemble from several: what `cpsam segment --model` takes (pretrained names
     such as cyto_0, official cpsam / classic Cellpose files, our model.pt files and run folders).
 
-    A classic model's size model beside its file is attached (cpsam.segment_cli.resolve_model). Raises TeacherError
+    A classic model's size model beside its file is attached (cpsam.models.resolve_model). Raises TeacherError
     naming the spec when a model cannot be loaded.
     """
-    from cpsam.segment_cli import resolve_model
-
     names = [specs] if isinstance(specs, str) else [str(s) for s in specs]
     if not names or not all(n.strip() for n in names):
         raise TeacherError("give a teacher: a pretrained name (cyto_0), a model file or a run folder")
@@ -308,7 +307,7 @@ def load_teacher(specs: str | Sequence[str], device: torch.device | str = "cpu")
     for name in names:
         try:
             model = resolve_model(name, torch.device(device))
-        except (OSError, ValueError, RuntimeError) as exc:
+        except ModelSpecError as exc:
             raise TeacherError(f"teacher {name}: cannot load it ({exc})") from exc
         teachers.append(Teacher(model, name))
     return teachers[0] if len(teachers) == 1 else Ensemble(teachers)

@@ -31,15 +31,19 @@ from pathlib import Path
 import numpy as np
 
 from cpsam import io
-from cpsam.models import list_models
+from cpsam.models import list_models, load_model
+from data_prep.canonical import CanonicalDataset
 from distill.cache import TeacherCache
 from distill.objective import check_kd
 from distill.pseudo_labels import PseudoLabelError, canonical_roots, labelling_settings, pseudo_label
 from distill.teachers import Teacher
 from train.augment import AugmentConfig
+from train.checkpoint import last_dir, load_state
 from train.config import ConfigError, TrainConfig, apply_overrides
 from train.degrade import DegradeConfig
+from train.loop import train
 from train.schedule import ScheduleConfig
+from train.size_fit import fit_size_model
 
 
 class DistillError(RuntimeError):
@@ -80,8 +84,6 @@ def distill_pipeline(teacher_diam_mean: float) -> tuple[AugmentConfig, DegradeCo
 
 
 def _n_train_rows(roots: Sequence[Path], split: str = "train") -> int:
-    from data_prep.canonical import CanonicalDataset
-
     return sum(len(CanonicalDataset(r, split=split)) for r in roots)
 
 
@@ -89,8 +91,6 @@ def plan_data(teacher: Teacher, images: Path | None, run_data: Path, *, cache: T
               val_fraction: float = 0.2, seed: int = 0, diameter: float | None = None,
               channels: Sequence[int] | None = None, rules: dict | None = None, progress: bool = True) -> DataPlan:
     """Step 1 of the module docstring. Raises DistillError when there are no usable training images."""
-    from data_prep.canonical import CanonicalDataset
-
     if cache is not None:
         roots = [Path(p) for p in cache.datasets]
         given = canonical_roots(images) if images is not None else None
@@ -162,9 +162,6 @@ def seed_search(cfg: TrainConfig, n: int, progress: bool = True) -> list[tuple[i
     """The seed's `find_seed`: `n` seeds (drawn from cfg.seed), each trained for one epoch of `cfg` in
     RUN/seed_search/seed_S, scored by val_kd_loss; returns [(seed, val_kd_loss)] in the order tried and writes
     RUN/seed_search.csv. Raises DistillError without validation data or kd.val_crops = 0."""
-    from train.checkpoint import last_dir, load_state
-    from train.loop import train
-
     if not cfg.data.val or cfg.kd.val_crops < 1:
         raise DistillError("--seed-search needs validation images (data.val) and kd.val_crops >= 1")
     seeds = [int(s) for s in np.random.default_rng(cfg.seed).choice(np.arange(1, 1_000_000), n, replace=False)]
@@ -188,10 +185,6 @@ def seed_search(cfg: TrainConfig, n: int, progress: bool = True) -> list[tuple[i
 
 def fit_student_size_model(run: Path, plan: DataPlan, n_epochs: int, seed: int, progress: bool = True) -> Path | None:
     """Fit and save RUN/model.pt_size.npy for a student with a style vector (None for other students)."""
-    from cpsam.models.loading import load_model
-    from data_prep.canonical import CanonicalDataset
-    from train.size_fit import fit_size_model
-
     path = run / "model.pt_size.npy"
     if path.is_file() and path.stat().st_mtime >= (run / "model.pt").stat().st_mtime:
         return path  # fitted for this model.pt already (a rerun of a finished run)
@@ -218,8 +211,6 @@ def distill(teacher: Teacher, images: Path | None, student: str, out: Path, *, o
             channels: Sequence[int] | None = None, rules: dict | None = None, seed_search_n: int = 0,
             size_epochs: int = 10, progress: bool = True) -> DistillResult:
     """Run the whole workflow (module docstring). Raises DistillError, ConfigError, train.loop.TrainingError."""
-    from train.loop import train
-
     start = time.perf_counter()
     if out.exists() and not out.is_dir():
         raise DistillError(f"--out {out} exists and is not a folder")

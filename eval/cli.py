@@ -81,7 +81,7 @@ def _evaluate(pred: Path, ref: Path, title: str, out: Path | None, args: argpars
     if out is not None:
         plot = None
         if summary:
-            from eval.plots import error_rate_bars
+            from cpsam.report.plots import error_rate_bars
 
             metric = f"error_rate@{args.thresholds[0]:g}"
 

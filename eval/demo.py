@@ -13,8 +13,8 @@ Writes NAME_masks.tif and NAME_outlines.png per image into --out and prints a ta
 source, size, cells found, true cells, AP@0.5, and the total time. `--self-check` instead builds
 every model variant and runs a tile through it (cpsam.selfcheck).
 
-This lives in `eval` (not `cpsam`) because it uses `data_prep` and `eval.metrics`; `cpsam`
-imports neither (DESIGN.md: arrows point down).
+This lives in `eval` (not `cpsam`) because it uses `data_prep` (synthetic cells); `cpsam` never
+imports it (arrows point down).
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cpsam.io import outline_overlay, write_labels, write_png
+from cpsam.metrics import average_precision
+from cpsam.segment import Segmenter
+from data_prep.synthetic import SyntheticConfig, synthesize
+from eval import study
 from eval.samples import Sample, stardist_nuclei_sample
 
 SYNTHETIC_DIAMETER = 30.0
@@ -50,8 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def synthetic_samples() -> list[Sample]:
     """Three fluorescence-like and two phase-like synthetic images (384 x 384, ~30 px cells)."""
-    from data_prep.synthetic import SyntheticConfig, synthesize
-
     samples = []
     for modality, seeds in (("fluorescence", (0, 1, 2)), ("phase", (0, 1))):
         cfg = SyntheticConfig(shape=(384, 384), diameter=SYNTHETIC_DIAMETER, modality=modality)
@@ -64,10 +67,7 @@ def synthetic_samples() -> list[Sample]:
 
 def run_demo(out: Path, device: str, batch_size: int) -> list[dict]:
     """Segment every sample with cyto_0, write masks and overlays into `out`; returns one row per image."""
-    from cpsam.io import outline_overlay, write_labels, write_png
-    from cpsam.models import pretrained
-    from cpsam.segment import Segmenter
-    from eval.metrics import average_precision
+    from cpsam.models import pretrained  # segment_anything (seconds) loads when the demo runs, not for --help
 
     samples = synthetic_samples()
     nuclei = stardist_nuclei_sample()
@@ -114,11 +114,10 @@ def print_table(rows: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     """`cpsam demo`: the segmentation demo, or the model self-check with --self-check."""
     if args.self_check:
-        from cpsam import selfcheck
+        from cpsam import selfcheck  # builds every model: imported when asked for, not for --help
 
         return selfcheck.run(args)
     if not args.quick:
-        from eval import study
 
         if not args.scale > 0:
             print(f"cpsam demo: --scale must be > 0, got {args.scale}", file=sys.stderr)

@@ -30,7 +30,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from tqdm import tqdm
+
+from cpsam.io import atomic_path, read_image
+from cpsam.metrics import score_image
+from cpsam.size import median_diameter
+from data_prep.canonical import CanonicalDataset, to_chw
+from eval.report import markdown_table, write_csv
 
 CLEAN = "clean"
 LEVELS: dict[str, tuple] = {
@@ -69,9 +77,7 @@ def load_labelled_images(data: str | Path, max_per_folder: int | None = None) ->
 
     Raises FileNotFoundError when nothing is found.
     """
-    from cpsam.io import read_image
-    from cpsam.transforms import normalize_percentile
-    from data_prep.canonical import CanonicalDataset, to_chw
+    from cpsam.transforms import normalize_percentile  # torch: loaded when images are, not for --help
 
     root = Path(data)
     if not root.is_dir():
@@ -121,7 +127,7 @@ def degrade(item: LabelledImage, kind: str, level, seed: int = 0) -> tuple[np.nd
 
     Noise draws are a function of (seed, image, kind, level): the benchmark is reproducible.
     """
-    from train.degrade import DegradeParams, degrade_one
+    from train.degrade import DegradeParams, degrade_one  # torch: loaded when images are, not for --help
 
     image, masks = item.image, item.masks
     noise_seed = _seed(seed, item.dataset, item.name, kind, level)
@@ -140,8 +146,6 @@ def degrade(item: LabelledImage, kind: str, level, seed: int = 0) -> tuple[np.nd
         ds = int(level)
         params = DegradeParams(downsample=True, ds=ds, iso=False, blur=True, sigma_y=ds / 2, sigma_x=0.0)
     elif kind == "size":
-        import cv2
-
         d = mean_diameter(masks)
         scale = float(level) / d if d > 0 else 1.0
         h, w = masks.shape
@@ -165,13 +169,11 @@ def run_benchmark(model, images: Sequence[LabelledImage], kinds: Sequence[str] =
     """Segment every image under every condition of `kinds` (plus clean); one row dict per (image, condition):
     dataset, image, kind, level, ap50, ap75, ap90, err50, n_true, n_pred. `channels`: cellpose-3 channels
     (1-based) of the 3-channel input for classic models (the channel-order series permutes the input first)."""
+    # torch and the models load when the benchmark runs, not for `cpsam eval invariance --help`
     import torch
-    from tqdm import tqdm
 
     from cpsam.models.cellpose_sam import CellposeSAM
     from cpsam.segment import Segmenter
-    from cpsam.size import median_diameter
-    from eval.metrics import score_image
 
     segmenter = Segmenter(model, device=device or torch.device("cpu"))
     classic = not isinstance(model, CellposeSAM)
@@ -222,12 +224,10 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
 
 def plot(summary: Sequence[dict], out_png: Path, title: str) -> Path:
     """invariance.png: one panel per degradation, AP@0.5 against level, the clean AP dashed."""
-    import matplotlib
+    import matplotlib  # plotting libraries (~1 s) only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cpsam.io import atomic_path
 
     clean = next((r["ap50"] for r in summary if r["kind"] == CLEAN), None)
     kinds = [k for k in LEVELS if any(r["kind"] == k for r in summary)]
@@ -269,11 +269,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and write the outputs; returns the exit code (1 with one line on bad input)."""
+    # torch and the models load when the benchmark runs, not for `cpsam eval invariance --help`
     import torch
 
-    from cpsam.io import atomic_path
-    from cpsam.segment_cli import resolve_model
-    from eval.report import markdown_table, write_csv
+    from cpsam.models import resolve_model
 
     if args.diameter not in ("auto", "true", "model"):
         try:

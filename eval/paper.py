@@ -28,6 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from cpsam.io import atomic_path, read_image
+from cpsam.metrics import score_image
+from cpsam.size import median_diameter
+from data_prep.canonical import CanonicalDataset, to_chw
+from eval.invariance import LabelledImage
+from eval.report import markdown_table, write_csv
 
 BACTERIAL_NITER = 2000
 THRESHOLDS = (0.5, 0.75, 0.9)
@@ -52,8 +60,6 @@ def niter_for(dataset: str) -> int | None:
 
 def consensus_error(first: Sequence[np.ndarray], second: Sequence[np.ndarray]) -> float:
     """Human-consensus bound: half the mean per-image error rate at IoU 0.5 of `second` against `first`."""
-    from eval.metrics import score_image
-
     if len(first) != len(second) or not first:
         raise ValueError(f"consensus_error needs the same non-zero number of images, got {len(first)}, {len(second)}")
     rates = [score_image(a, b, thresholds=(0.5,)).at(0.5).error_rate for a, b in zip(first, second, strict=True)]
@@ -66,13 +72,11 @@ def evaluate(model, datasets: Sequence[tuple[str, Sequence]], device=None, progr
     `image` (C, H, W) and `masks`])]. One row per image: dataset, image, ap50, ap75, ap90, err50, niter,
     diameter (px the image was segmented at). `channels`: cellpose-3 channels for classic models (CP-SAM ignores
     them: it gets the paper's placement)."""
+    # torch and the models load when the benchmark runs, not for `cpsam eval paper --help`
     import torch
-    from tqdm import tqdm
 
     from cpsam.models.cellpose_sam import CellposeSAM
     from cpsam.segment import Segmenter
-    from cpsam.size import median_diameter
-    from eval.metrics import score_image
 
     segmenter = Segmenter(model, device=device or torch.device("cpu"))
     cpsam_model = isinstance(model, CellposeSAM)
@@ -115,10 +119,6 @@ def table(rows: Sequence[dict]) -> list[dict]:
 
 def _raw_images(folder: Path, max_per_folder: int | None):
     """LabelledImage-like items with the RAW image (C, H, W) (normalization is the segmenter's)."""
-    from cpsam.io import read_image
-    from data_prep.canonical import CanonicalDataset, to_chw
-    from eval.invariance import LabelledImage
-
     def chw(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
         return a[None] if a.ndim == 2 else a
@@ -175,11 +175,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and write the tables; returns the exit code (1 with one line on bad input)."""
+    # torch and the models load when the benchmark runs, not for `cpsam eval paper --help`
     import torch
 
-    from cpsam.io import atomic_path, read_image
-    from cpsam.segment_cli import resolve_model
-    from eval.report import markdown_table, write_csv
+    from cpsam.models import resolve_model
 
     try:
         datasets = find_datasets(list(args.data), args.max_per_folder)
@@ -219,12 +218,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(summary: Sequence[dict], bound: float | None, path: Path, title: str) -> Path:
-    import matplotlib
+    import matplotlib  # plotting libraries (~1 s) only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cpsam.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(summary) + 2), 3.6))
     ax.bar(range(len(summary)), [r["err50"] for r in summary], color="tab:blue")

@@ -8,21 +8,34 @@ over every image (not over dataset means).
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from cpsam.io import InputFileError, atomic_path, atomic_paths
+from cpsam.io import InputFileError, atomic_paths
+from cpsam.metrics import ALL_DATASETS, DEFAULT_THRESHOLDS, ImageScores, score_image, summarize_by_dataset
 from cpsam.pairing import read_label_file
-from eval.metrics import COUNT_FIELDS, DEFAULT_THRESHOLDS, ImageScores, score_image
+from cpsam.report.tables import csv_text, markdown_table, write_csv
 from eval.pairing import Pair, Pairing
 
-ALL_DATASETS = "all"
+__all__ = [  # markdown_table, write_csv and ALL_DATASETS are re-exported for eval's scripts and tests
+    "ALL_DATASETS",
+    "HEADLINE_METRICS",
+    "ImageResult",
+    "headline_columns",
+    "image_rows",
+    "markdown_table",
+    "problems_markdown",
+    "report_markdown",
+    "report_paths",
+    "score_pair",
+    "score_pairs",
+    "summary_rows",
+    "write_csv",
+    "write_report",
+]
 
 
 @dataclass(frozen=True)
@@ -77,29 +90,10 @@ def image_rows(results: Iterable[ImageResult]) -> list[dict[str, object]]:
     return rows
 
 
-def _metric_name(column: str) -> str:
-    return column.split("@")[0]
-
-
 def summary_rows(results: Iterable[ImageResult]) -> list[dict[str, object]]:
-    """One row per dataset (sorted) plus an `all` row: n_images, summed counts, per-image means."""
-    scored = [(r.pair.dataset, r.scores.as_row()) for r in results if r.scores is not None]
-    if not scored:
-        return []
-    columns = list(scored[0][1])
-    groups: dict[str, list[dict[str, float]]] = {}
-    for dataset, row in scored:
-        groups.setdefault(dataset, []).append(row)
-    groups[ALL_DATASETS] = [row for _, row in scored]
-    out = []
-    for dataset in [*sorted(d for d in groups if d != ALL_DATASETS), ALL_DATASETS]:
-        rows = groups[dataset]
-        summary: dict[str, object] = {"dataset": dataset, "n_images": len(rows)}
-        for col in columns:
-            values = [row[col] for row in rows]
-            summary[col] = sum(values) if _metric_name(col) in COUNT_FIELDS else math.fsum(values) / len(values)
-        out.append(summary)
-    return out
+    """One row per dataset (sorted) plus an `all` row: n_images, summed counts, per-image means
+    (`cpsam.metrics.summarize_by_dataset` of the scored pairs; unscored ones are left out)."""
+    return summarize_by_dataset((r.pair.dataset, r.scores) for r in results if r.scores is not None)
 
 
 HEADLINE_METRICS: tuple[str, ...] = (
@@ -120,35 +114,6 @@ def headline_columns(thresholds: Sequence[float]) -> list[str]:
     cols += [f"{m}@{first}" for m in HEADLINE_METRICS[1:]]
     cols += ["aji", "binary_iou", "count_rel_error"]
     return cols
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
-    """GitHub Markdown table of `columns` (floats with 4 decimals)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _csv_text(rows: Sequence[dict[str, object]], columns: Sequence[str] | None = None) -> str:
-    cols = list(columns) if columns is not None else (list(rows[0]) if rows else [])
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=cols, extrasaction="ignore", lineterminator="\r\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, object]], columns: Sequence[str] | None = None) -> Path:
-    """Write rows as CSV atomically (full float precision); columns default to the first row's keys."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(_csv_text(rows, columns), newline="")
-    return Path(path)
 
 
 def problems_markdown(pairing: Pairing, results: Sequence[ImageResult]) -> str:
@@ -212,8 +177,8 @@ def write_report(
     """
     targets = report_paths(out_csv)[: 4 if plot is not None else 3]
     with atomic_paths(targets) as temps:
-        temps[0].write_text(_csv_text(image_rows(results)), newline="")
-        temps[1].write_text(_csv_text(summary_rows(results)), newline="")
+        temps[0].write_text(csv_text(image_rows(results)), newline="")
+        temps[1].write_text(csv_text(summary_rows(results)), newline="")
         temps[2].write_text(report_markdown(title, pairing, results, thresholds))
         if plot is not None:
             plot(temps[3])

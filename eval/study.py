@@ -21,6 +21,7 @@ stardist wheel, and the demo says so.
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import time
@@ -28,6 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tifffile
+
+from cpsam.cli import main
+from cpsam.io import atomic_path, outline_overlay, read_image, write_labels
+from data_prep.labels import relabel_consecutive
+from data_prep.synthetic import SyntheticConfig, synthesize
+from eval.report import ALL_DATASETS, markdown_table
+from eval.samples import stardist_nuclei_sample
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CPSAM_SHARED", REPO.parent / "shared")) / "data"
@@ -58,8 +67,6 @@ class StudyData:
 def _crops(image: np.ndarray, masks: np.ndarray, n: int, rng: np.random.Generator,
            size: int = CROP) -> list[tuple[np.ndarray, np.ndarray]]:
     """`n` random size x size windows (image (H, W) or (H, W, C), masks (H, W)) holding cells, labels renumbered."""
-    from data_prep.labels import relabel_consecutive
-
     h, w = masks.shape
     out = []
     for _ in range(50 * n):
@@ -76,10 +83,6 @@ def _write_pair(folder: Path, name: str, image: np.ndarray, masks: np.ndarray | 
                 mask_folder: Path | None = None) -> None:
     """NAME_img.tif + NAME_masks.tif in `folder`; NAME.tif alone without masks; with `mask_folder`, NAME.tif in
     `folder` and NAME_masks.tif in `mask_folder` (so that a folder of images holds images only)."""
-    import tifffile
-
-    from cpsam.io import write_labels
-
     folder.mkdir(parents=True, exist_ok=True)
     if masks is None or mask_folder is not None:
         tifffile.imwrite(folder / f"{name}.tif", image)
@@ -93,8 +96,6 @@ def _write_pair(folder: Path, name: str, image: np.ndarray, masks: np.ndarray | 
 
 def prepare_data(out: Path, seed: int = 0) -> StudyData:
     """Write the study's three image folders under out/data (replaced if present); see the module docstring."""
-    from cpsam.io import read_image
-
     root = out / "data"
     shutil.rmtree(root, ignore_errors=True)
     labelled, unlabeled, heldout = root / "labelled", root / "unlabeled", root / "heldout"
@@ -120,9 +121,6 @@ def prepare_data(out: Path, seed: int = 0) -> StudyData:
                 _write_pair(heldout, f"{test_name}_c{k}", img, m, heldout_masks)
         return StudyData(labelled, unlabeled, heldout, heldout_masks,
                          f"real nuclei from {SHARED} (CTC HeLa, DeepCell 2016)")
-    from data_prep.synthetic import SyntheticConfig, synthesize
-    from eval.samples import stardist_nuclei_sample
-
     cfg = SyntheticConfig(shape=(CROP, CROP), diameter=24.0, modality="fluorescence")
     for k in range(12):
         image, masks = synthesize(cfg, seed=100 + k)
@@ -143,8 +141,6 @@ def prepare_data(out: Path, seed: int = 0) -> StudyData:
 
 def _cpsam(argv: list[str]) -> None:
     """Run one `cpsam` command in this process; SystemExit with its message when it fails."""
-    from cpsam.cli import main
-
     print(f"\n$ cpsam {' '.join(argv)}", flush=True)
     code = main(argv)
     if code:
@@ -183,8 +179,6 @@ def distill_overrides(scale: StudyScale) -> list[str]:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    import csv
-
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
@@ -199,8 +193,6 @@ def _float(v: str | None) -> float:
 def study_table(summary_csv: Path) -> list[dict[str, object]]:
     """One row per model from `cpsam distill eval`'s summary.csv (folder 'all'): AP@0.5 and error rate against
     the ground truth, binarized IoU, counts and relative count error against the teacher, seconds per image."""
-    from eval.report import ALL_DATASETS
-
     rows = [r for r in _read_csv(summary_csv) if r["dataset"] == ALL_DATASETS]
     models = list(dict.fromkeys(r["model"] for r in rows))
     out = []
@@ -236,12 +228,10 @@ def print_study_table(rows: list[dict[str, object]]) -> str:
 
 def _overlay_pair(image_path: Path, teacher_masks: Path, student_masks: Path, out_png: Path, title: str) -> Path:
     """Side by side: the teacher's outlines and a student's outlines on one held-out image."""
-    import matplotlib
+    import matplotlib  # plotting libraries (~1 s) only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cpsam.io import atomic_path, outline_overlay, read_image
 
     image = read_image(image_path)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
@@ -258,12 +248,10 @@ def _overlay_pair(image_path: Path, teacher_masks: Path, student_masks: Path, ou
 
 
 def _metric_bars(rows: list[dict[str, object]], out_png: Path) -> Path:
-    import matplotlib
+    import matplotlib  # plotting libraries (~1 s) only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cpsam.io import atomic_path
 
     names = [str(r["model"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -282,8 +270,6 @@ def _metric_bars(rows: list[dict[str, object]], out_png: Path) -> Path:
 
 def run_study(out: Path, scale: StudyScale = StudyScale(), seed: int = 0) -> list[dict[str, object]]:
     """Steps 1-4 of the module docstring into `out`; returns the study table rows (also in out/report.md)."""
-    from cpsam.io import atomic_path
-
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(out, seed)
@@ -344,8 +330,6 @@ def run_study(out: Path, scale: StudyScale = StudyScale(), seed: int = 0) -> lis
                                       figures / f"overlay_{s}.png", f"student {s}"))
     print_study_table(rows)
     total = time.perf_counter() - start
-    from eval.report import markdown_table
-
     lines = [
         "# The study at small scale: teacher, fine-tuning, distillation, evaluation", "",
         f"Data: {data.source}; {n_lab} labelled crops for fine-tuning, {n_unl} unlabeled crops for distillation "

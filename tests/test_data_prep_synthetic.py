@@ -155,9 +155,9 @@ def test_classic_cyto_network_segments_synthetic_cells(modality, min_ap50):
     each at diameter 30 px: AP@0.5 0.95 fluorescence, 0.86 phase)."""
     from conftest import shared_path
 
+    from cpsam.metrics import average_precision
     from cpsam.models.loading import load_model
     from cpsam.segment import Segmenter
-    from eval.metrics import average_precision
 
     model = load_model(shared_path("weights", "cyto_0_cpnet_torch.pt"))
     pairs = [

@@ -15,10 +15,10 @@ from conftest import SHARED_DIR
 
 from cpsam import io
 from cpsam.dynamics import torch_rules
+from cpsam.metrics import score_image
 from cpsam.models import create_model, load_model, save_checkpoint
 from cpsam.segment import Segmenter
 from distill import export
-from eval.metrics import score_image
 
 SHARED = SHARED_DIR
 CYTO0 = SHARED / "weights" / "cyto_0_cpnet_torch.pt"

@@ -1,4 +1,4 @@
-"""eval.metrics against the peers: cellpose.metrics and stardist.matching, on seeded random label pairs."""
+"""cpsam.metrics against the peers: cellpose.metrics and stardist.matching, on seeded random label pairs."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 from stardist.matching import matching as sd_matching  # pure numpy/numba: no TensorFlow import
 
-from eval.matching import assign, label_overlap
-from eval.metrics import (
+from cpsam.metrics import (
     aggregated_jaccard_index,
+    assign,
     average_precision,
     binary_iou,
     error_rate,
+    label_overlap,
     score_image,
 )
 
@@ -303,3 +304,14 @@ def test_properties_tp_is_max_matching_and_symmetric(a: np.ndarray, b: np.ndarra
     # renaming ids (a permutation, keeping 0) changes nothing
     perm = np.array([0, 6, 4, 5, 1, 3, 2], np.uint8)
     assert score_image(perm[a], b, [th]) == score_image(a, b, [th])
+
+
+def test_eval_metrics_is_the_cpsam_implementation() -> None:
+    """`from eval.metrics import score_image` (the documented path for scripts) gives the one implementation."""
+    import importlib
+
+    import cpsam.metrics
+
+    legacy = importlib.import_module("eval.metrics")  # never bind the name `eval` (the builtin)
+    for name in cpsam.metrics.__all__:
+        assert getattr(legacy, name) is getattr(cpsam.metrics, name)

@@ -1,4 +1,4 @@
-"""eval.metrics on real masks: the golden cellpose-3 outputs and a 2048x2048 mosaic of manual masks."""
+"""cpsam.metrics on real masks: the golden cellpose-3 outputs and a 2048x2048 mosaic of manual masks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from stardist.matching import matching as sd_matching
 
 from benchmarks.bench_metrics import build_case
 from cpsam.io import read_labels
-from eval.metrics import score_image
+from cpsam.metrics import score_image
 
 # AP@0.5 of the golden cellpose-3 masks against the manual masks, from shared/golden/README.md.
 README_AP50 = {

@@ -1,4 +1,4 @@
-"""eval.pairing (name rule), eval.report (averaging, tables, atomic files) and eval.plots (real PNGs)."""
+"""eval.pairing (name rule), eval.report (averaging, tables, atomic files) and cpsam.report.plots (real PNGs)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from cpsam.io import read_image, write_labels
-from eval.metrics import score_image
+from cpsam.metrics import score_image
+from cpsam.report.plots import SpeedPoint, accuracy_speed_scatter, error_rate_bars
 from eval.pairing import find_label_files, pair_files, split_key
-from eval.plots import SpeedPoint, accuracy_speed_scatter, error_rate_bars
 from eval.report import (
     markdown_table,
     report_markdown,

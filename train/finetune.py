@@ -42,14 +42,19 @@ from torch import nn
 from tqdm import tqdm
 
 from cpsam import io, pairing
+from cpsam.metrics import score_image
+from cpsam.models import ModelSpecError, load_model, resolve_model
 from cpsam.models.cellpose_sam import CellposeSAM
 from cpsam.pairing import read_label_file
 from cpsam.segment import Segmenter
 from cpsam.transforms import select_channels, to_channels_last
+from data_prep.canonical import CanonicalDataset, image_path, mask_path, read_index, write_example, write_index
 from train.augment import AugmentConfig
 from train.config import ConfigError, TrainConfig, apply_overrides, preset
 from train.degrade import DegradeConfig
+from train.loop import train
 from train.schedule import ScheduleConfig
+from train.size_fit import fit_size_model
 
 MIN_IMAGES = 2  # one to train on, one to validate
 THRESHOLDS = (0.5, 0.75, 0.9)
@@ -121,8 +126,6 @@ def find_labelled_images(images: str | os.PathLike[str], masks: str | os.PathLik
     if not root.is_dir():
         raise FinetuneError(f"--images {root}: no such folder")
     if (root / "index.csv").is_file() and (root / "images").is_dir():
-        from data_prep.canonical import CanonicalDataset, image_path, mask_path
-
         ds = CanonicalDataset(root)
         return [LabelledImage(row.name, image_path(root, row.name), mask_path(root, row.name), i)
                 for i, row in enumerate(ds)], []
@@ -163,11 +166,9 @@ def split_names(names: Sequence[str], val_fraction: float, seed: int) -> tuple[l
 def load_base_model(spec: str) -> nn.Module:
     """A model as `cpsam segment --model` takes it (pretrained name, model file, run folder), with
     its size model attached when one is stored beside it. Raises FinetuneError with the reason."""
-    from cpsam.segment_cli import resolve_model
-
     try:
         return resolve_model(spec, torch.device("cpu"))
-    except (ValueError, RuntimeError, OSError) as exc:
+    except ModelSpecError as exc:
         raise FinetuneError(f"cannot load the model: {exc}") from exc
 
 
@@ -222,8 +223,6 @@ def build_dataset(run: Path, items: Sequence[LabelledImage], train_names: Sequen
                   channels: Sequence[int] | None, progress: bool = True) -> tuple[set[str], list[str]]:
     """Write RUN/data (canonical: images in the model's `n_channels` input channels, `channels`
     applied) with the split in index.csv; returns (names written, 'FILE: problem' of those left out)."""
-    from data_prep.canonical import CanonicalDataset, read_index, write_example, write_index
-
     root = run / "data"
     train_set = set(train_names)
     rows, problems = [], []
@@ -258,9 +257,6 @@ def build_dataset(run: Path, items: Sequence[LabelledImage], train_names: Sequen
 def score_model(model: nn.Module, run: Path, names: Sequence[str], diameter: float | None, *, label: str,
                 progress: bool = True, overlay_dir: Path | None = None, overlay_count: int = 4) -> Scores:
     """Segment the validation examples of RUN/data with `model` and score them (AP, error rate)."""
-    from data_prep.canonical import CanonicalDataset
-    from eval.metrics import score_image  # eval is imported lazily: never bound at module level
-
     ds = CanonicalDataset(run / "data")
     index = {row.name: i for i, row in enumerate(ds)}
     segmenter = Segmenter(model, device="cpu" if not torch.cuda.is_available() else "cuda")
@@ -338,8 +334,6 @@ def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[
              size_epochs: int = 10, progress: bool = True) -> FinetuneResult:
     """Run the whole workflow (module docstring) and return what it measured. Raises FinetuneError
     (too few labelled images, bad model, bad override) and train.loop.TrainingError."""
-    from train.loop import train
-
     start = time.perf_counter()
     run = Path(out)
     if run.exists() and not run.is_dir():
@@ -373,16 +367,10 @@ def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[
                          overlay_dir=run / "overlays") if val_names else Scores()
     del base
     train(cfg)
-    from cpsam.models.loading import load_model
-
     tuned = load_model(run / "model.pt")
     size_path = None
     if is_classic(tuned):
-        from data_prep.canonical import CanonicalDataset
-
         ds = CanonicalDataset(run / "data", split="train")
-        from train.size_fit import fit_size_model
-
         report = fit_size_model(tuned, [ds.image(i) for i in range(len(ds))], [ds.mask(i) for i in range(len(ds))],
                                 n_epochs=size_epochs, seed=seed, progress=progress)
         size_path = report.size_model.save(run / "model.pt_size.npy")

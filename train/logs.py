@@ -65,7 +65,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
 
 def plot_curves(metrics_csv: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> Path:
     """curves.png: training loss (and smoothed), learning rate, validation AP@0.5/0.75/0.9 against step."""
-    import matplotlib
+    import matplotlib  # plotting libraries (~1 s) only when curves are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -30,6 +30,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
+
+from cpsam.io import atomic_path
+from train.config import dataset_entries
+from train.data import KeySampler, PipelineSpec, make_loader
+from train.loop import make_optimizer
+from train.model_init import build_model
+from train.objective import StepModule, objective_for
+from train.sampler import MultiDatasetSampler
 
 BETA = 0.98
 DIVERGENCE_FACTOR = 4.0
@@ -49,12 +58,10 @@ class LRFinderResult:
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Write loss against lr (log x) with the valley suggestion marked, as a PNG (atomically); returns path."""
-        import matplotlib
+        import matplotlib  # plotting libraries (~1 s) only when a plot is drawn
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from cpsam.io import atomic_path
 
         fig, ax = plt.subplots(figsize=(6, 4))
         lo, hi = trimmed_range(len(self.lrs), self.num_it)
@@ -163,8 +170,6 @@ def lr_find(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batch
     try:
         model.train()
         stream = _batches_forever(batches)
-        from tqdm import tqdm
-
         for i in tqdm(range(num_it), desc="lr_find", disable=not progress, leave=False):
             try:
                 inputs, target = next(stream)
@@ -208,13 +213,6 @@ def lr_find_for_config(cfg: Any, num_it: int = 100, start_lr: float = 1e-7, end_
     `prepare_batch`; the loss is the objective's; the optimizer is the run's AdamW (`optim.*`). One process, on
     CUDA when available.
     """
-    from train.config import dataset_entries
-    from train.data import KeySampler, PipelineSpec, make_loader
-    from train.loop import make_optimizer
-    from train.model_init import build_model
-    from train.objective import StepModule, objective_for
-    from train.sampler import MultiDatasetSampler
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     objective = objective_for(cfg)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cpsam.models import create_model
 from cpsam.models.cellpose_sam import CellposeSAM
@@ -86,8 +87,6 @@ def enable_activation_checkpointing(model: nn.Module) -> bool:
     """
     if not isinstance(model, CellposeSAM):
         return False
-    from torch.utils.checkpoint import checkpoint
-
     for block in model.encoder.blocks:
         forward = block.forward
 

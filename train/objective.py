@@ -17,24 +17,41 @@ checkpoints, resume, logging, the schedule); an Objective owns what differs:
 - `validate(net, ...)` and `val_columns`, `best_metric`: how a run is scored on `data.val` and which metric
   picks `checkpoints/best` (default: AP by `train.validate`, best by `val_ap50`).
 
-`objective_for(cfg)` picks the objective named by the config key `objective`. Objectives of the
-distillation wing live in `distill/` (which imports train/, never the other way round at import time);
-they are found by a lazy import of the module named in `_LAZY` the first time a run names them, so that
-`cpsam train CONFIG.yaml` and `accelerate launch -m cpsam train` resume a distillation run too.
+`objective_for(cfg)` picks the objective named by the config key `objective`. Other objectives are
+plug-ins that register themselves (`@register_objective("name")` on the class) when their module is
+imported; train/ never names them. The distillation wing's live in `distill/`, which imports train/ and
+never the other way round. A plug-in declares where it lives as a Python entry point in the group
+`cpsam.objectives` (pyproject.toml: `[project.entry-points."cpsam.objectives"]`,
+`distill = "distill.objective:DistillObjective"`); the first time a config names an objective that is not
+registered yet, `objective_for` loads the entry point of that name, so that `cpsam train CONFIG.yaml` and
+`accelerate launch -m cpsam train` resume a distillation run too, and a package outside this repository
+can add an objective by declaring one.
+
+Entry points are read from the installed package metadata and, when the code runs from a checkout
+(a pyproject.toml of the `cpsam` project beside these packages), from that pyproject.toml too: the
+checkout's table wins, so a new plug-in works from a source tree whose editable install predates it
+(`pip install -e .` records entry points only when it runs).
 """
 
 from __future__ import annotations
 
-import importlib
+import tomllib
 from collections.abc import Callable, Sequence
-from typing import Any
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from cpsam.segment import rules_for
 from train.config import ConfigError, TrainConfig
+from train.data import TrainDataset
 from train.logs import VAL_COLUMNS
 from train.loss import cellpose_loss_terms
+from train.validate import list_val_images, validate
+
+ENTRY_POINT_GROUP = "cpsam.objectives"
 
 
 class Objective:
@@ -50,8 +67,6 @@ class Objective:
     # ----------------------------------------------------------------- data
     def dataset(self, sampler, spec, seed: int, cache_mb: int) -> torch.utils.data.Dataset:
         """The dataset the loop's SampleKeys index (see train.data.TrainDataset for the keys and tensors)."""
-        from train.data import TrainDataset
-
         return TrainDataset(sampler, spec, seed, cache_mb)
 
     def initialize(self, net: nn.Module, fresh: bool = True) -> str | None:
@@ -83,14 +98,10 @@ class Objective:
     def validate(self, net: nn.Module, images: Sequence[Any], n_datasets: int, rank: int, world: int,
                  reduce_sum: Callable[[Tensor], Tensor], **kwargs: Any) -> dict[str, float]:
         """Score `net` on this rank's share of `images`, summed over ranks (train.validate.validate's contract)."""
-        from train.validate import validate
-
         return validate(net, images, n_datasets, rank, world, reduce_sum, **kwargs)
 
     def list_val_images(self, roots: Sequence[str], split: str | None, max_images: int | None) -> list[Any]:
         """The validation images of `data.val` (default: rows of canonical datasets)."""
-        from train.validate import list_val_images
-
         return list_val_images(roots, split, max_images)
 
     # ----------------------------------------------------------------- inference
@@ -99,8 +110,6 @@ class Objective:
         by `cpsam.segment.recorded_inference`). Applied by `cpsam segment` / `Segmenter`: the flow -> mask rules
         ("cp3" / "cp4") and, where the run knows them, the cellpose-3 channels [SEG, NUC] of its raw images.
         Recorded for reference only (the command-line defaults stand): the mask thresholds of validation."""
-        from cpsam.segment import rules_for
-
         val = self.cfg.val
         return {"mask_rules": val.mask_rules or rules_for(net).mask_rules, "flow_threshold": float(val.flow_threshold),
                 "cellprob_threshold": float(val.cellprob_threshold), "channels": None}
@@ -126,23 +135,61 @@ class StepModule(nn.Module):
         return {"loss": loss, **terms}
 
 
-# name -> factory(cfg) ; "module" strings are imported on first use (objectives outside train/)
-_BUILTIN: dict[str, Callable[[TrainConfig], Objective]] = {"cellpose": Objective}
-_LAZY: dict[str, str] = {"distill": "distill.objective", "binary": "train.binary.objective",
-                         "binary_distill": "train.binary.objective"}
+Factory = Callable[[TrainConfig], Objective]
+F = TypeVar("F", bound=Factory)
+
+# name -> factory(cfg): the flow objective, then every plug-in whose module has been imported
+_REGISTRY: dict[str, Factory] = {"cellpose": Objective}
 
 
-def register_objective(name: str, factory: Callable[[TrainConfig], Objective]) -> None:
-    """Make `objective=name` in a config build `factory(cfg)` (modules named in _LAZY call this on import)."""
-    _BUILTIN[name] = factory
+def register_objective(name: str, factory: F | None = None) -> F | Callable[[F], F]:
+    """Make `objective=name` in a config build `factory(cfg)` (usually an Objective subclass).
+
+    As a decorator on the class: `@register_objective("distill")`; or called: `register_objective(name, factory)`.
+    Returns the factory unchanged (the decorator form returns the decorator).
+    """
+
+    def add(f: F) -> F:
+        _REGISTRY[name] = f
+        return f
+
+    return add if factory is None else add(factory)
+
+
+def _checkout_entry_points() -> dict[str, str]:
+    """name -> "module:attribute" of the `cpsam.objectives` table in the pyproject.toml of the checkout these
+    packages run from ({} when installed from a wheel, or for a pyproject.toml of another project)."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    if project.get("name") != "cpsam":
+        return {}
+    table = project.get("entry-points", {}).get(ENTRY_POINT_GROUP, {})
+    return {str(k): str(v) for k, v in table.items()}
+
+
+def declared_objectives() -> dict[str, metadata.EntryPoint]:
+    """Plug-in objectives declared as entry points (group `cpsam.objectives`): installed ones, then the
+    checkout's pyproject.toml over them (see the module docstring)."""
+    found = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    for name, value in _checkout_entry_points().items():
+        found[name] = metadata.EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP)
+    return found
 
 
 def objective_for(cfg: TrainConfig) -> Objective:
-    """The objective the config key `objective` names; ConfigError for an unknown name."""
+    """The objective the config key `objective` names; ConfigError for an unknown name.
+
+    A name not registered yet is looked up among the declared plug-ins (`declared_objectives`); loading its
+    entry point imports the plug-in's module, which registers it, and gives its factory.
+    """
     name = cfg.objective
-    if name not in _BUILTIN and name in _LAZY:
-        importlib.import_module(_LAZY[name])
-    if name not in _BUILTIN:
-        known = sorted(set(_BUILTIN) | set(_LAZY))
-        raise ConfigError(f"objective {name!r} is unknown; known objectives: {', '.join(known)}")
-    return _BUILTIN[name](cfg)
+    if name not in _REGISTRY:
+        declared = declared_objectives()
+        if name not in declared:
+            known = sorted(set(_REGISTRY) | set(declared))
+            raise ConfigError(f"objective {name!r} is unknown; known objectives: {', '.join(known)}")
+        _REGISTRY.setdefault(name, declared[name].load())
+    return _REGISTRY[name](cfg)

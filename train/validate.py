@@ -1,7 +1,7 @@
 """Validation by AP during training: each rank segments its share of whole validation images.
 
 Per image the masks come from `cpsam.segment.Segmenter` (the inference path users run) and are
-scored with `eval.metrics.score_image`. Each rank sums, per validation dataset and IoU threshold,
+scored with `cpsam.metrics.score_image`. Each rank sums, per validation dataset and IoU threshold,
 the per-image AP and error rate, the image count and TP/FP/FN; the sums are added over ranks
 (one all-reduce), so every rank gets the same numbers whatever the number of processes.
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cpsam.metrics import score_image
 from cpsam.segment import Segmenter, rules_for
 from data_prep.canonical import CanonicalDataset
 from train.augment import to_model_channels
@@ -74,8 +75,6 @@ def validate(
     their first `channels` channels, zero-padded, as in training. `mask_rules`: "cp3" / "cp4" flow -> mask
     rules instead of the model's own ("").
     """
-    from eval.metrics import score_image  # eval is imported lazily: never bound at module level
-
     sums = torch.zeros(n_datasets, len(THRESHOLDS), _FIELDS, dtype=torch.float64)
     rules = rules_for(model)
     if mask_rules:

@@ -1,4 +1,5 @@
-"""Networks only (no I/O beyond weight files, no training): CP-SAM, CPnet, weight loading.
+"""Networks only (no I/O beyond weight files, no training): CP-SAM, CPnet, weight loading,
+`resolve_model` (a pretrained name, model file or run folder -> a flow network).
 
 Importing this package registers every architecture with `create_model`.
 """
@@ -15,12 +16,14 @@ from cpsam.models.loading import (
 )
 from cpsam.models.pretrained import pretrained  # the function shadows the submodule name
 from cpsam.models.registry import create_model, list_models, register_model
+from cpsam.models.resolve import ModelSpecError, resolve_model
 
 __all__ = [
     "CPnet",
     "CellposeSAM",
     "CellposeSAMConfig",
     "CheckpointError",
+    "ModelSpecError",
     "cellpose_sam_from_sam",
     "cpnet_from_state_dict",
     "create_model",
@@ -29,5 +32,6 @@ __all__ = [
     "load_model",
     "pretrained",
     "register_model",
+    "resolve_model",
     "save_checkpoint",
 ]

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cpsam.io import atomic_path
 from cpsam.models.cellpose_sam import CellposeSAM, CellposeSAMConfig
+from cpsam.models.cpnet import cpnet_from_state_dict
 from cpsam.models.registry import create_model
 
 CHECKPOINT_FORMAT = "cpsam-checkpoint"
@@ -315,8 +317,6 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, **extra: Any
     The model must be one of ours (it has `model_name` and `model_kwargs()`).
     Tensors are stored float32 on CPU, whatever the model's dtype/device.
     """
-    from cpsam.io import atomic_path
-
     name = getattr(model, "model_name", None)
     kwargs_fn = getattr(model, "model_kwargs", None)
     if name is None or not callable(kwargs_fn):
@@ -381,10 +381,8 @@ def load_model(
     elif kind == "cellpose-sam":
         model = cellpose_sam_from_state_dict(obj, source, attention=attention)
     elif kind == "cellpose-classic":
-        from cpsam.models import cpnet
-
         try:
-            model = cpnet.cpnet_from_state_dict(strip_module_prefix(obj))
+            model = cpnet_from_state_dict(strip_module_prefix(obj))
         except ValueError as exc:
             raise CheckpointError(source, f"classic Cellpose file that does not load: {exc}") from exc
     elif kind == "sam":

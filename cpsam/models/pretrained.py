@@ -43,6 +43,7 @@ import torch
 from cpsam.io import atomic_path
 from cpsam.models.cpnet import CPnet, cpnet_from_state_dict
 from cpsam.models.mxnet_params import MXNetParamsError, parse_mxnet_params
+from cpsam.size import load_size_model
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +184,6 @@ def pretrained_size_model(name: str = "cyto_0", cache: Path | None = None):
     file. Returns None, with a warning, when only a converted `<name>_cpnet.pt` is in the cache and
     the wheel is not: the network works, diameters must then be given.
     """
-    from cpsam.size import load_size_model
-
     spec = _spec(name)
     if not spec.size_member:
         return None

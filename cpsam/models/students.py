@@ -36,6 +36,7 @@ import copy
 import functools
 from collections.abc import Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,8 +175,6 @@ class TimmEncoder(nn.Module):
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
-        import timm
-
         self.body = timm.create_model("resnet18", pretrained=False, features_only=True, in_chans=in_channels)
         self.channels = [int(c) for c in self.body.feature_info.channels()]
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpsam.models.loading import read_checkpoint
 from cpsam.models.registry import register_model
 
 UNET_TILE_SIZE = 256
@@ -244,14 +245,12 @@ def adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: timm's dependency, needed for .safetensors files only
 
         try:
             return dict(load_file(str(path)))
         except Exception as exc:  # noqa: BLE001 - any decoder error is one message
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    from cpsam.models.loading import read_checkpoint
-
     obj = read_checkpoint(path)
     for key in ("state_dict", "model"):  # timm train checkpoints wrap the weights
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):

@@ -37,7 +37,7 @@ def error_rate_bars(
     """Grouped bar chart of `metric` per dataset, one bar colour per model.
 
     Args:
-        summaries: model name -> summary rows of `eval.report.summary_rows` (each with a 'dataset'
+        summaries: model name -> summary rows of `cpsam.metrics.summarize_by_dataset` (each with a 'dataset'
             key and `metric`); datasets are the union over models, in first-seen order, `all` last.
         path: output PNG path.
         metric: summary column to plot (default the paper's error rate at IoU 0.5; lower is better).
