@@ -2,7 +2,8 @@
 
 - ../shared (or $CPSAM_SHARED): `shared_path` skips the calling test, with a reason, when a file is absent.
 - The classic Cellpose weights in ../shared/weights: `cyto0_file`, `cyto0_state_dict`, `cyto0_net`,
-  `size_model_file`, `cyto_size_model`.
+  `size_model_file`, `cyto_size_model`; cellpose 3.1.1.2's outputs with them in ../shared/golden/cellpose3_cyto0:
+  `cyto0_golden_cases`, `read_golden_masks`, `load_golden_flows`.
 - Real annotated images in ../shared/data (`FOLDER/NAME_img.tif` beside `FOLDER/NAME_masks.tif`):
   `shared_image_path`, `shared_masks_path`, `read_shared_image`, `read_shared_masks`, `read_shared_pair`,
   `shared_manifest`, and `write_shared_canonical` (a small canonical dataset of such pairs).
@@ -85,6 +86,29 @@ def size_model_file() -> Path:
 def cyto_size_model(size_model_file: Path) -> SizeModel:
     """`load_size_model(size_model_file)`: cyto_0's size model (style_channels 256, diam_mean 27.0); read only."""
     return load_size_model(size_model_file)
+
+
+# ------------------------------------------------------------------ cellpose 3.1.1.2's outputs for cyto_0
+
+
+@pytest.fixture(scope="session")
+def cyto0_golden_cases() -> list[dict]:
+    """../shared/golden/cellpose3_cyto0/cases.json's "cases": four real images (`folder`, `name` in
+    ../shared/data, `image_shape`, `n_masks`) with every setting cellpose 3.1.1.2's `CellposeModel.eval` ran them
+    with (channels, diameter, flow/cellprob thresholds, augment, tile_overlap, bsize, min_size, niter, resample,
+    normalize). Read only."""
+    return json.loads(shared_path("golden", "cellpose3_cyto0", "cases.json").read_text())["cases"]
+
+
+def read_golden_masks(name: str) -> np.ndarray:
+    """The (H, W) uint16 masks cellpose 3.1.1.2 with cyto_0 gave for the image NAME of `cyto0_golden_cases`."""
+    return tifffile.imread(shared_path("golden", "cellpose3_cyto0", f"{name}_masks.tif"))
+
+
+def load_golden_flows(name: str) -> np.lib.npyio.NpzFile:
+    """cellpose 3.1.1.2's flows for the image NAME at the image's size: `dP` (2, H, W) float32 [dY, dX] and
+    `cellprob` (H, W) float32."""
+    return np.load(shared_path("golden", "cellpose3_cyto0", f"{name}_flows.npz"))
 
 
 # ------------------------------------------------------------------ real annotated images (../shared/data)

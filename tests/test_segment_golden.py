@@ -6,23 +6,14 @@ outputs (flows at the image's size, masks) for four real images, with every sett
 
 from __future__ import annotations
 
-import json
-from functools import cache
-
 import numpy as np
 import pytest
-import tifffile
 import torch
 from cellpose.metrics import average_precision
-from conftest import read_shared_image, shared_path
+from conftest import load_golden_flows, read_golden_masks, read_shared_image
 
 from cpsam.models import cpnet_from_state_dict
 from cpsam.segment import Segmenter
-
-
-@cache
-def cases() -> list[dict]:
-    return json.loads(shared_path("golden", "cellpose3_cyto0", "cases.json").read_text())["cases"]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +49,10 @@ GOLDEN_NITER = {"usiigaci_set1": 444, "neurips22_cell_00849": 222, "cpm15_image0
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_cyto0_flows_and_masks_equal_cellpose3(name: str, segmenter: Segmenter) -> None:
-    case = next(c for c in cases() if c["name"] == name)
-    golden = np.load(shared_path("golden", "cellpose3_cyto0", f"{name}_flows.npz"))
-    golden_masks = tifffile.imread(shared_path("golden", "cellpose3_cyto0", f"{name}_masks.tif"))
+def test_cyto0_flows_and_masks_equal_cellpose3(name: str, segmenter: Segmenter, cyto0_golden_cases) -> None:
+    case = next(c for c in cyto0_golden_cases if c["name"] == name)
+    golden = load_golden_flows(name)
+    golden_masks = read_golden_masks(name)
     res = run_case(segmenter, case, compute_masks=True)
     assert res.masks.shape == golden_masks.shape
     assert res.niter == GOLDEN_NITER[name]

@@ -103,7 +103,7 @@ ALL_CASES = FAST_CASES + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_
 def test_style_estimate_equals_cellpose3(name, segmenter):
     for case in [c for c in golden_cases() if c["name"] == name]:
         first = segmenter.segment([golden_image(case)], channels=case["channels"], compute_masks=False,
-                            estimate_diameters=False)[0]
+                                  estimate_diameters=False)[0]
         assert first.style is not None and first.style.shape == (256,)
         assert np.linalg.norm(first.style) == pytest.approx(1.0, abs=1e-5)
         estimate = segmenter.size_model.style_diameter(first.style)
