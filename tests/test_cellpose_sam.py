@@ -90,9 +90,8 @@ def test_every_variant_builds_with_the_sam_geometry(name):
     assert model.encoder.pos_embed.shape == (1, 32, 32, spec["embed_dim"])
 
 
-def test_tiny_forward_and_paths_agree():
-    torch.manual_seed(0)
-    model = create_model("cpsam_tiny").eval()
+def test_tiny_forward_and_paths_agree(cpsam_tiny):
+    model = cpsam_tiny
     randomize_(model, seed=3)
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
@@ -146,17 +145,15 @@ def test_both_sdpa_implementations_equal_sam_math_attention(mask_rows):
         assert rel_err(grad, expected_grad) <= 1e-4
 
 
-def test_pixel_shuffle_readout_equals_reference_transposed_conv():
-    torch.manual_seed(0)
-    model = create_model("cpsam_tiny").eval()
+def test_pixel_shuffle_readout_equals_reference_transposed_conv(cpsam_tiny):
+    model = cpsam_tiny
     feats = torch.randn(2, model.config.out_chans, 32, 32)
     reference = torch.nn.functional.conv_transpose2d(model.out(feats), model.W2, stride=8)
     assert torch.equal(model.readout(feats), reference)
 
 
-def test_fewer_input_channels_equal_zero_padding():
-    torch.manual_seed(0)
-    model = create_model("cpsam_tiny").eval()
+def test_fewer_input_channels_equal_zero_padding(cpsam_tiny):
+    model = cpsam_tiny
     randomize_(model, seed=5)
     gray = torch.randn(1, 1, 256, 256)
     padded = torch.cat([gray, torch.zeros(1, 2, 256, 256)], dim=1)
@@ -164,8 +161,8 @@ def test_fewer_input_channels_equal_zero_padding():
         assert rel_err(model(gray)[0], model(padded)[0]) <= 1e-6
 
 
-def test_wrong_tile_size_is_a_clear_error():
-    model = create_model("cpsam_tiny").eval()
+def test_wrong_tile_size_is_a_clear_error(cpsam_tiny):
+    model = cpsam_tiny
     with pytest.raises(ValueError, match="256x256 tiles"):
         model(torch.zeros(1, 3, 128, 128))
     with pytest.raises(ValueError, match="at most 3 input channels"):
@@ -226,9 +223,8 @@ def test_layer_drop_rate_statistics():
     assert torch.allclose(kept, 1 - model.layer_drop_rates(), atol=0.1), kept
 
 
-def test_bf16_inference_close_to_fp32():
-    torch.manual_seed(0)
-    model = create_model("cpsam_tiny").eval()
+def test_bf16_inference_close_to_fp32(cpsam_tiny):
+    model = cpsam_tiny
     randomize_(model, seed=8)
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():

@@ -14,11 +14,6 @@ CYTO_NBASE = [2, 32, 64, 128, 256]
 STUDENTS = [[1, 32], [1, 32, 64], [2, 32, 64], [2, 32, 64, 128]]
 
 
-@pytest.fixture(scope="module")
-def cyto0_state_dict() -> dict[str, torch.Tensor]:
-    return torch.load(shared_path("weights", "cyto_0_cpnet_torch.pt"), map_location="cpu", weights_only=True)
-
-
 def _rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 

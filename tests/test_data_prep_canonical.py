@@ -3,7 +3,6 @@ idempotent/resumable/parallel conversion, the reader."""
 
 from __future__ import annotations
 
-import json
 import re
 import xml.etree.ElementTree as ET
 
@@ -62,10 +61,9 @@ def _manifest_total() -> int:
     return int(re.search(r"Totals: \*\*(\d+) images", text).group(1))
 
 
-def _folder_raw(tmp_path):
-    """A plain folder of pairs built from ../shared/data (symlinks, nothing copied into the repo)."""
+def _folder_raw(tmp_path, manifest):
+    """A plain folder of the manifest's pairs built from ../shared/data (symlinks, nothing copied into the repo)."""
     data = shared_path("data")
-    manifest = json.loads((data / "manifest.json").read_text())
     raw = tmp_path / "raw"
     for rec in manifest:
         for key in ("image", "mask"):
@@ -75,8 +73,8 @@ def _folder_raw(tmp_path):
     return raw, manifest
 
 
-def test_shared_data_round_trip_and_manifest_diameters(tmp_path):
-    raw, manifest = _folder_raw(tmp_path)
+def test_shared_data_round_trip_and_manifest_diameters(tmp_path, shared_manifest):
+    raw, manifest = _folder_raw(tmp_path, shared_manifest)
     out = tmp_path / "canonical"
     rep = convert(get_source("folder"), raw, out, workers=2, progress=False)
     assert len(manifest) == _manifest_total() and rep.written == len(manifest) and not rep.failed
@@ -100,8 +98,8 @@ def test_shared_data_round_trip_and_manifest_diameters(tmp_path):
         np.testing.assert_array_equal(tifffile.imread(back / f"{name}_img.tif"), img)
 
 
-def test_folder_round_trip_subset_fast(tmp_path):
-    raw, manifest = _folder_raw(tmp_path)
+def test_folder_round_trip_subset_fast(tmp_path, shared_manifest):
+    raw, manifest = _folder_raw(tmp_path, shared_manifest)
     small = [r for r in manifest if r["folder"] in ("phase_ctc_U373", "bact_phase_neurips22")]
     out = tmp_path / "canonical"
     convert(get_source("folder"), raw / "phase_ctc_U373", out, progress=False)

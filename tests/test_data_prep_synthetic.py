@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+from conftest import label_squares
 from scipy import ndimage
 
 from data_prep.canonical import CanonicalDataset, write_example, write_index
@@ -111,9 +112,7 @@ def test_timelapse_without_masks_writes_images_to_annotate(tmp_path):
 
 
 def _big_example(tmp_path):
-    lab = np.zeros((200, 300), np.uint16)
-    for k, (y, x) in enumerate([(20, 20), (20, 150), (120, 60), (150, 250), (100, 140)], start=1):
-        lab[y : y + 30, x : x + 30] = k
+    lab = label_squares((200, 300), [(20, 20), (20, 150), (120, 60), (150, 250), (100, 140)], side=30)
     img = np.random.default_rng(0).integers(0, 255, (3, 200, 300), dtype=np.uint8)
     root = tmp_path / "big"
     write_index(root, [write_example(root, "big", img, lab, dataset="d", split="val", license="x", source="s")])
@@ -150,16 +149,14 @@ def test_subimages_per_cell(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("modality", "min_ap50"), [("fluorescence", 0.9), ("phase", 0.75)])
-def test_classic_cyto_network_segments_synthetic_cells(modality, min_ap50):
+def test_classic_cyto_network_segments_synthetic_cells(modality, min_ap50, cyto0_file):
     """The demo's premise: Cellpose's 2020 cyto net finds the synthetic cells (measured on 3 images
     each at diameter 30 px: AP@0.5 0.95 fluorescence, 0.86 phase)."""
-    from conftest import shared_path
-
     from cpsam.metrics import average_precision
     from cpsam.models.loading import load_model
     from cpsam.segment import Segmenter
 
-    model = load_model(shared_path("weights", "cyto_0_cpnet_torch.pt"))
+    model = load_model(cyto0_file)
     pairs = [
         synthesize(SyntheticConfig(shape=(256, 256), diameter=30, modality=modality), seed=100 + s) for s in range(2)
     ]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import save_tiny_cpnet, tiny_cpnet, write_shared_canonical
 
-from cpsam import io
 from cpsam.models import create_model
 from distill.cache import (
     CacheError,
@@ -34,23 +33,12 @@ TILE = 64
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A labelled canonical dataset of two small real images (train split)."""
-    from data_prep.canonical import write_example, write_index
-
-    root = tmp_path_factory.mktemp("canon") / "real"
-    rows = []
-    for folder, name in REAL:
-        base = shared_path("data", folder)
-        image = io.read_image(base / f"{name}_img.tif")
-        masks = io.read_labels(base / f"{name}_masks.tif")
-        rows.append(write_example(root, name, image, masks, dataset=folder, split="train", license="test",
-                                  source=str(base)))
-    write_index(root, rows)
-    return root
+    return write_shared_canonical(tmp_path_factory.mktemp("canon") / "real",
+                                  [(folder, name, "train") for folder, name in REAL])
 
 
 def _teacher() -> Teacher:
-    torch.manual_seed(0)
-    return Teacher(create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0), "random-cpnet")
+    return Teacher(tiny_cpnet(), "random-cpnet")
 
 
 def _spec() -> PipelineSpec:
@@ -159,10 +147,8 @@ def test_a_run_whose_pipeline_differs_from_the_cache_is_refused(cache):
 
 def test_cache_command_builds_verifies_and_a_student_trains_from_it(dataset, tmp_path, capsys):
     from cpsam.cli import main as cpsam_main
-    from cpsam.models import save_checkpoint
 
-    torch.manual_seed(0)
-    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0))
+    teacher = save_tiny_cpnet(tmp_path / "teacher.pt")
     cache = tmp_path / "cache"
     argv = ["distill", "cache", "--teacher", str(teacher), "--images", str(dataset), "--out", str(cache), "--views",
             "2", "--verify", "3", "--quiet", "data.tile_size=64"]
@@ -189,10 +175,7 @@ def test_two_real_processes_share_the_cache_build(dataset, tmp_path):
     import subprocess
     import sys
 
-    from cpsam.models import save_checkpoint
-
-    torch.manual_seed(0)
-    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0))
+    teacher = save_tiny_cpnet(tmp_path / "teacher.pt")
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     args = ["distill", "cache", "--teacher", str(teacher), "--images", str(dataset), "--views", "2", "--quiet",
@@ -263,10 +246,8 @@ def test_a_half_scale_student_sees_area_averaged_crops_and_targets(cache, tmp_pa
     assert torch.isfinite(loss.detach())
     assert float(parts["kd_feature"].detach()) > 0 and float(parts["gt_flow"].detach()) > 0
     assert net.output[-1].weight.grad.abs().sum() > 0 and aux["adapter"].proj is None  # 16 = 16 channels
-    from cpsam.models import save_checkpoint
 
-    torch.manual_seed(0)
-    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0))
+    teacher = save_tiny_cpnet(tmp_path / "teacher.pt")
     loadable = tmp_path / "cache"
     assert cpsam_main(["distill", "cache", "--teacher", str(teacher), "--images", str(c.datasets[0]), "--out",
                        str(loadable), "--views", "1", "--quiet", "data.tile_size=64"]) == 0

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import write_shared_canonical
 
-from cpsam import io
 from cpsam.models import create_model, save_checkpoint
 from distill.cache import TeacherCache, build_cache
 from distill.losses import FeatureAdapter
@@ -24,15 +23,9 @@ from train.data import PipelineSpec
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A labelled canonical dataset of one small real image (200 x 200 bacteria, 44 cells), train split."""
-    from data_prep.canonical import write_example, write_index
-
-    root = tmp_path_factory.mktemp("canon") / "bact"
-    base = shared_path("data", "bact_phase_neurips22")
-    row = write_example(root, "cell_00528", io.read_image(base / "neurips22_cell_00528_img.tif"),
-                        io.read_labels(base / "neurips22_cell_00528_masks.tif"), dataset="bact", split="train",
-                        license="test", source=str(base))
-    write_index(root, [row])
-    return root
+    return write_shared_canonical(tmp_path_factory.mktemp("canon") / "bact",
+                                  [("bact_phase_neurips22", "neurips22_cell_00528", "train")], dataset="bact",
+                                  names=["cell_00528"])
 
 
 def _config(run: Path, data: Path, tile: int, student: str, **kd) -> TrainConfig:

@@ -7,31 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import save_tiny_cpnet, write_shared_canonical
 
-from cpsam import io
 from cpsam.cli import main as cpsam_main
-from cpsam.models import create_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """Two real images: one to train on, one held out (val split)."""
-    from data_prep.canonical import write_example, write_index
-
-    root = tmp_path_factory.mktemp("canon") / "baby"
-    base = shared_path("data", "bact_bf_mothermachine_baby")
-    rows = [write_example(root, name, io.read_image(base / f"{name}_img.tif"),
-                          io.read_labels(base / f"{name}_masks.tif"), dataset="baby", split=split, license="test",
-                          source=str(base))
-            for name, split in (("baby_mmsCMOS_testA", "train"), ("baby_mmsCMOS_testB", "val"))]
-    write_index(root, rows)
-    return root
+    folder = "bact_bf_mothermachine_baby"
+    return write_shared_canonical(tmp_path_factory.mktemp("canon") / "baby",
+                                  [(folder, "baby_mmsCMOS_testA", "train"), (folder, "baby_mmsCMOS_testB", "val")],
+                                  dataset="baby")
 
 
 def test_seed_search_trains_the_seed_of_the_lowest_validation_kd_loss(dataset, tmp_path, capsys):
-    torch.manual_seed(0)
-    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0))
+    teacher = save_tiny_cpnet(tmp_path / "teacher.pt")
     run = tmp_path / "run"
     argv = ["distill", "--teacher", str(teacher), "--images", str(dataset), "--student", "cpnet-1-32", "--out",
             str(run), "--seed-search", "2", "--size-epochs", "0", "--quiet", "batch_size=2",

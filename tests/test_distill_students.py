@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import shared_image_path
 
 from cpsam.models import CPnet, create_model, list_models, load_model, save_checkpoint
 from cpsam.models.students import FastNet, cpnet_student_names, fastnet_names, student_names
 from cpsam.segment import Segmenter, rules_for
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
@@ -147,9 +144,7 @@ def test_channels_last_does_not_change_the_output():
 
 
 def test_student_checkpoint_runs_in_segmenter_and_cpsam_segment(tmp_path):
-    pair = SHARED_DATA / "bact_phase_neurips22" / "neurips22_cell_00528_img.tif"
-    if not pair.is_file():
-        pytest.skip(f"{pair} is absent: this test needs the project's shared/data folder beside the repo")
+    pair = shared_image_path("bact_phase_neurips22", "neurips22_cell_00528")
     from cpsam import io
     from cpsam.cli import main
 

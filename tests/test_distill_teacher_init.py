@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import tiny_cpnet
 
 from cpsam.models import create_model
 from distill.teacher_init import init_from_teacher
@@ -90,10 +90,9 @@ def test_another_architecture_is_refused() -> None:
         init_from_teacher(create_model("fastnet-1-32-64"), _teacher(nbase=(2, 16, 32)))
 
 
-def test_cyto0_weights_make_the_teachers_twin() -> None:
-    path = shared_path("weights", "cyto_0_cpnet_torch.pt")
+def test_cyto0_weights_make_the_teachers_twin(cyto0_state_dict: dict[str, torch.Tensor]) -> None:
     teacher = create_model("cpnet")
-    teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    teacher.load_state_dict(cyto0_state_dict)
     student = create_model("cpnet-1-32-64-128-256")
     assert init_from_teacher(student, teacher.eval()).fraction == 1.0
     x = _gray(1, 256, seed=3)
@@ -107,8 +106,7 @@ def test_the_objective_starts_the_student_from_its_teacher(tmp_path) -> None:
     from train.model_init import build_model
     from train.objective import objective_for
 
-    torch.manual_seed(0)
-    teacher_net = create_model("cpnet", nbase=[2, 16, 32], diam_mean=30.0)
+    teacher_net = tiny_cpnet()
     teacher = save_checkpoint(tmp_path / "teacher.pt", teacher_net)
     base = ["objective=distill", f"kd.teacher=[{teacher}]", "model.name=cpnet", "model.nbase=[1,16,32]"]
     cfg = load_config(None, [*base, "kd.init_from_teacher=true"])

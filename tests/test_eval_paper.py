@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import shared_path
 
 from eval import paper
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_paper_channel_placement():
@@ -49,9 +46,7 @@ def test_table_averages_per_image_then_over_datasets():
 
 
 def test_cli_on_a_real_bacterial_set_uses_niter_2000(tmp_path):
-    folder = SHARED / "bact_phase_neurips22"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} absent (the shared real data)")
+    folder = shared_path("data", "bact_phase_neurips22")
     from cpsam.cli import main
 
     second = tmp_path / "second"

@@ -3,22 +3,16 @@ real model's AP falls as the noise grows."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import shared_path
 
 from eval import invariance as inv
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-HELA = SHARED / "fluo_nuclei_ctc_N2DL-HeLa"
 
 
 @pytest.fixture(scope="module")
 def hela_item() -> inv.LabelledImage:
-    if not HELA.is_dir():
-        pytest.skip(f"{HELA} absent (the shared real data)")
-    items = inv.load_labelled_images(HELA, max_per_folder=1)
+    items = inv.load_labelled_images(shared_path("data", "fluo_nuclei_ctc_N2DL-HeLa"), max_per_folder=1)
     item = items[0]
     # a 256 x 320 crop keeps the test fast; labels cut by the crop stay (they are scored as they are)
     return inv.LabelledImage(item.dataset, item.name, item.image[:, 200:456, 300:620].copy(),
@@ -74,20 +68,16 @@ def test_cyto0_ap_falls_with_shot_noise(hela_item):
     assert summary["0"] > summary["5.0"] > summary["0.5"]
 
 
-def test_cli_runs_on_a_cpsam_checkpoint(hela_item, tmp_path):
+def test_cli_runs_on_a_cpsam_checkpoint(hela_item, tmp_path, cpsam_tiny):
     """`cpsam eval invariance` on a CP-SAM checkpoint (cpsam_tiny, random weights in our checkpoint format): the
     same code path as cyto_0 (Segmenter under the cellpose-4 rules), every channel order scored and plotted."""
     import csv
 
-    import torch
-
     from cpsam.cli import main
     from cpsam.io import write_labels
-    from cpsam.models import create_model
     from cpsam.models.loading import save_checkpoint
 
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "cpsam_tiny.pt", create_model("cpsam_tiny").eval())
+    ckpt = save_checkpoint(tmp_path / "cpsam_tiny.pt", cpsam_tiny)
     data = tmp_path / "data"
     data.mkdir()
     import tifffile

@@ -122,8 +122,8 @@ def test_lean_training_equals_plain_on_cpsam_tiny_and_saves_memory() -> None:
     assert plain - lean == pytest.approx(cfg.depth * per_block, rel=0.02)
 
 
-def test_lean_path_is_not_used_without_gradients() -> None:
-    net = create_model("cpsam_tiny").float().eval()
+def test_lean_path_is_not_used_without_gradients(cpsam_tiny) -> None:
+    net = cpsam_tiny.float()
     x = torch.randn(1, 3, 256, 256)
     calls = []
     original = RelPosFlashAttention.forward

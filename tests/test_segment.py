@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 import torch.nn.functional as F
 from cellpose import core as cp_core
 from cellpose import transforms as cp_transforms
-from conftest import shared_path
+from conftest import read_shared_image
 from torch import nn
 
 from cpsam.segment import ImageError, InferenceRules, Segmenter, check_image, tiles_per_image
@@ -48,10 +47,6 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = 5 * torch.tanh(F.conv2d(x, self.weight[:, : x.shape[1]], self.bias, padding=1))
         return y, torch.zeros(x.shape[0], 256)
-
-
-def load(folder: str, name: str) -> np.ndarray:
-    return tifffile.imread(shared_path("data", folder, f"{name}_img.tif"))
 
 
 def cellpose4_flows(net: nn.Module, image: np.ndarray, rescale: float, augment: bool) -> np.ndarray:
@@ -100,7 +95,7 @@ def our_flows(seg: Segmenter, images: list[np.ndarray], diameter, augment: bool,
     ],
 )
 def test_cellpose4_rules_equal_cellpose_run_net(folder: str, name: str, diameter, augment: bool) -> None:
-    image = load(folder, name)
+    image = read_shared_image(folder, name)
     net = ConvNet(3, 256, 30.0)
     seg = Segmenter(net, batch_size=8, rules=CP4_RULES)
     ours = our_flows(seg, [image], diameter, augment)[0]
@@ -118,7 +113,7 @@ def test_cellpose4_rules_equal_cellpose_run_net(folder: str, name: str, diameter
     ],
 )
 def test_cellpose3_rules_equal_cellpose3_tiling(folder: str, name: str, diameter, augment: bool) -> None:
-    image = load(folder, name)
+    image = read_shared_image(folder, name)
     net = ConvNet(2, 224, 27.0)
     seg = Segmenter(net, batch_size=8, rules=CP3_RULES)
     ours = our_flows(seg, [image], diameter, augment)[0]
@@ -132,10 +127,10 @@ def test_cross_image_batching_equals_one_at_a_time(rules: InferenceRules) -> Non
     """Tiles of several images (different sizes, channels, tile shapes) share batches; results are
     those of segmenting each image alone."""
     images = [
-        load("bact_bf_mothermachine_baby", "baby_mmsCMOS_testA"),
-        load("he_miccai2015_cpm", "cpm15_image06"),
-        load("bact_phase_neurips22", "neurips22_cell_00528"),
-        load("bact_bf_mothermachine_baby", "baby_mmsCMOS_testB"),
+        read_shared_image("bact_bf_mothermachine_baby", "baby_mmsCMOS_testA"),
+        read_shared_image("he_miccai2015_cpm", "cpm15_image06"),
+        read_shared_image("bact_phase_neurips22", "neurips22_cell_00528"),
+        read_shared_image("bact_bf_mothermachine_baby", "baby_mmsCMOS_testB"),
     ]
     diameters = [None, 20.0, 12.0, None]
     net = ConvNet(3 if rules.pad_to_tile else 2, rules.tile_size, 30.0)
@@ -149,7 +144,7 @@ def test_iter_segment_is_lazy_and_ordered() -> None:
     """iter_segment pulls images only as tiles are needed and yields each result in input order."""
     net = ConvNet(3, 256, 30.0)
     seg = Segmenter(net, batch_size=2, rules=CP4_RULES)
-    image = load("bact_phase_neurips22", "neurips22_cell_00528")  # 200x200: one tile
+    image = read_shared_image("bact_phase_neurips22", "neurips22_cell_00528")  # 200x200: one tile
     pulled: list[int] = []
 
     def source():
@@ -172,7 +167,7 @@ def test_niter_and_rescale_follow_cellpose() -> None:
     seg = Segmenter(net, rules=CP3_RULES)
     assert seg.rescale_for(17.0) == float(np.float32(27.0) / np.float32(17.0))
     assert seg.rescale_for(None) == 1.0 and seg.rescale_for(0) == 1.0
-    image = load("bact_phase_neurips22", "neurips22_cell_00528")
+    image = read_shared_image("bact_phase_neurips22", "neurips22_cell_00528")
     res = seg.segment([image], diameter=17.0, compute_masks=False)[0]
     assert res.niter == int(200 / res.rescale) == 125
     assert res.dP.shape == (2, 200, 200) and res.cellprob.shape == (200, 200)
@@ -209,7 +204,7 @@ def test_constant_image_gives_zero_flows_input() -> None:
 
 
 def test_bf16_runs_close_to_float32() -> None:
-    image = load("bact_phase_neurips22", "neurips22_cell_00528")
+    image = read_shared_image("bact_phase_neurips22", "neurips22_cell_00528")
     fp32 = our_flows(Segmenter(ConvNet(3, 256, 30.0), rules=CP4_RULES), [image], None, False)[0]
     bf16 = our_flows(Segmenter(ConvNet(3, 256, 30.0), rules=CP4_RULES, bf16=True), [image], None, False)[0]
     assert bf16.dtype == np.float32

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import torch
-from conftest import shared_path
+from conftest import read_shared_image
 
 from cpsam.models.loading import load_model
 from cpsam.segment import Segmenter, rules_for, tiles_per_image
@@ -51,14 +50,14 @@ def compare(path: Path, image: np.ndarray, diameter: float | None, augment: bool
 
 def test_cpsam_one_tile_equal_cellpose_eval(official_random_file: Path) -> None:
     """200x200 phase-contrast bacteria at diameter 25: resized to 240x240, padded to one 256 tile."""
-    image = tifffile.imread(shared_path("data", "bact_phase_neurips22", "neurips22_cell_00528_img.tif"))
+    image = read_shared_image("bact_phase_neurips22", "neurips22_cell_00528")
     compare(official_random_file, image, 25.0)
 
 
 @pytest.mark.slow
 def test_cpsam_two_tiles_equal_cellpose_eval(official_random_file: Path) -> None:
     """869x51 bacteria channel at diameter 70: resized to 372x21, padded to 400x256 -> 2 tiles."""
-    image = tifffile.imread(shared_path("data", "bact_bf_mothermachine_baby", "baby_mmsCMOS_testA_img.tif"))
+    image = read_shared_image("bact_bf_mothermachine_baby", "baby_mmsCMOS_testA")
     model_rules = rules_for(load_model(official_random_file))
     assert tiles_per_image(image.shape, 30 / 70, model_rules) == 2
     compare(official_random_file, image, 70.0)
@@ -67,5 +66,5 @@ def test_cpsam_two_tiles_equal_cellpose_eval(official_random_file: Path) -> None
 @pytest.mark.slow
 def test_cpsam_rgb_nine_tiles_with_augment_equal_cellpose_eval(official_random_file: Path) -> None:
     """512x512 RGB multiplexed tissue (one empty channel), no rescale: 3x3 tiles, flip augmentation 4x4."""
-    image = tifffile.imread(shared_path("data", "tissue_multiplex_neurips22", "neurips22_cell_00849_img.tif"))
+    image = read_shared_image("tissue_multiplex_neurips22", "neurips22_cell_00849")
     compare(official_random_file, image, None, augment=True)

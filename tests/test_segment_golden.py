@@ -6,36 +6,27 @@ outputs (flows at the image's size, masks) for four real images, with every sett
 
 from __future__ import annotations
 
-import json
-from functools import cache
-
 import numpy as np
 import pytest
-import tifffile
 import torch
 from cellpose.metrics import average_precision
-from conftest import shared_path
+from conftest import load_golden_flows, read_golden_masks, read_shared_image
 
 from cpsam.models import cpnet_from_state_dict
 from cpsam.segment import Segmenter
 
 
-@cache
-def cases() -> list[dict]:
-    return json.loads(shared_path("golden", "cellpose3_cyto0", "cases.json").read_text())["cases"]
+@pytest.fixture(scope="module")
+def segmenter(cyto0_state_dict: dict[str, torch.Tensor]) -> Segmenter:
+    """cyto_0 in a Segmenter (CPU, batch 8), shared by this module's tests."""
+    return Segmenter(cpnet_from_state_dict(cyto0_state_dict), device="cpu", batch_size=8)
 
 
-@cache
-def segmenter() -> Segmenter:
-    state = torch.load(shared_path("weights", "cyto_0_cpnet_torch.pt"), weights_only=True, map_location="cpu")
-    return Segmenter(cpnet_from_state_dict(state), device="cpu", batch_size=8)
-
-
-def run_case(case: dict, compute_masks: bool):
+def run_case(segmenter: Segmenter, case: dict, compute_masks: bool):
     assert case["bsize"] == 224 and case["tile_overlap"] == 0.1 and case["resample"] and case["normalize"]
-    image = tifffile.imread(shared_path("data", case["folder"], f"{case['name']}_img.tif"))
+    image = read_shared_image(case["folder"], case["name"])
     assert list(image.shape) == case["image_shape"]
-    return segmenter().segment(
+    return segmenter.segment(
         [image], diameter=case["diameter"], channels=case["channels"], augment=case["augment"],
         niter=case["niter"], compute_masks=compute_masks, flow_threshold=case["flow_threshold"],
         cellprob_threshold=case["cellprob_threshold"], min_size=case["min_size"],
@@ -58,11 +49,11 @@ GOLDEN_NITER = {"usiigaci_set1": 444, "neurips22_cell_00849": 222, "cpm15_image0
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_cyto0_flows_and_masks_equal_cellpose3(name: str) -> None:
-    case = next(c for c in cases() if c["name"] == name)
-    golden = np.load(shared_path("golden", "cellpose3_cyto0", f"{name}_flows.npz"))
-    golden_masks = tifffile.imread(shared_path("golden", "cellpose3_cyto0", f"{name}_masks.tif"))
-    res = run_case(case, compute_masks=True)
+def test_cyto0_flows_and_masks_equal_cellpose3(name: str, segmenter: Segmenter, cyto0_golden_cases) -> None:
+    case = next(c for c in cyto0_golden_cases if c["name"] == name)
+    golden = load_golden_flows(name)
+    golden_masks = read_golden_masks(name)
+    res = run_case(segmenter, case, compute_masks=True)
     assert res.masks.shape == golden_masks.shape
     assert res.niter == GOLDEN_NITER[name]
     # Our masks match the golden cellpose 3 masks (tests/test_dynamics_cp3.py: our cp3 rules on the

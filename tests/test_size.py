@@ -15,17 +15,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import shared_path
+from conftest import read_shared_image, shared_path
 
-from cpsam.models import cpnet_from_state_dict
+from cpsam.models import CPnet, cpnet_from_state_dict
 from cpsam.segment import Segmenter
 from cpsam.size import SizeModel, SizeModelError, find_size_model, load_size_model, median_diameter
-
-
-@cache
-def cyto0():
-    state = torch.load(shared_path("weights", "cyto_0_cpnet_torch.pt"), weights_only=True, map_location="cpu")
-    return cpnet_from_state_dict(state).eval()
 
 
 @cache
@@ -34,17 +28,18 @@ def golden_cases() -> list[dict]:
 
 
 def golden_image(case: dict) -> np.ndarray:
-    return tifffile.imread(shared_path("data", case["folder"], f"{case['name']}_img.tif"))
+    return read_shared_image(case["folder"], case["name"])
 
 
-@cache
-def segmenter() -> Segmenter:
-    return Segmenter(cyto0(), device="cpu", size_model=load_size_model(shared_path("weights", "size_cyto_A.npy")))
+@pytest.fixture(scope="module")
+def segmenter(cyto0_state_dict: dict[str, torch.Tensor], cyto_size_model: SizeModel) -> Segmenter:
+    """cyto_0 with its size model, shared by this module's tests (they only segment with it)."""
+    return Segmenter(cpnet_from_state_dict(cyto0_state_dict).eval(), device="cpu", size_model=cyto_size_model)
 
 
-def test_load_the_shared_size_file_and_its_formula():
-    size = load_size_model(shared_path("weights", "size_cyto_A.npy"))
-    raw = np.load(shared_path("weights", "size_cyto_A.npy"), allow_pickle=True).item()  # trusted test file
+def test_load_the_shared_size_file_and_its_formula(size_model_file):
+    size = load_size_model(size_model_file)
+    raw = np.load(size_model_file, allow_pickle=True).item()  # trusted test file
     assert size.diam_mean == 27.0 and size.style_channels == 256
     np.testing.assert_array_equal(size.A, raw["A"])
     style = np.random.default_rng(0).normal(size=256).astype(np.float32)
@@ -105,56 +100,53 @@ ALL_CASES = FAST_CASES + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_
 
 
 @pytest.mark.parametrize("name", ALL_CASES)
-def test_style_estimate_equals_cellpose3(name):
-    seg = segmenter()
+def test_style_estimate_equals_cellpose3(name, segmenter):
     for case in [c for c in golden_cases() if c["name"] == name]:
-        first = seg.segment([golden_image(case)], channels=case["channels"], compute_masks=False,
-                            estimate_diameters=False)[0]
+        first = segmenter.segment([golden_image(case)], channels=case["channels"], compute_masks=False,
+                                  estimate_diameters=False)[0]
         assert first.style is not None and first.style.shape == (256,)
         assert np.linalg.norm(first.style) == pytest.approx(1.0, abs=1e-5)
-        estimate = seg.size_model.style_diameter(first.style)
+        estimate = segmenter.size_model.style_diameter(first.style)
         assert estimate == pytest.approx(case["diam_style"], rel=0.01), case["name"]
 
 
 @pytest.mark.parametrize("name", ["cpm15_image01", "PhC-C2DH-U373_01_t021"]
                          + [pytest.param(n, marks=pytest.mark.slow) for n in ["neurips22_cell_00849", *SLOW_CASES]])
-def test_final_diameter_within_2_percent_of_cellpose3(name):
+def test_final_diameter_within_2_percent_of_cellpose3(name, segmenter):
     case = next(c for c in golden_cases() if c["name"] == name)
-    diam, diam_style = segmenter().estimate_diameter(golden_image(case), channels=case["channels"])
+    diam, diam_style = segmenter.estimate_diameter(golden_image(case), channels=case["channels"])
     assert diam_style == pytest.approx(case["diam_style"], rel=0.01)
     assert diam == pytest.approx(case["diam"], rel=0.02)
 
 
-def test_segment_without_a_diameter_uses_the_size_model_and_says_so():
+def test_segment_without_a_diameter_uses_the_size_model_and_says_so(segmenter, cyto0_net: CPnet):
     case = next(c for c in golden_cases() if c["name"] == "Fluo-N2DL-HeLa_01_t013")
     image = golden_image(case)[200:456, 300:556]  # a 256 x 256 crop: ~20 nuclei
-    seg = segmenter()
-    auto = seg.segment([image], channels=[0, 0])[0]
-    diam, diam_style = seg.estimate_diameter(image, channels=[0, 0])
+    auto = segmenter.segment([image], channels=[0, 0])[0]
+    diam, diam_style = segmenter.estimate_diameter(image, channels=[0, 0])
     assert auto.diameter_source == "size model" and auto.n_cells > 5
     assert (auto.diameter, auto.diameter_style) == (diam, diam_style)
     assert 18.0 < diam < 35.0  # HeLa nuclei: 26 px median in the annotation
     assert auto.rescale == pytest.approx(27.0 / auto.diameter, rel=1e-6)
-    given = seg.segment([image], channels=[0, 0], diameter=auto.diameter)[0]
+    given = segmenter.segment([image], channels=[0, 0], diameter=auto.diameter)[0]
     assert given.diameter_source == "given" and given.diameter == auto.diameter
     np.testing.assert_array_equal(given.masks, auto.masks)  # the same segmentation at that diameter
-    plain = Segmenter(cyto0(), device="cpu").segment([image[:200, :200]], channels=[0, 0])[0]
+    plain = Segmenter(cyto0_net, device="cpu").segment([image[:200, :200]], channels=[0, 0])[0]
     assert plain.diameter_source == "model" and plain.diameter == 27.0
 
 
-def test_pretrained_cyto0_carries_its_size_model():
+def test_pretrained_cyto0_carries_its_size_model(cyto_size_model: SizeModel):
     from cpsam.models.pretrained import PretrainedUnavailableError, pretrained
 
     try:
         model = pretrained("cyto_0")
     except PretrainedUnavailableError as exc:
         pytest.skip(f"cyto_0 is not obtainable here: {exc}")
-    shared = load_size_model(shared_path("weights", "size_cyto_A.npy"))
     assert model.size_model is not None
-    np.testing.assert_array_equal(model.size_model.A, shared.A)
+    np.testing.assert_array_equal(model.size_model.A, cyto_size_model.A)
 
 
-def test_fitted_size_model_orders_and_approximates_real_diameters():
+def test_fitted_size_model_orders_and_approximates_real_diameters(cyto0_net: CPnet):
     from cpsam.transforms import select_channels, to_channels_last
     from train.size_fit import fit_size_model
 
@@ -168,10 +160,10 @@ def test_fitted_size_model_orders_and_approximates_real_diameters():
 
     hela, phase = load("fluo_nuclei_ctc_N2DL-HeLa"), load("phase_usiigaci_3t3")
     train = hela[:3] + phase[:3]
-    report = fit_size_model(cyto0(), [x for x, _ in train], [y for _, y in train], n_epochs=2, crop=256,
+    report = fit_size_model(cyto0_net, [x for x, _ in train], [y for _, y in train], n_epochs=2, crop=256,
                             progress=False)
     assert report.n_samples == 12 and report.train_correlation > 0.8
-    seg = Segmenter(cyto0(), device="cpu", size_model=report.size_model)
+    seg = Segmenter(cyto0_net, device="cpu", size_model=report.size_model)
     estimates = {}
     for label, (image, labels) in (("hela", hela[3]), ("3t3", phase[3])):
         style = seg.segment([image], channel_axis=0, compute_masks=False, estimate_diameters=False)[0].style

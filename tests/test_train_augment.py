@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tifffile
 import torch
 from cellpose import train as cp_train
 from cellpose import transforms as cp_transforms
+from conftest import read_shared_pair
 from omegaconf import OmegaConf
 from scipy import ndimage as ndi
 
 from cpsam.dynamics import masks_to_flows
 from train import augment as A
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HELA = ("fluo_nuclei_ctc_N2DL-HeLa", "Fluo-N2DL-HeLa_02_t075")  # (700, 1100) uint16 nuclei
 NIH3T3 = ("phase_usiigaci_3t3", "usiigaci_set1")  # (1022, 1024) uint16 phase, whole cells
 TISSUE = ("tissue_multiplex_neurips22", "neurips22_cell_00849")  # (512, 512, 3) uint8, R empty
-
-
-def read_pair(folder: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-    img_path, mask_path = DATA / folder / f"{name}_img.tif", DATA / folder / f"{name}_masks.tif"
-    if not img_path.exists() or not mask_path.exists():
-        pytest.skip(f"{img_path} is absent: these tests need the project's shared/ data beside the repo")
-    return tifffile.imread(img_path), tifffile.imread(mask_path)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,7 @@ def examples() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     torch.set_num_threads(1)
     out = {}
     for key, pair, cut in (("hela", HELA, np.s_[100:400, 200:600]), ("3t3", NIH3T3, np.s_[300:700, 350:650])):
-        img, masks = read_pair(*pair)
+        img, masks = read_shared_pair(*pair)
         img, masks = img[cut], masks[cut]
         out[key] = (img, masks, masks_to_flows(masks))
     return out
@@ -238,8 +229,8 @@ def test_intensity_frequencies() -> None:
 
 
 def test_to_model_channels_matches_cellpose_training() -> None:
-    hela, _ = read_pair(*HELA)
-    rgb, _ = read_pair(*TISSUE)
+    hela, _ = read_shared_pair(*HELA)
+    rgb, _ = read_shared_pair(*TISSUE)
     chw = np.moveaxis(rgb, -1, 0)
     cases = [hela, chw[:2], chw, np.concatenate([chw, chw[:1]])]
     for image in cases:
@@ -254,7 +245,7 @@ def test_to_model_channels_matches_cellpose_training() -> None:
 
 
 def test_normalization_equals_cellpose_and_bounds() -> None:
-    rgb, _ = read_pair(*TISSUE)
+    rgb, _ = read_shared_pair(*TISSUE)
     chw = np.moveaxis(rgb, -1, 0)
     ours = A.normalize_image(chw)
     theirs = np.moveaxis(cp_transforms.normalize_img(rgb.astype(np.float32), axis=-1), -1, 0)

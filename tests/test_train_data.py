@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import REPO_ROOT, shared_path
+from conftest import REPO_ROOT, shared_image_path, shared_masks_path
 
 from cpsam.io import read_image, read_labels
 from data_prep.canonical import image_path, write_example, write_index
@@ -24,8 +24,9 @@ from train.sampler import MultiDatasetSampler
 @pytest.fixture(scope="module")
 def hela(tmp_path_factory) -> Path:
     """A canonical dataset of four 350-px crops of a real HeLa frame (no flow cache: flows computed on the fly)."""
-    src = shared_path("data", "fluo_nuclei_ctc_N2DL-HeLa", "Fluo-N2DL-HeLa_02_t075_img.tif")
-    image, labels = read_image(src), read_labels(str(src).replace("_img.tif", "_masks.tif"))
+    pair = ("fluo_nuclei_ctc_N2DL-HeLa", "Fluo-N2DL-HeLa_02_t075")
+    src = shared_image_path(*pair)
+    image, labels = read_image(src), read_labels(shared_masks_path(*pair))
     root = tmp_path_factory.mktemp("hela")
     rows = [write_example(root, f"crop{k}", image[y:y + 350, x:x + 350], labels[y:y + 350, x:x + 350],
                           dataset="hela", split="train", license="test", source=str(src))

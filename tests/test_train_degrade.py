@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 from cellpose import denoise
-from conftest import shared_path
+from conftest import read_shared_image
 from scipy import stats
 
 from cpsam.transforms import normalize_percentile, to_channels_last
@@ -31,7 +30,7 @@ CROPS = {  # name: (folder, image, top-left corner); 256 x 256 crops
 def crop(name: str) -> torch.Tensor:
     """(1, C, 256, 256) float32 crop, each channel normalized to its 1st-99th percentiles (cellpose's way)."""
     folder, image, (y, x) = CROPS[name]
-    pixels = to_channels_last(tifffile.imread(shared_path("data", folder, f"{image}_img.tif")))
+    pixels = to_channels_last(read_shared_image(folder, image))
     normalized = normalize_percentile(pixels[y : y + 256, x : x + 256])
     return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))[None]
 

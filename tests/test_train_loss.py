@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-import tifffile
 import torch
 from cellpose.train import _loss_fn_class, _loss_fn_seg
+from conftest import read_shared_masks
 
 from cpsam.dynamics import masks_to_flows
 from train.loss import (
@@ -19,7 +17,6 @@ from train.loss import (
     class_weights_from_counts,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 CPU = torch.device("cpu")
 TOL = 1e-6
 
@@ -45,14 +42,9 @@ def _subset(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def real_batch() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Targets from two real annotated images (200x200 each): [masks > 0, dY, dX] via cpsam.dynamics, a noisy
     prediction near 5x those flows, and the label images."""
-    files = [
-        DATA_DIR / "bact_phase_neurips22" / "neurips22_cell_00528_masks.tif",
-        DATA_DIR / "fluo_nuclei_deepcell2016" / "deepcell2016_training_nuclei_set5_crop_masks.tif",
-    ]
-    for file in files:
-        if not file.exists():
-            pytest.skip(f"{file} is absent: these tests need the project's shared/data folder beside the repo")
-    masks = np.stack([tifffile.imread(file)[:200, :200] for file in files])
+    pairs = [("bact_phase_neurips22", "neurips22_cell_00528"),
+             ("fluo_nuclei_deepcell2016", "deepcell2016_training_nuclei_set5_crop")]
+    masks = np.stack([read_shared_masks(folder, name)[:200, :200] for folder, name in pairs])
     targets = [np.concatenate([(m > 0)[None].astype(np.float32), masks_to_flows(m)]) for m in masks]
     target = torch.from_numpy(np.stack(targets))
     gen = torch.Generator().manual_seed(7)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 from cellpose import transforms as cp_transforms
-from conftest import shared_path
+from conftest import read_shared_image
 
 from cpsam import transforms
 
@@ -19,13 +18,9 @@ REAL_IMAGES = [
 ]
 
 
-def load(folder: str, name: str) -> np.ndarray:
-    return tifffile.imread(shared_path("data", folder, f"{name}_img.tif"))
-
-
 @pytest.mark.parametrize("folder,name", REAL_IMAGES)
 def test_channels_and_normalization_equal_cellpose(folder: str, name: str) -> None:
-    image = load(folder, name)
+    image = read_shared_image(folder, name)
     ours = transforms.normalize_percentile(transforms.to_channels_last(image))
     theirs = cp_transforms.normalize_img(cp_transforms.convert_image(image), axis=-1)
     assert ours.dtype == np.float32 and ours.shape == theirs.shape
@@ -33,7 +28,7 @@ def test_channels_and_normalization_equal_cellpose(folder: str, name: str) -> No
 
 
 def test_normalize99_single_channel_and_empty_channel() -> None:
-    image = load("tissue_multiplex_neurips22", "neurips22_cell_00849")
+    image = read_shared_image("tissue_multiplex_neurips22", "neurips22_cell_00849")
     for c in range(3):
         ours = transforms.normalize_percentile(image[..., c : c + 1])[..., 0]
         if np.ptp(image[..., c]) == 0:
@@ -64,7 +59,7 @@ def test_channel_axis_guess_equals_convert_image(shape: tuple[int, ...]) -> None
 
 
 def test_select_channels_cellpose3_convention() -> None:
-    rgb = load("tissue_multiplex_neurips22", "neurips22_cell_00849").astype(np.float32)
+    rgb = read_shared_image("tissue_multiplex_neurips22", "neurips22_cell_00849").astype(np.float32)
     gray = rgb[..., 1]
     # [2, 3] -> green to segment, blue as nucleus (the golden neurips case)
     got = transforms.select_channels(rgb, [2, 3], 2)
@@ -155,7 +150,7 @@ def test_unflip_equals_unaugment_tiles() -> None:
 
 @pytest.mark.parametrize("rescale", [30 / 17, 0.5, 1.37])
 def test_resize_equals_cellpose_resize_image(rescale: float) -> None:
-    image = load("he_miccai2015_cpm", "cpm15_image06")
+    image = read_shared_image("he_miccai2015_cpm", "cpm15_image06")
     x = transforms.normalize_percentile(transforms.to_channels_last(image))
     shape = transforms.scaled_shape(*x.shape[:2], rescale)
     theirs = cp_transforms.resize_image(x, rsz=rescale)
