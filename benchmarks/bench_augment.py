@@ -58,6 +58,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cpsam.cli_types import positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TILE = 256
@@ -88,14 +90,6 @@ MEASUREMENTS: tuple[tuple[str, str, str], ...] = (
     ("disk_warm", "ours", "make_sample from disk, paper, warp, file cache warm (512 MB)"),
     ("disk_off", "ours", "make_sample from disk, paper, warp, file cache off (cache_mb=0)"),
 )
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def thread_env(threads: int) -> dict[str, str]:

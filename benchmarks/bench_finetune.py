@@ -70,9 +70,9 @@ def eval_images(folders: list[str], names: list[str] | None) -> list[tuple[str, 
 
 def score(model, images, channels, true_diameter: bool) -> list[tuple[str, float, float]]:
     """(name, AP@0.5, diameter used) per image."""
+    from cpsam.metrics import score_image
     from cpsam.segment import Segmenter
     from cpsam.size import median_diameter
-    from eval.metrics import score_image
 
     seg = Segmenter(model, device="cpu")
     rows = []

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cellpose import metrics as cp_metrics
 
-    from eval.metrics import average_precision, score_image
+    from cpsam.metrics import average_precision, score_image
 
     gt, pred = build_case(args.data)
     n_gt, n_pred = len(np.unique(gt)) - 1, len(np.unique(pred)) - 1

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from cpsam import io
+from cpsam.cli_types import positive_int
 from cpsam.segment import InferenceRules, Segmenter, rules_for
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -145,14 +146,6 @@ def run_rounds(modes: dict[str, Callable[[], list[np.ndarray]]], n_images: int, 
             rates[name].append(rate)
             print(f"  round {r + 1}: {name:>11} {rate:7.3f} images/s", flush=True)
     return {name: statistics.median(values) for name, values in rates.items()}, masks
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,7 +196,7 @@ def measure(spec: str, images_npz: Path, args: argparse.Namespace, masks_out: Pa
 
 def agreement(teacher_masks: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[float, float]:
     """(mean binarized IoU, mean AP@0.5) of `masks` against the teacher's, per image then averaged."""
-    from eval.metrics import score_image
+    from cpsam.metrics import score_image
 
     scores = [score_image(t, m, thresholds=(0.5,)) for t, m in zip(teacher_masks, masks, strict=True)]
     return float(np.mean([s.binary_iou for s in scores])), float(np.mean([s.at(0.5).ap for s in scores]))

@@ -62,6 +62,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cpsam.cli_types import positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("cellpose", "ours")
 CELLPOSE_MODEL = "cpsam_vit_l"
@@ -69,14 +71,6 @@ PAPER_LAYER_DROP = 0.4
 TILE = 256
 SEED = 0
 LR, WEIGHT_DECAY = 1e-5, 0.1
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def step_seed(batch: int, step: int) -> int:

@@ -25,28 +25,29 @@ def finite_float(text: str) -> float:
     return value
 
 
+def _checked(value, ok: bool, problem: str):
+    """`value` when `ok`, else the usage error `problem` (argparse names the option in front of it)."""
+    if not ok:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """A finite float >= 0 (NaN, Inf and negative values are usage errors)."""
     value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative (give 0 for the default)")
-    return value
+    return _checked(value, value >= 0, f"{text} is negative (give 0 for the default)")
 
 
 def fraction(text: str) -> float:
     """A float in [0, 1) (a share held out, e.g. --val-fraction)."""
     value = finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+    return _checked(value, 0 <= value < 1, f"must be in [0, 1), got {text}")
 
 
 def probability(text: str) -> float:
     """A float in [0, 1] (e.g. a probability threshold)."""
     value = finite_float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+    return _checked(value, 0 <= value <= 1, f"must be in [0, 1], got {text}")
 
 
 def _integer(text: str) -> int:
@@ -59,17 +60,13 @@ def _integer(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
+    return _checked(value, value >= 0, f"{text} is negative")
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (0 and negative values are usage errors)."""
     value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+    return _checked(value, value >= 1, f"{text} must be at least 1")
 
 
 def torch_device(text: str) -> torch.device:

@@ -240,15 +240,8 @@ def run_timelapse(args: argparse.Namespace) -> int:
     """`cpsam prep timelapse`; returns the exit code."""
     from data_prep.timelapse import timelapse_crops
 
-    out = timelapse_crops(
-        args.stacks,
-        args.out,
-        masks=args.masks,
-        frames=args.frames,
-        crop=args.crop,
-        border=args.border,
-        seed=args.seed,
-    )
+    out = timelapse_crops(args.stacks, args.out, masks=args.masks, frames=args.frames, crop=args.crop,
+                          border=args.border, seed=args.seed)
     print(f"{len(out)} crops -> {args.out}")
     return 0
 

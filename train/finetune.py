@@ -212,6 +212,12 @@ def finetune_config(model: nn.Module, model_spec: str, run: Path, n_train: int, 
     cfg.schedule.samples_per_epoch = min(800, max(8, n_train))
     cfg.val.every_epochs = 10
     cfg.checkpoint.every_steps = 100
+    return apply_user_overrides(cfg, overrides)
+
+
+def apply_user_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """`cfg` with the user's key=value overrides applied; a bad one is a FinetuneError naming it (the rule of every
+    workflow that builds a config for the user: finetune, binary train / distill)."""
     try:
         return apply_overrides(cfg, list(overrides))
     except ConfigError as exc:

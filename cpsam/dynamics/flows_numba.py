@@ -178,32 +178,35 @@ def _unit_gradient(lab: np.ndarray, heat: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _flows_serial(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
+def _prepare(lab: np.ndarray, n: int, n_iter: int):
+    """Boxes and sources of labels 1..n, the step count (n_iter < 0: the reference's) and a zero heat map."""
     box, src, n_ref = _objects(lab, n)
-    if n_iter < 0:
-        n_iter = n_ref
     heat = np.zeros((lab.shape[0] + 2, lab.shape[1] + 2), np.float64)
+    return box, src, n_ref if n_iter < 0 else n_iter, heat
+
+
+@njit(cache=True, nogil=True)
+def _diffuse_label(lab, k, box, src, n_iter, heat):
+    """Diffuse label k + 1 inside its box into `heat` (an absent label has an empty box and is skipped)."""
+    if box[k, 1] > 0:
+        _diffuse_object(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3], src[k, 0], src[k, 1], n_iter, heat)
+
+
+@njit(cache=True, nogil=True)
+def _flows_serial(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
+    box, src, n_iter, heat = _prepare(lab, n, n_iter)
     for k in range(n):
-        if box[k, 1] > 0:
-            _diffuse_object(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3],
-                            src[k, 0], src[k, 1], n_iter, heat)
+        _diffuse_label(lab, k, box, src, n_iter, heat)
     return _unit_gradient(lab, heat)
 
 
 @njit(cache=True, parallel=True)
 def _flows_parallel(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
-    box, src, n_ref = _objects(lab, n)
-    if n_iter < 0:
-        n_iter = n_ref
-    heat = np.zeros((lab.shape[0] + 2, lab.shape[1] + 2), np.float64)
+    box, src, n_iter, heat = _prepare(lab, n, n_iter)
     # largest crops first so the threads finish together
-    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
-    order = np.argsort(-area)
+    order = np.argsort(-(box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]))
     for t in prange(n):
-        k = order[t]
-        if box[k, 1] > 0:
-            _diffuse_object(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3],
-                            src[k, 0], src[k, 1], n_iter, heat)
+        _diffuse_label(lab, order[t], box, src, n_iter, heat)
     return _unit_gradient(lab, heat)
 
 

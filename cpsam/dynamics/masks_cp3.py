@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from cpsam.dynamics.flows_numba import _bboxes, diffuse_crop  # shared with the cellpose 4 flow kernels
-from cpsam.dynamics.masks_cp4 import _HISTORY, cycle_position, settled
+from cpsam.dynamics.masks_cp4 import _HISTORY, cycle_position, error_kernel_inputs, settled
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -241,9 +241,4 @@ def _mask_errors(masks, mu, dP, n):
 
 def mask_errors(masks: np.ndarray, mu: np.ndarray, dP: np.ndarray, n: int) -> np.ndarray:
     """(n,) float64 flow errors of labels 1..n as cellpose 3's `metrics.flow_error` on CPU."""
-    return _mask_errors(
-        np.ascontiguousarray(masks, dtype=np.int64),
-        np.ascontiguousarray(mu, dtype=np.float64),
-        np.ascontiguousarray(dP, dtype=np.float32),
-        int(n),
-    )
+    return _mask_errors(*error_kernel_inputs(masks, mu, dP, n))

@@ -315,11 +315,13 @@ def _mask_errors(masks, mu, dP, n):
     return err
 
 
+def error_kernel_inputs(masks: np.ndarray, mu: np.ndarray, dP: np.ndarray, n: int) -> tuple:
+    """The flow-error kernels' arguments (cp3 and cp4): contiguous int64 masks, float64 re-diffused unit flows
+    `mu`, float32 network flows `dP`, and the label count."""
+    return (np.ascontiguousarray(masks, dtype=np.int64), np.ascontiguousarray(mu, dtype=np.float64),
+            np.ascontiguousarray(dP, dtype=np.float32), int(n))
+
+
 def mask_errors(masks: np.ndarray, mu: np.ndarray, dP: np.ndarray, n: int) -> np.ndarray:
     """(n,) float64 mean squared flow error of masks 1..n (see `cpsam.dynamics.flow_error`)."""
-    return _mask_errors(
-        np.ascontiguousarray(masks, dtype=np.int64),
-        np.ascontiguousarray(mu, dtype=np.float64),
-        np.ascontiguousarray(dP, dtype=np.float32),
-        int(n),
-    )
+    return _mask_errors(*error_kernel_inputs(masks, mu, dP, n))

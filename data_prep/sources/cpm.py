@@ -11,9 +11,13 @@ from cpsam.io import read_image
 from data_prep.sources.base import Example, Item, LayoutError
 from data_prep.sources.pairs import LabelPairSource
 
-_MANUAL_DRIVE = """  Google Drive folder (HoVer-Net release), manual "Download folder as zip":
-  {url}
-  unzip into RAW, then: cpsam prep convert {name} --raw RAW --out OUT"""
+_DRIVE = "https://drive.google.com/drive/folders/"
+
+
+def _drive_manual(folder_id: str, name: str) -> str:
+    """The steps to fetch a HoVer-Net release folder from Google Drive and convert it as source `name`."""
+    return (f'  Google Drive folder (HoVer-Net release), manual "Download folder as zip":\n  {_DRIVE}{folder_id}\n'
+            f"  unzip into RAW, then: cpsam prep convert {name} --raw RAW --out OUT")
 
 
 def read_inst_map(path: Path) -> np.ndarray:
@@ -48,9 +52,7 @@ class CPM15(LabelPairSource):
     license = "unconfirmed (MICCAI 2015 challenge, TCGA-derived)"
     size = "15 images, ~2.9k nuclei"
     homepage = "https://github.com/vqdang/hover_net"
-    manual = _MANUAL_DRIVE.format(
-        url="https://drive.google.com/drive/folders/11ko-GcDsPpA9GBHuCtl_jNzWQl6qY_-I", name="cpm15"
-    )
+    manual = _drive_manual("11ko-GcDsPpA9GBHuCtl_jNzWQl6qY_-I", "cpm15")
     layout = """
     cpm15/Images/*.png + cpm15/Labels/<stem>.mat (key inst_map)   (HoVer-Net copy), or
     imageXX.png + imageXX_mask.txt (original release: "W H" then ids, x fastest)
@@ -75,9 +77,7 @@ class CPM17(CPM15):
     name = "cpm17"
     title = "CPM-17 H&E nuclei (32 train + 32 test tiles)"
     size = "64 images, ~7.6k nuclei"
-    manual = _MANUAL_DRIVE.format(
-        url="https://drive.google.com/drive/folders/1sJ4nmkif6j4s2FOGj8j6i_Ye7z9w0TfA", name="cpm17"
-    )
+    manual = _drive_manual("1sJ4nmkif6j4s2FOGj8j6i_Ye7z9w0TfA", "cpm17")
     layout = """
     cpm17/{train,test}/Images/*.png + cpm17/{train,test}/Labels/<stem>.mat (key inst_map)
     """

@@ -37,10 +37,10 @@ from train.binary.loading_codes import parse_loading_code
 from train.binary.objective import BinaryDataset
 from train.binary.predict import cell_probability, load_binary_model, predict_probabilities, probability_to_masks
 from train.binary.report import EvalImage, plot_history, score_model, write_comparison, write_history
-from train.config import ConfigError, TrainConfig, apply_overrides, dataset_entries, load_config
+from train.config import TrainConfig, dataset_entries, load_config
 from train.data import PipelineSpec, SampleKey
 from train.degrade import DegradeConfig
-from train.finetune import FinetuneError, find_labelled_images
+from train.finetune import FinetuneError, apply_user_overrides, find_labelled_images
 from train.loop import train
 from train.preview import sample_panels
 from train.sampler import MultiDatasetSampler
@@ -85,10 +85,7 @@ def binary_config(run: Path, data: BinaryData, model_name: str, init: Path, seed
     cfg.data.check_pixels = True
     cfg.val.every_epochs = 5
     cfg.checkpoint.every_steps = 50
-    try:
-        return apply_overrides(cfg, list(overrides))
-    except ConfigError as exc:
-        raise FinetuneError(f"bad key=value override: {exc}") from exc
+    return apply_user_overrides(cfg, overrides)
 
 
 def _hub_weights(encoder: str) -> Path | None:
