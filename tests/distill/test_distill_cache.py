@@ -176,7 +176,7 @@ def test_two_real_processes_share_the_cache_build(dataset, tmp_path):
     import sys
 
     teacher = save_tiny_cpnet(tmp_path / "teacher.pt")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     args = ["distill", "cache", "--teacher", str(teacher), "--images", str(dataset), "--views", "2", "--quiet",
             "data.tile_size=64"]

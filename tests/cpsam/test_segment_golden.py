@@ -56,7 +56,7 @@ def test_cyto0_flows_and_masks_equal_cellpose3(name: str, segmenter: Segmenter, 
     res = run_case(segmenter, case, compute_masks=True)
     assert res.masks.shape == golden_masks.shape
     assert res.niter == GOLDEN_NITER[name]
-    # Our masks match the golden cellpose 3 masks (tests/test_dynamics_cp3.py: our cp3 rules on the
+    # Our masks match the golden cellpose 3 masks (tests/cpsam/test_dynamics_cp3.py: our cp3 rules on the
     # golden flows give the golden masks bit for bit; here the flows are ours, equal to ~1e-6).
     ap = average_precision([golden_masks], [res.masks], threshold=[0.5])[0][0, 0]
     print(f"{name}: AP@0.5 {ap:.4f}, {res.masks.max()} masks vs {golden_masks.max()}")

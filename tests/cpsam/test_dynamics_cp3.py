@@ -229,7 +229,7 @@ def test_cp3_rules_errors() -> None:
         dynamics.flows_to_masks_batch([dP], [cp], rules="cp2", device="cpu")
     with pytest.raises(ValueError, match="rules must be one of"):
         dynamics.masks_to_flows(np.ones((16, 16), np.int32), rules="cp2")
-    # a torch device runs the torch cp3 rules (tests/test_dynamics_parity.py: the numba masks)
+    # a torch device runs the torch cp3 rules (tests/cpsam/test_dynamics_parity.py: the numba masks)
     out = dynamics.flows_to_masks_batch([dP, dP], [cp, -cp], rules="cp3", device="cpu")
     assert [o.shape for o in out] == [(16, 16), (16, 16)] and out[1].max() == 0
 

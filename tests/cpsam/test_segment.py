@@ -2,7 +2,7 @@
 
 A small convolutional stand-in network (3x3 conv + tanh: position dependent, not flip
 equivariant) is run through both our Segmenter and cellpose 4.2.1.1's own `core.run_net` /
-transforms, on real images. The real networks are compared in tests/test_segment_golden.py.
+transforms, on real images. The real networks are compared in tests/cpsam/test_segment_golden.py.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import SHARED_DIR
 
 from cpsam.cli import main
 from cpsam.io import read_image, read_labels
@@ -17,7 +18,7 @@ from data_prep.canonical import read_index
 from data_prep.labels import split_components
 from train.binary.data import detect_layout, prepare_binary_data
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DIR / "data"
 FOLDER = "fluo_nuclei_ctc_N2DL-HeLa"
 FAST = ["schedule.epochs=1", "schedule.samples_per_epoch=8", "batch_size=4", "data.tile_size=64",
         "data.num_workers=0", "val.every_epochs=1", "log.progress=false", "log.tensorboard=false", "log.every_steps=1"]

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DIR
 
 from cpsam import io
 from distill.evaluate import (
@@ -25,7 +26,7 @@ from distill.evaluate import (
     write_eval_report,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = SHARED_DIR
 CYTO0 = SHARED / "weights" / "cyto_0_cpnet_torch.pt"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DIR
 
 from cpsam.io import read_image, read_labels
 from data_prep.canonical import write_example, write_index
@@ -20,7 +21,7 @@ from train.degrade import DegradeConfig
 from train.loss import dice_jaccard, foreground_counts, soft_target_loss
 from train.sampler import MultiDatasetSampler
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DIR / "data"
 N_DRAWS = 4000
 
 

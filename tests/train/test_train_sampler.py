@@ -15,7 +15,7 @@ import pytest
 from data_prep.canonical import IndexRow, read_index, write_index
 from train.sampler import MultiDatasetSampler, SampleKey
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_dataset(root: Path, name: str, n_objects: list[int], split: str = "train") -> Path:
