@@ -99,6 +99,7 @@ def thread_env(threads: int) -> dict[str, str]:
 
 def set_threads(threads: int) -> None:
     """Set torch (intra- and inter-op) and numba to `threads` threads in this process."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     import numba
     import torch
 
@@ -112,6 +113,7 @@ def set_threads(threads: int) -> None:
 
 def usable_examples(roots: list[Path]):
     """(sampler over all rows of `roots`, list of the (dataset_index, example_index) it can draw)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from train.sampler import MultiDatasetSampler
 
     sampler = MultiDatasetSampler(roots, split=None, samples_per_epoch=SEQUENCE_LENGTH, seed=SEED)
@@ -124,6 +126,7 @@ def usable_examples(roots: list[Path]):
 
 def load_examples(sampler, examples: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """Every example's arrays in RAM: image (C, H, W) raw dtype, masks (H, W), flows (2, H, W) float32, row."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     import numpy as np
 
     from data_prep.canonical import to_chw
@@ -142,6 +145,7 @@ def load_examples(sampler, examples: list[tuple[int, int]]) -> list[dict[str, An
 
 def example_sequence(n_examples: int) -> tuple[list[int], list[bool]]:
     """Seeded (example number per position, cellpose's degrade pick per position), SEQUENCE_LENGTH each."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     import numpy as np
 
     rng = np.random.default_rng(SEED)
@@ -155,6 +159,7 @@ def example_sequence(n_examples: int) -> tuple[list[int], list[bool]]:
 
 def build_steps(roots: list[Path]) -> tuple[dict[str, Callable[[int], bool]], dict[str, Any]]:
     """One callable per measurement: step(position) makes one crop and returns whether it was degraded."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     import numpy as np
     import torch
     from cellpose import denoise, models
@@ -269,6 +274,7 @@ def time_steps(step: Callable[[int], bool], start: int, n: int) -> tuple[float, 
 def run_timing(roots: list[Path], rounds: int, samples: int | None, seconds: float, threads: int) -> dict[str, Any]:
     """Warm up and time every measurement `rounds` times (order reversed every other round); see the docstring."""
     set_threads(threads)
+    # imported in the process that runs this measurement only (each side starts fresh)
     import torch
 
     t0 = time.perf_counter()
@@ -311,6 +317,7 @@ class TreeSampler:
     """Samples the RSS of this process and all its descendants every `period` s in a thread; keeps the peaks."""
 
     def __init__(self, period: float = MEMORY_SAMPLE_PERIOD_S) -> None:
+        # imported in the process that runs this measurement only (each side starts fresh)
         import psutil
 
         self.me = psutil.Process()
@@ -321,6 +328,7 @@ class TreeSampler:
 
     def snapshot(self, pss: bool = False) -> dict[str, int]:
         """Bytes now: main rss, children rss (sum), total rss, total anonymous rss; total pss when asked."""
+        # imported in the process that runs this measurement only (each side starts fresh)
         import psutil
 
         main, children, anon, total_pss = 0, 0, 0, 0
@@ -367,6 +375,7 @@ def cellpose_reference_bytes(sampler, examples: list[tuple[int, int]]) -> tuple[
 def decoded_bytes(sampler, examples: list[tuple[int, int]]) -> int:
     """Bytes of every example's image, mask and flow cache once decoded (from the TIFF headers): the most that
     one worker's file cache can hold for these datasets (it is also capped at cache_mb)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     import numpy as np
     import tifffile
 
@@ -384,6 +393,7 @@ def decoded_bytes(sampler, examples: list[tuple[int, int]]) -> int:
 def run_memory(roots: list[Path], checkpoints: tuple[int, ...], threads: int) -> dict[str, Any]:
     """Iterate make_loader(num_workers=2) for max(checkpoints) samples; tree RSS at each checkpoint."""
     set_threads(threads)
+    # imported in the process that runs this measurement only (each side starts fresh)
     from train import augment as aug
     from train import degrade as deg
     from train.data import PipelineSpec, TrainDataset, make_loader
@@ -516,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: the shared data folder is missing (this benchmark needs ../shared/data)")
+    # imported in the process that runs this measurement only (each side starts fresh)
     from data_prep.shared_data import build_shared_datasets
 
     with tempfile.TemporaryDirectory(prefix="bench_augment_") as tmp:

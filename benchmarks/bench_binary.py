@@ -41,6 +41,7 @@ CLASS_WEIGHT_FOLDERS = ("u373", "gbm40")  # two held-out images: cheap enough to
 
 def step_seconds(model_name: str, batch: int, tile: int, in_chans: int = 3) -> float:
     """Seconds of one training step (forward + backward of a random batch, mean of 3 after a warm-up) x 1.15."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.models import create_model
 
     net = create_model(model_name, in_chans=in_chans, num_classes=2).train()
@@ -74,6 +75,7 @@ def centre_crop(array: np.ndarray, size: int) -> np.ndarray:
 
 def held_out(roots: list[Path], names: tuple[str, ...] | None = None, crop: int = 0) -> dict[str, list]:
     """Per folder (dataset name) the EvalImage items of its val rows (centre crops of `crop` px when > 0)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from data_prep.canonical import CanonicalDataset
     from train.binary.report import EvalImage
 
@@ -89,6 +91,7 @@ def held_out(roots: list[Path], names: tuple[str, ...] | None = None, crop: int 
 
 def score_per_folder(model: Path, images: dict[str, list]) -> dict[str, dict[str, float]]:
     """Per folder and pooled ("all"): IoU, Dice, precision, recall, seconds per image (inference only)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from train.binary.report import score_model
 
     out, counts, seconds, n = {}, np.zeros(3), 0.0, 0
@@ -108,6 +111,7 @@ def score_per_folder(model: Path, images: dict[str, list]) -> dict[str, dict[str
 
 def link_unlabelled(roots: list[Path], out: Path) -> int:
     """Symlink the training images (not their masks) of the canonical roots into one folder; returns the count."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from data_prep.canonical import CanonicalDataset, image_path
 
     out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if not SHARED.is_dir():
         print(f"{SHARED} is absent: this benchmark needs the project's shared data", file=sys.stderr)
         return 2
+    # imported in the process that runs this measurement only (each side starts fresh)
     from data_prep.shared_data import build_shared_datasets
     from train.binary.data import BinaryData
     from train.binary.workflow import binary_config, distill_binary, make_init
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         results["teacher_steps"] = train(cfg).step
         results["teacher_train_seconds"] = time.perf_counter() - t0
     else:
+        # imported in the process that runs this measurement only (each side starts fresh)
         from cpsam.models.loading import read_checkpoint
 
         if not teacher.is_file():

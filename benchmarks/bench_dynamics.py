@@ -35,6 +35,7 @@ SOURCES = ("he_miccai2015_cpm", "he_gbm40_emory", "fluo_nuclei_ctc_N2DL-HeLa", "
 
 def tiled_labels(size: int, tile: int = 256, seed: int = 0) -> np.ndarray:
     """(size, size) uint32 labels tiled from random tile x tile crops of real masks, unique ids."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     import fastremap
     import tifffile
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="threads for both torch (cellpose) and numba (ours); 0 = library defaults")
     args = ap.parse_args(argv)
 
+    # imported in the process that runs this measurement only (each side starts fresh)
     import torch
     from cellpose import dynamics as cpd
     from cellpose import metrics
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = torch.device("cpu")
     if args.threads > 0:
+        # imported in the process that runs this measurement only (each side starts fresh)
         import numba
 
         torch.set_num_threads(args.threads)

@@ -57,6 +57,7 @@ def link_folder(folders: list[str], leave_out: list[str], out: Path) -> int:
 
 def eval_images(folders: list[str], names: list[str] | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, image, labels) of the named images of `folders` (all when names is None)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     import tifffile
 
     out = []
@@ -70,6 +71,7 @@ def eval_images(folders: list[str], names: list[str] | None) -> list[tuple[str, 
 
 def score(model, images, channels, true_diameter: bool) -> list[tuple[str, float, float]]:
     """(name, AP@0.5, diameter used) per image."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.metrics import score_image
     from cpsam.segment import Segmenter
     from cpsam.size import median_diameter
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if not SHARED.is_dir():
         print(f"bench_finetune: {SHARED} is absent; nothing to measure", file=sys.stderr)
         return 2
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.models.loading import load_model
     from cpsam.models.pretrained import pretrained
     from cpsam.size import find_size_model

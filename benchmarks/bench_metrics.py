@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cellpose import metrics as cp_metrics
 
     from cpsam.metrics import average_precision, score_image

@@ -35,6 +35,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def make_reference_weights(path: Path, seed: int = 0) -> None:
     """Random weights in the official layout, written by cellpose's own CPSAM (non-zero everywhere)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cellpose.vit import CPSAM
 
     torch.manual_seed(seed)
@@ -53,11 +54,13 @@ def build(config: str, weights: Path, device: str) -> torch.nn.Module:
     family, *rest = config.split("-")
     dtype = DTYPES[rest[-1]]
     if family == "cellpose":
+        # imported in the process that runs this measurement only (each side starts fresh)
         from cellpose.vit import CPSAM
 
         model = CPSAM()
         model.load_model(weights, device=torch.device("cpu"))
     else:
+        # imported in the process that runs this measurement only (each side starts fresh)
         from cpsam.models import load_model
 
         model = load_model(weights, attention=rest[0])
@@ -80,6 +83,7 @@ def rss_bytes() -> int:
 
 def reset_peak_rss() -> None:
     """Return freed heap to the OS and reset the kernel's peak-RSS mark (VmHWM) of this process."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     import ctypes
     import gc
 

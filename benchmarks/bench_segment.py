@@ -87,12 +87,14 @@ class _CellposeCompatible(nn.Module):
 def cellpose_runner(model: nn.Module, model_path: str | None, device: torch.device, batch_size: int,
                     bf16: bool) -> Callable[[np.ndarray], np.ndarray]:
     """A function image -> masks that runs the cellpose package (see module docstring)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cellpose import core, dynamics
     from cellpose import transforms as cp_transforms
 
     from cpsam.models.cpnet import CPnet
 
     if not isinstance(model, CPnet):
+        # imported in the process that runs this measurement only (each side starts fresh)
         from cellpose.models import CellposeModel
 
         reference = CellposeModel(pretrained_model=model_path, device=device, use_bfloat16=bf16)
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=3, help="timed passes per mode (median reported)")
     args = parser.parse_args(argv)
 
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cellpose.metrics import average_precision
 
     from cpsam.models.loading import load_model

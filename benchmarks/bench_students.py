@@ -60,6 +60,7 @@ DEFAULT_FOLDERS = ("fluo_nuclei_ctc_N2DL-HeLa", "fluo_nuclei_deepcell2016", "pha
 
 def default_students() -> list[str]:
     """The one-channel students (the two-channel variants differ only in their first convolution)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.models.students import student_names
 
     return [name for name in student_names() if name.split("-")[1] == "1"]
@@ -72,10 +73,12 @@ def build_model(spec: str, teacher_diam_mean: float, fuse: bool) -> tuple[nn.Mod
     """(model in eval mode, trained?) for a weight file / run folder / pretrained name, or a registry name
     (random weights, seed 0; a student's diam_mean is set to the teacher's so it sees the same scale).
     FastNet students are BatchNorm-folded when `fuse` (what the export and a deployment run)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.models import create_model, list_models
     from cpsam.models.students import FastNet
 
     if Path(spec).exists():
+        # imported in the process that runs this measurement only (each side starts fresh)
         from cpsam.models import resolve_model
 
         model, trained = resolve_model(spec, torch.device("cpu")), True
@@ -94,6 +97,7 @@ def build_model(spec: str, teacher_diam_mean: float, fuse: bool) -> tuple[nn.Mod
 
 def flops_per_tile(model: nn.Module) -> int:
     """FLOPs of one (1, in_channels, tile, tile) forward (FlopCounterMode: 2 per multiply-add)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from torch.utils.flop_counter import FlopCounterMode
 
     tile = int(model.tile_size)
@@ -122,6 +126,7 @@ class NetworkTimer:
 def time_image(seg: Segmenter, timer: NetworkTimer, image: np.ndarray, diameter: float
                ) -> tuple[dict[str, float], np.ndarray, tuple[np.ndarray, np.ndarray, int]]:
     """One timed segmentation: ({preprocessing, network, masks} seconds, masks, (dP, cellprob, niter))."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.dynamics import flows_to_masks
 
     timer.seconds = 0.0
@@ -196,6 +201,7 @@ def measure(spec: str, images_npz: Path, args: argparse.Namespace, masks_out: Pa
 
 def agreement(teacher_masks: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[float, float]:
     """(mean binarized IoU, mean AP@0.5) of `masks` against the teacher's, per image then averaged."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.metrics import score_image
 
     scores = [score_image(t, m, thresholds=(0.5,)) for t, m in zip(teacher_masks, masks, strict=True)]
@@ -249,6 +255,7 @@ def print_table(results: dict[str, dict], teacher: dict, vit: dict | None,
 
 def plot(rows: list[dict], path: Path, with_agreement: bool) -> Path:
     """Agreement with the teacher (binarized IoU) against speed-up over cyto_0, or speed alone."""
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.report.plots import SpeedPoint, accuracy_speed_scatter
 
     if with_agreement:
@@ -290,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         if args.threads > 0:
+            # imported in the process that runs this measurement only (each side starts fresh)
             import numba
 
             torch.set_num_threads(args.threads)

@@ -103,11 +103,13 @@ def build_network(side: str, model_name: str, weights: Path | None, layer_drop: 
     """The network of `side` in float32 train mode on CPU, loaded from `weights` (our side: seeded random
     init of `model_name` when weights is None)."""
     if side == "cellpose":
+        # imported in the process that runs this measurement only (each side starts fresh)
         from cellpose.vit import CPSAM
 
         net = CPSAM(rdrop=layer_drop)
         net.load_model(weights, device=torch.device("cpu"))
     else:
+        # imported in the process that runs this measurement only (each side starts fresh)
         from cpsam.models import create_model
         from cpsam.models.loading import cellpose_sam_from_state_dict
 
@@ -127,9 +129,11 @@ def build_network(side: str, model_name: str, weights: Path | None, layer_drop: 
 def loss_function(side: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(output (B, 3, H, W), target (B, 3, H, W)) -> float32 0-d loss, the side's own implementation."""
     if side == "cellpose":
+        # imported in the process that runs this measurement only (each side starts fresh)
         from cellpose.train import _loss_fn_seg
 
         return lambda y, target: _loss_fn_seg(target, y, torch.device("cpu"))
+    # imported in the process that runs this measurement only (each side starts fresh)
     from train.loss import cellpose_loss
 
     return lambda y, target: cellpose_loss(y, target)
@@ -176,6 +180,7 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
     the optimizer step runs inside the backward pass, whose time then includes it). With `profile_rows`, one more
     (untimed) step runs under torch.profiler and the table of its top ops is returned.
     """
+    # imported in the process that runs this measurement only (each side starts fresh)
     from train.host_memory import forward_allocations, set_mmap_threshold
 
     ours = side == "ours"
@@ -186,6 +191,7 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
         net.set_attention_path(attention)
         net.set_lean_training(lean)
         if checkpointing:
+            # imported in the process that runs this measurement only (each side starts fresh)
             from train.model_init import enable_activation_checkpointing
 
             enable_activation_checkpointing(net)
@@ -199,6 +205,7 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
     fused_step = False
     if ours:
+        # imported in the process that runs this measurement only (each side starts fresh)
         from train import optim_in_backward
 
         fused_step = optim_in_backward.wanted(step_in_backward, torch.device("cpu"), [])
@@ -271,6 +278,7 @@ def run_child(side: str, model_name: str, weights: Path | None, batch: int, step
     result.update(peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_loaded=rss_loaded,
                   loss=warm_loss, dropped=statistics.mean(dropped), skipped=skipped, threads=torch.get_num_threads())
     if profile_rows:
+        # imported in the process that runs this measurement only (each side starts fresh)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -367,12 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grads-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.host_mmap_threshold_mb is None:
+        # imported in the process that runs this measurement only (each side starts fresh)
         from train.config import TrainConfig
         from train.host_memory import AUTO_MIN_PARAMETERS, forward_threshold_mb
 
         # the loop's default for this model: CP-SAM ViT-L has more than AUTO_MIN_PARAMETERS parameters
         args.host_mmap_threshold_mb = forward_threshold_mb(TrainConfig().host_mmap_threshold_mb, AUTO_MIN_PARAMETERS)
     if args.step_in_backward is None:
+        # imported in the process that runs this measurement only (each side starts fresh)
         from train.config import OptimConfig
 
         args.step_in_backward = OptimConfig().step_in_backward
@@ -386,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
+    # imported in the process that runs this measurement only (each side starts fresh)
     from cpsam.models import list_models
 
     if args.model not in list_models():
@@ -395,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tmp.name)
     weights = None
     if with_cellpose:
+        # imported in the process that runs this measurement only (each side starts fresh)
         from benchmarks.bench_model import make_reference_weights
 
         weights = folder / "cpsam_random.pt"
@@ -402,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"--model {args.model}: cellpose 4's CPSAM is built only as ViT-L ({CELLPOSE_MODEL}); "
               "running our side alone (no ratios, no gradient comparison)")
+    # imported in the process that runs this measurement only (each side starts fresh)
     from importlib.metadata import version
 
     sides = SIDES if with_cellpose else ("ours",)

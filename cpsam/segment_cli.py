@@ -30,6 +30,7 @@ from tqdm import tqdm
 from cpsam import io
 from cpsam.cli_types import finite_float, non_negative_float, non_negative_int, positive_int, torch_device
 from cpsam.segment import ImageError, Segmenter, SegmentResult
+from cpsam.transforms import to_channels_last
 
 OUTPUT_SUFFIXES = ("_masks", "_outlines", "_seg", "_flows", "_cp_masks")
 OUTPUT_FILES = ("_masks.tif", "_seg.npy", "_outlines.png")  # the last one is written last
@@ -198,8 +199,6 @@ def channel_warning(image: np.ndarray, args: argparse.Namespace) -> str | None:
     if args.channels is None or image.ndim not in (2, 3):
         return None
     try:
-        from cpsam.transforms import to_channels_last
-
         n_channels = to_channels_last(image, args.channel_axis).shape[-1]
     except ValueError:
         return None  # the segmenter reports the bad channel axis

@@ -127,6 +127,7 @@ def _reported() -> Iterator[None]:
 @_reported()
 def run_list(args: argparse.Namespace) -> int:
     """`cpsam prep list`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.sources import SOURCES
 
     names = [args.name] if args.name else list(SOURCES)
@@ -146,6 +147,7 @@ def run_list(args: argparse.Namespace) -> int:
 @_reported()
 def run_download(args: argparse.Namespace) -> int:
     """`cpsam prep download`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.download import download, extract
     from data_prep.sources import get_source
 
@@ -167,6 +169,7 @@ def run_download(args: argparse.Namespace) -> int:
 @_reported()
 def run_convert(args: argparse.Namespace) -> int:
     """`cpsam prep convert`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.convert import convert
     from data_prep.sources import get_source
 
@@ -192,6 +195,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def _report_bad_examples(ds, action: str) -> int:
     """Check every example of `ds` (see CanonicalDataset.problem); one line per bad one; returns how many."""
+    # imported when this command runs, not for --help (start-up time)
     from tqdm import tqdm
 
     n_bad = 0
@@ -206,6 +210,7 @@ def _report_bad_examples(ds, action: str) -> int:
 @_reported()
 def run_flows(args: argparse.Namespace) -> int:
     """`cpsam prep flows`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.canonical import CanonicalDataset
     from data_prep.flows import fill_flow_cache
 
@@ -221,6 +226,7 @@ def run_flows(args: argparse.Namespace) -> int:
 @_reported()
 def run_synth(args: argparse.Namespace) -> int:
     """`cpsam prep synth`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.synthetic import SyntheticConfig, write_synthetic_dataset
 
     cfg = SyntheticConfig(
@@ -238,6 +244,7 @@ def run_synth(args: argparse.Namespace) -> int:
 @_reported()
 def run_timelapse(args: argparse.Namespace) -> int:
     """`cpsam prep timelapse`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.timelapse import timelapse_crops
 
     out = timelapse_crops(args.stacks, args.out, masks=args.masks, frames=args.frames, crop=args.crop,
@@ -249,6 +256,7 @@ def run_timelapse(args: argparse.Namespace) -> int:
 @_reported()
 def run_subimages(args: argparse.Namespace) -> int:
     """`cpsam prep subimages`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.subimages import make_subimages
 
     rows = make_subimages(
@@ -261,6 +269,7 @@ def run_subimages(args: argparse.Namespace) -> int:
 @_reported()
 def run_info(args: argparse.Namespace) -> int:
     """`cpsam prep info`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.canonical import CanonicalDataset
 
     ds = CanonicalDataset(args.roots)
@@ -277,6 +286,7 @@ def run_info(args: argparse.Namespace) -> int:
 @_reported()
 def run_export(args: argparse.Namespace) -> int:
     """`cpsam prep export`; returns the exit code."""
+    # imported when this command runs, not for --help (start-up time)
     from data_prep.canonical import export_pairs
 
     print(f"{export_pairs(args.root, args.out)} pairs -> {args.out}")

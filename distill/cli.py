@@ -83,6 +83,7 @@ def _rules(args: argparse.Namespace) -> dict:
 
 
 def _load_teacher(specs: list[str] | None):
+    # imported when this command runs, not for --help (start-up time)
     from distill.teachers import load_teacher
 
     if not specs:
@@ -93,6 +94,7 @@ def _load_teacher(specs: list[str] | None):
 
 def _cache_teacher(overrides: list[str]) -> list[str] | None:
     """The teacher specs recorded in the manifest of a kd.cache=CACHE override (None without one)."""
+    # imported when this command runs, not for --help (start-up time)
     from distill.cache import TeacherCache
 
     caches = [o.split("=", 1)[1] for o in overrides if o.startswith("kd.cache=")]
@@ -102,6 +104,7 @@ def _cache_teacher(overrides: list[str]) -> list[str] | None:
 def run_train(args: argparse.Namespace) -> int:
     """`cpsam distill` without a sub-command: distill a student (distill.workflow.distill); 0 done, 1 failed run,
     2 bad request, 128 + N interrupted by signal N (rerun to resume)."""
+    # imported when this command runs, not for --help (start-up time)
     from distill.cache import CacheError
     from distill.pseudo_labels import PseudoLabelError
     from distill.teachers import TeacherError
@@ -140,6 +143,7 @@ def _feature_names(text: str, teacher) -> list[str] | None:
 def run_cache(args: argparse.Namespace) -> int:
     """`cpsam distill cache`: label raw images if needed, build (or resume) the cache, optionally verify it; exit
     codes as `run_train`."""
+    # imported when this command runs, not for --help (start-up time)
     from accelerate import PartialState
 
     from distill.cache import CacheError, TeacherCache, build_cache, verify_cache

@@ -44,6 +44,7 @@ from cpsam import io
 from cpsam.cli_types import positive_int
 from cpsam.dynamics.torch_rules import flows_to_masks as flows_to_masks_torch
 from cpsam.models import resolve_model
+from cpsam.models.cpnet import CPnet
 from cpsam.segment import CPU_SUB_BATCH, InferenceRules, rules_for
 
 # TorchScript functions cannot read module globals: the constants below are repeated as locals where used
@@ -301,8 +302,6 @@ def named_rules(name: str, tile_size: int) -> InferenceRules:
 
 def network_stride(model: nn.Module) -> int:
     """The multiple H and W of a network input must be: 2**(levels - 1) for a CPnet, `stride` for FastNet."""
-    from cpsam.models.cpnet import CPnet
-
     if isinstance(model, CPnet):
         return 2 ** (len(model.nbase) - 2)
     return int(getattr(model, "stride", 16))

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 from cpsam.command import UsageError, interruptible
+from cpsam.io import describe_os_error
+from eval import pairing as pairing_mod
+from eval import report
 
 PAIRING_HELP = """\
 pairing (cpsam.pairing, the rule prep, finetune and distill use too): label files are images
@@ -59,9 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate(pred: Path, ref: Path, title: str, out: Path | None, args: argparse.Namespace) -> int:
     """Pair, score, print and (with `out`) write one report. Returns the number of problems that fail."""
-    from eval import pairing as pairing_mod
-    from eval import report
-
     pairing = pairing_mod.pair_files(pred, ref)
     results = report.score_pairs(pairing, args.thresholds, progress=not args.quiet)
     summary = report.summary_rows(results)
@@ -81,15 +81,13 @@ def _evaluate(pred: Path, ref: Path, title: str, out: Path | None, args: argpars
     if out is not None:
         plot = None
         if summary:
-            from cpsam.report.plots import error_rate_bars
+            from cpsam.report.plots import error_rate_bars  # matplotlib only when a report is written
 
             metric = f"error_rate@{args.thresholds[0]:g}"
 
             def plot(png: Path) -> None:
                 error_rate_bars({pred.name: summary}, png, metric=metric,
                                 title=f"{metric} per dataset: {pred.name} vs {ref.name}")
-
-        from cpsam.io import describe_os_error
 
         try:
             written = report.write_report(out, title, pairing, results, args.thresholds, plot=plot)
@@ -125,6 +123,7 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
             return f"--{name} {folder}: not a folder"
     if any(not 0.0 < t <= 1.0 for t in args.thresholds):  # NaN fails this test too
         return f"thresholds must lie in (0, 1], got {args.thresholds}"
+    # imported when this command runs, not for --help (start-up time)
     from cpsam.io import OutputPathError, check_output_file
 
     for out in _report_files(args):

@@ -60,6 +60,7 @@ def _config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """`cpsam train`: one line, exit 1, on a bad config or a failed run; 128 + N when stopped by signal N."""
+    # imported when this command runs, not for --help (start-up time)
     from train.loop import TrainingError, train
 
     cfg = _config(args)
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_preview(args: argparse.Namespace) -> int:
     """`cpsam train preview`: write the grid of augmented samples."""
+    # imported when this command runs, not for --help (start-up time)
     from train.preview import write_preview
 
     cfg = _config(args)
@@ -87,6 +89,7 @@ def run_preview(args: argparse.Namespace) -> int:
 
 def run_lr_find(args: argparse.Namespace) -> int:
     """`cpsam train lr-find`: the sweep (train.lr_find), its plot and CSV, the suggestion on stdout."""
+    # imported when this command runs, not for --help (start-up time)
     from pathlib import Path
 
     from cpsam.io import atomic_path

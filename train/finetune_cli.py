@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the workflow; prints the before/after summary. Exit 0 done, 1 failed run, 2 bad request."""
+    # imported when this command runs, not for --help (start-up time)
     from train.config import ConfigError
     from train.finetune import FinetuneError, finetune
     from train.loop import TrainingError

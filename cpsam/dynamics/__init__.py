@@ -27,12 +27,14 @@ from pathlib import Path
 
 import fastremap
 import fill_voids
+import numba
 import numpy as np
 import torch
 from scipy.ndimage import find_objects
 from tqdm import tqdm
 
 from cpsam.dynamics import flows_numba, masks_cp3, masks_cp4, torch_rules
+from cpsam.io import read_labels, write_tiff
 
 __all__ = [
     "masks_to_flows",
@@ -122,8 +124,6 @@ def _flows_worker(masks: np.ndarray) -> np.ndarray:
 
 
 def _cache_worker(job: tuple[str, str]) -> str:
-    from cpsam.io import read_labels, write_tiff
-
     src, dst = job
     flows = masks_to_flows(read_labels(src))
     write_tiff(dst, flows, photometric="minisblack")
@@ -131,8 +131,6 @@ def _cache_worker(job: tuple[str, str]) -> str:
 
 
 def _worker_init() -> None:
-    import numba
-
     numba.set_num_threads(1)
     torch.set_num_threads(1)
 
