@@ -7,7 +7,7 @@ Run:  python -m benchmarks.bench_binary [--work bench_output/binary] [--teacher-
    is held out for validation): HeLa and DeepCell fluorescence nuclei, U373 and 3T3 phase contrast, CPM-15
    and GBM40 H&E nuclei. Instance masks are binarized by the binary objective (cell = any object).
 2. Teacher: resnet34_unet (random init: no ImageNet file is reachable here), 3 input channels (grey images
-   zero-padded), crops at native scale (--tile, 128 px), AdamW lr 3e-4 (a first run at 1e-3 was far worse),
+   zero-padded), crops at native scale (--tile, 128 px), AdamW lr 3e-4 (docs/results/binary.md: why not 1e-3),
    balanced sampling of the folders, through `cpsam binary train`'s config and `train.loop.train`. Its number of
    steps is set so that training fits the time budget: the time of a training step is measured first (three
    forward+backward passes after one warm-up, plus 15 % for data and the optimizer).

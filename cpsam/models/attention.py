@@ -8,9 +8,9 @@ state_dict names (`qkv`, `proj`, `rel_pos_h`, `rel_pos_w`) are exactly SAM's. It
   whole. On CPU the bias is passed as SDPA's attn_mask, built one block of queries at a time
   (`_chunked_mask_attention`; the blocks stay in cache). On CUDA the bias is folded into queries
   and keys augmented with one-hot key codes (`_augmented_attention`), so the flash kernel, which
-  takes no mask, can run. Measured single-threaded on one ViT-L block (AVX2 CPU, batch 1):
-  103 ms (chunked mask) vs 139 ms (augmented: twice the head size) vs 302 ms (math). Training on a
-  CPU uses the augmented form too (no mask: SDPA's flash kernel and its memory-light backward).
+  takes no mask, can run. On a CPU the chunked mask is the fastest inference path (timings of the
+  three: docs/results/network.md). Training on a CPU uses the augmented form too (no mask: SDPA's
+  flash kernel and its memory-light backward).
 
 Both compute softmax(q k^T / sqrt(d) + B) v with B[(i, j), (k, l)] = q_(i,j) . Rh[i - k]
 + q_(i,j) . Rw[j - l], the relative-position tables being linearly resampled to length 2*L - 1
@@ -95,8 +95,7 @@ class RelPosAttention(Attention):
             # block and keeps two scaled copies of K per block (2.1x the time, 1.75x the memory of SAM's
             # block at batch 2); the augmented form has no mask, so SDPA's CPU flash kernel runs, whose
             # backward recomputes the scores from q, k, v and the row log-sum-exp instead of saving the
-            # (N, N) matrices. Measured on one ViT-L block (batch 2, 2 threads): forward + backward as
-            # fast as SAM's, 230 MB less memory per block, gradients equal to 1.1e-6.
+            # (N, N) matrices (same gradients; time and memory against SAM's block: docs/results/network.md).
             # `lean` (default): the same kernels through `RelPosFlashAttention`, which saves q, k, v and the
             # output instead of the augmented tensors (24 MiB less per ViT-L block at batch 1).
             if lean_applies(self, x):

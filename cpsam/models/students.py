@@ -9,9 +9,9 @@ Names registered with `cpsam.models.create_model` (../shared/research/cpsam_reci
   (cellpose 3) rules, like its cyto_0 teacher.
 - ``fastnet-{C}-{w1}-...-{wL}`` (C = 1 or 2; widths below) and ``fastnet-{C}-r18``: `FastNet`.
 
-Why FastNet (measured on 2 CPU cores, benchmarks/bench_students.py): a random CPnet [1, 32] is only ~2.3x
-cheaper per 224-px tile than cyto_0, because both run eight full-resolution 32-channel 3x3
-convolutions per tile. FastNet keeps the CPnet interface but
+Why FastNet: a CPnet student, however narrow its deeper levels, still runs eight full-resolution 32-channel 3x3
+convolutions per tile like cyto_0, so it is only a little cheaper (benchmarks/bench_students.py; figures in
+docs/results/distillation.md). FastNet keeps the CPnet interface but
 - predicts at half resolution: a stride-2 stem, every convolution at H/2 or below, and the
   3-channel output bilinearly upsampled to (H, W) inside `forward` (a 1x1 head commutes with the
   upsampling, so this equals upsampling the 32-channel features first and is 10x cheaper);

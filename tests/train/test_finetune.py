@@ -4,7 +4,7 @@ The seed's path end to end: a time-lapse built from the CTC HeLa frames of ../sh
 `cpsam prep timelapse` (100 x 100 crops with a 2-pixel zero border, labels cut from the annotation)
 -> `cpsam finetune` from a classic Cellpose file -> `cpsam segment` with the result. CP-SAM goes
 through the same command (cpsam_tiny, random weights, a few steps). The learning proof (H&E and
-phase contrast, kept-aside images) is `python -m benchmarks.bench_finetune`, figures in the README.
+phase contrast, kept-aside images) is `python -m benchmarks.bench_finetune`, figures in docs/results/finetune.md.
 """
 
 from __future__ import annotations
