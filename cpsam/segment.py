@@ -21,7 +21,7 @@ normalized input (C x Hr x Wr float32, freed once its last tile is cut), the flo
 float32, only when a diameter rescales the image) and what `cpsam.dynamics` needs to turn them
 into masks; the network only ever sees `batch_size` tiles. No whole-image network pass, no tile
 stack and no full-size weight image are built: an 8192 x 8192 grayscale image peaks at about
-16 bytes per pixel of numpy memory for its flows (measured in tests/test_segment_large.py).
+16 bytes per pixel of numpy memory for its flows (measured in tests/cpsam/test_segment_large.py).
 """
 
 from __future__ import annotations
@@ -360,7 +360,7 @@ class Segmenter:
         median mask diameter (`cpsam.size.median_diameter`) of a segmentation at diameter_style, or the
         size model's diam_mean when that finds no cells. Deviation: the refining segmentation resizes
         flows back to the image before the dynamics (cellpose 3 runs them at the network's scale with
-        interp=False); the result agrees with cellpose 3.1.1.2 within 2 % (tests/test_size.py).
+        interp=False); the result agrees with cellpose 3.1.1.2 within 2 % (tests/cpsam/test_size.py).
         Raises ValueError without a size model, ImageError for an unusable image.
         """
         if self.size_model is None:

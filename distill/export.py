@@ -24,7 +24,7 @@ Outside (the caller): reading the file and making a float32 tensor of it; choosi
 pairs (pass the channels in the order the network wants them); the diameter (no size model inside: give
 one, or 0 for the model's own); test-time augmentation (not supported).
 Returns masks (H, W) int32 labels 1..N (0 = background) and flows (3, H, W) float32 [dY, dX, cellprob].
-Checked against `cpsam segment` on real images (tests/test_distill_export.py). Only TorchScript is
+Checked against `cpsam segment` on real images (tests/distill/test_distill_export.py). Only TorchScript is
 written: the tiling and the dynamics are loops over data-dependent sizes that ONNX graphs cannot hold,
 and the `onnx` package is not part of this project's environment.
 """

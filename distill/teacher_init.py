@@ -9,10 +9,10 @@ distill.student_input), sliced to the student's channels. The teacher's dropped 
 student's use (cyto_0 on grayscale input, channels 0 0), but its input BatchNorm turns zero into a constant that
 its first convolutions see: that constant's contribution (with the BatchNorm's running statistics) is folded into
 those convolutions' biases, exact away from the image border (where the teacher's zero padding differs). A 1-channel
-student of the teacher's own shape therefore starts as the teacher (up to that border; with cyto_0's weights equal
-to float32 precision everywhere, tests/test_distill_teacher_init.py); a smaller student keeps the teacher's shallow
-levels and learns the rest (its deepest up-block and the style projections, whose shapes differ). Everything else
-keeps its random initialization.
+student of the teacher's own shape therefore starts as the teacher (up to that border; with cyto_0's weights
+equal to float32 precision everywhere, tests/distill/test_distill_teacher_init.py); a smaller student keeps the
+teacher's shallow levels and learns the rest (its deepest up-block and the style projections, whose shapes
+differ). Everything else keeps its random initialization.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the activations' own peak (benchmarks/bench_train.py; docs/results/training.md).
 Unlike the tutorial's one optimizer per parameter, the run keeps ONE optimizer: the hook runs that optimizer's own
 `step()` with every param group narrowed to the one parameter, so its state_dict, checkpoints, exact resume and
 the per-step learning rate are exactly those of the normal path. AdamW updates each parameter independently of
-the others, so the result is bit for bit the normal path's (tests/test_optim_in_backward.py); a parameter that
+the others, so the result is bit for bit the normal path's (tests/train/test_optim_in_backward.py); a parameter that
 gets no gradient in a step (a block layer drop skipped for the whole batch) is not stepped, as in the normal path.
 
 It cannot be used where the step needs every gradient at once or the gradient is not final when it is

@@ -7,7 +7,7 @@ at 5x scale, fg (H, W) bool, labels (H, W) int32; positions (2, N) int32 [y, x].
 Rules copied from cellpose 3.1.1.2 as it runs on a CPU (`dynamics.steps2D_interp` /
 `map_coordinates`, `masks_to_flows_cpu`, `metrics.flow_error`, `utils.fill_holes_and_remove_small_masks`),
 where they differ from the cellpose 4 rules of `masks_cp4` / `flows_numba` (the masks equal
-cellpose 3.1.1.2's bit for bit on its golden flows, tests/test_dynamics_cp3.py):
+cellpose 3.1.1.2's bit for bit on its golden flows, tests/cpsam/test_dynamics_cp3.py):
 
 * Euler integration in *pixel* coordinates (no [-1, 1] normalisation, no grid_sample): the field
   is dP * fg / 5 (float32), sampled bilinearly with the four corner indices clamped to the image,

@@ -4,7 +4,7 @@ Used by `cpsam.dynamics` on a torch device (`flows_to_masks(..., device="cuda")`
 `masks_to_flows` with a non-CPU device) and compiled into the TorchScript file of
 `distill.export`. Every function is TorchScript-compatible and runs on the device of its inputs.
 The numba kernels (`masks_cp4`, `masks_cp3`, `flows_numba`) implement the same rules on the CPU;
-tests/test_dynamics_parity.py holds the two to identical masks on real flows.
+tests/cpsam/test_dynamics_parity.py holds the two to identical masks on real flows.
 
 Conventions: dP (2, H, W) float32 [dY, dX] network flows at 5x scale, cellprob (H, W) logits,
 fg (H, W) bool foreground, positions (2, N) int64 [y, x] of the N foreground pixels in row-major

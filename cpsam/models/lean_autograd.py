@@ -11,13 +11,13 @@ peak memory after the weights and AdamW's state. Two parts of a block keep more 
   themselves (views of the qkv projection's output, 12 MiB), the un-padded output (4 MiB) and the
   row log-sum-exp, and rebuilds the augmented tensors in the backward pass (concatenations and
   two einsums: by our count ~0.1 GFLOP, against ~34 GFLOP of the block's forward; not timed apart). 24 MiB
-  less per block (counted in tests/test_lean_autograd.py).
+  less per block (counted in tests/cpsam/test_lean_autograd.py).
 - MLP (`GeluLinear`): lin2(gelu(h)) keeps both h (for GELU's backward) and gelu(h) (for lin2's
   weight gradient). This function keeps h only and recomputes gelu(h) in the backward pass (one
   elementwise op). 16 MiB less per block.
 
 Both compute exactly what autograd computes through the plain modules (same kernels; gradients
-agree to float rounding, tested in tests/test_lean_autograd.py). They are used for training on a
+agree to float rounding, tested in tests/cpsam/test_lean_autograd.py). They are used for training on a
 CPU only (`cpsam.models.attention.RelPosAttention`, `LeanMLP`); on CUDA the plain modules run
 (mixed precision and the CUDA kernels are not exercised by this code's tests).
 """
