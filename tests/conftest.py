@@ -7,7 +7,8 @@
 - Real annotated images in ../shared/data (`FOLDER/NAME_img.tif` beside `FOLDER/NAME_masks.tif`):
   `shared_image_path`, `shared_masks_path`, `read_shared_image`, `read_shared_masks`, `read_shared_pair`,
   `shared_manifest`, and `write_shared_canonical` (a small canonical dataset of such pairs).
-- Tiny random networks: `cpsam_tiny` (fixture), `tiny_cpnet` / `save_tiny_cpnet` (helpers).
+- Tiny random networks: `cpsam_tiny` (fixture), `tiny_cpnet` / `save_tiny_cpnet` / `save_fastnet_student`
+  (helpers).
 - Synthetic labels and pair files: `label_squares`, `write_pair`.
 
 Session-scoped fixtures hand the same object to every test: tests read them and never change them in place
@@ -199,6 +200,17 @@ def tiny_cpnet() -> CPnet:
 def save_tiny_cpnet(path: Path) -> Path:
     """`tiny_cpnet()` saved as a cpsam checkpoint at `path` (a teacher file for distillation); returns the path."""
     return save_checkpoint(path, tiny_cpnet())
+
+
+def save_fastnet_student(path: Path) -> Path:
+    """A random FastNet student, `create_model("fastnet-1-32-64")` built right after `torch.manual_seed(0)`, with
+    `diam_mean` and `diam_labels` set to cyto_0's 27.0, saved in eval mode as a cpsam checkpoint at `path`
+    (e.g. RUN/model.pt); returns the path. The global torch RNG is left where that build leaves it."""
+    torch.manual_seed(0)
+    student = create_model("fastnet-1-32-64")
+    student.diam_mean.data.fill_(27.0)
+    student.diam_labels.data.fill_(27.0)
+    return save_checkpoint(path, student.eval())
 
 
 # ------------------------------------------------------------------ synthetic labels and pair files

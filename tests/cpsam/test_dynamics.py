@@ -16,19 +16,19 @@ import torch
 from cellpose import dynamics as cpd
 from cellpose import metrics
 from cellpose import utils as cpu_utils
-from conftest import shared_path
+from conftest import load_golden_flows, read_golden_masks, read_shared_masks
 
 from cpsam import dynamics
 from cpsam.io import InputFileError
 
 CPU = torch.device("cpu")
-MASK_FILES = {
-    "bact": ("bact_phase_neurips22", "neurips22_cell_00528_masks.tif"),
-    "hela": ("fluo_nuclei_ctc_N2DL-HeLa", "Fluo-N2DL-HeLa_02_t075_masks.tif"),
-    "tissue": ("tissue_multiplex_neurips22", "neurips22_cell_00849_masks.tif"),
-    "gbm": ("he_gbm40_emory", "gbm40_20_masks.tif"),
-    "mother": ("bact_bf_mothermachine_baby", "baby_mmsCMOS_testA_masks.tif"),
-    "u373": ("phase_ctc_U373", "PhC-C2DH-U373_01_t021_masks.tif"),
+MASK_FILES = {  # key -> (folder, image name) of manual masks in ../shared/data
+    "bact": ("bact_phase_neurips22", "neurips22_cell_00528"),
+    "hela": ("fluo_nuclei_ctc_N2DL-HeLa", "Fluo-N2DL-HeLa_02_t075"),
+    "tissue": ("tissue_multiplex_neurips22", "neurips22_cell_00849"),
+    "gbm": ("he_gbm40_emory", "gbm40_20"),
+    "mother": ("bact_bf_mothermachine_baby", "baby_mmsCMOS_testA"),
+    "u373": ("phase_ctc_U373", "PhC-C2DH-U373_01_t021"),
 }
 GOLDEN = ["neurips22_cell_00849", "cpm15_image01", "usiigaci_set1", "Fluo-N2DL-HeLa_01_t013"]
 
@@ -45,8 +45,7 @@ def _one_torch_thread():
 
 
 def real_masks(key: str) -> np.ndarray:
-    folder, name = MASK_FILES[key]
-    return tifffile.imread(shared_path("data", folder, name))
+    return read_shared_masks(*MASK_FILES[key])
 
 
 def crop(m: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
@@ -66,7 +65,7 @@ def cosine_in_objects(a: np.ndarray, b: np.ndarray, inside: np.ndarray) -> np.nd
 
 
 def golden(name: str) -> tuple[np.ndarray, np.ndarray]:
-    d = np.load(shared_path("golden", "cellpose3_cyto0", f"{name}_flows.npz"))
+    d = load_golden_flows(name)
     return d["dP"], d["cellprob"]
 
 
@@ -277,5 +276,5 @@ def test_flows_to_masks_whole_golden_images(name: str) -> None:
     ours = dynamics.flows_to_masks(dP, cp)
     assert ap50(ref, ours) >= 0.99
     assert abs(int(ours.max()) - int(ref.max())) <= 0.01 * ref.max()
-    gold = tifffile.imread(shared_path("golden", "cellpose3_cyto0", f"{name}_masks.tif"))
+    gold = read_golden_masks(name)
     assert ap50(gold, ours) >= 0.95  # cellpose 3.1's own pipeline; same dynamics up to float order

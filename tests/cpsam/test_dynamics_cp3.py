@@ -9,27 +9,17 @@ count, the nearest-to-mean centre, and the rank-based size filter.
 
 from __future__ import annotations
 
-import json
-from functools import cache
-
 import numpy as np
 import pytest
-import tifffile
 import torch
 from cellpose.metrics import average_precision
-from conftest import shared_path
+from conftest import load_golden_flows, read_golden_masks
 
 from cpsam import dynamics
 from cpsam.models.cpnet import CPnet
 from cpsam.segment import InferenceRules, Segmenter, rules_for
 
 GOLDEN = ["Fluo-N2DL-HeLa_01_t013", "usiigaci_set1", "neurips22_cell_00849", "cpm15_image01"]
-
-
-@cache
-def golden_case(name: str) -> dict:
-    cases = json.loads(shared_path("golden", "cellpose3_cyto0", "cases.json").read_text())["cases"]
-    return next(c for c in cases if c["name"] == name)
 
 
 def cp3_niter(diameter: float, diam_mean: float = 27.0) -> int:
@@ -40,10 +30,10 @@ def cp3_niter(diameter: float, diam_mean: float = 27.0) -> int:
 
 
 @pytest.mark.parametrize("name", GOLDEN)
-def test_cp3_rules_reproduce_golden_masks_from_golden_flows(name: str) -> None:
-    case = golden_case(name)
-    flows = np.load(shared_path("golden", "cellpose3_cyto0", f"{name}_flows.npz"))
-    golden = tifffile.imread(shared_path("golden", "cellpose3_cyto0", f"{name}_masks.tif"))
+def test_cp3_rules_reproduce_golden_masks_from_golden_flows(name: str, cyto0_golden_cases: list[dict]) -> None:
+    case = next(c for c in cyto0_golden_cases if c["name"] == name)
+    flows = load_golden_flows(name)
+    golden = read_golden_masks(name)
     niter = cp3_niter(case["diameter"])
     kw = dict(niter=niter, cellprob_threshold=case["cellprob_threshold"], flow_threshold=case["flow_threshold"],
               min_size=case["min_size"])
@@ -58,8 +48,8 @@ def test_cp3_rules_reproduce_golden_masks_from_golden_flows(name: str) -> None:
 
 def test_cp4_rules_do_not_reproduce_the_cellpose3_goldens() -> None:
     """The reason rules="cp3" exists: cellpose 4's rules give 68 masks on 3T3 where cellpose 3 gave 67."""
-    flows = np.load(shared_path("golden", "cellpose3_cyto0", "usiigaci_set1_flows.npz"))
-    golden = tifffile.imread(shared_path("golden", "cellpose3_cyto0", "usiigaci_set1_masks.tif"))
+    flows = load_golden_flows("usiigaci_set1")
+    golden = read_golden_masks("usiigaci_set1")
     cp4 = dynamics.flows_to_masks(flows["dP"], flows["cellprob"], niter=cp3_niter(60.0), rules="cp4")
     assert (cp4.max(), golden.max()) == (68, 67)
 
@@ -69,7 +59,7 @@ def test_seed_order_is_torchs_argsort_like_cellpose() -> None:
     the order decides overlapping windows. On 3T3 at niter 150 a stable sort gives other masks."""
     from cellpose.dynamics import get_masks_torch  # cellpose 4.2.1.1; cellpose 3.1.1.2 seeds the same way
 
-    flows = np.load(shared_path("golden", "cellpose3_cyto0", "usiigaci_set1_flows.npz"))
+    flows = load_golden_flows("usiigaci_set1")
     fg = flows["cellprob"] > 0
     pos = dynamics.follow_flows(flows["dP"], fg, 150, rules="cp3")
     ours = dynamics.get_masks(pos, fg)
@@ -109,7 +99,7 @@ def naive_cp3_steps(dP: np.ndarray, fg: np.ndarray, niter: int) -> np.ndarray:
 
 
 def test_cp3_steps_equal_naive_loop_on_golden_flow_crop() -> None:
-    flows = np.load(shared_path("golden", "cellpose3_cyto0", "usiigaci_set1_flows.npz"))
+    flows = load_golden_flows("usiigaci_set1")
     dP = np.ascontiguousarray(flows["dP"][:, 300:460, 400:560])
     fg = flows["cellprob"][300:460, 400:560] > 0
     assert fg.sum() > 5000

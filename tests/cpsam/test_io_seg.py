@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 from cellpose import io as cp_io
 from cellpose import plot as cp_plot
 from cellpose import utils as cp_utils
-from conftest import shared_path
+from conftest import load_golden_flows, read_golden_masks, read_shared_image
 
 from cpsam import io
 from cpsam.pairing import read_label_file
@@ -20,8 +19,8 @@ GOLDEN = ["cpm15_image01", "neurips22_cell_00849", "Fluo-N2DL-HeLa_01_t013"]
 
 
 def golden(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    masks = tifffile.imread(shared_path("golden", "cellpose3_cyto0", f"{name}_masks.tif"))
-    flows = np.load(shared_path("golden", "cellpose3_cyto0", f"{name}_flows.npz"))
+    masks = read_golden_masks(name)
+    flows = load_golden_flows(name)
     return masks, flows["dP"], flows["cellprob"]
 
 
@@ -67,7 +66,7 @@ def test_seg_npy_equals_cellpose_masks_flows_to_seg(name: str, tmp_path: Path) -
 
 def test_overlay_png_round_trip(tmp_path: Path) -> None:
     masks, _, _ = golden("neurips22_cell_00849")
-    image = tifffile.imread(shared_path("data", "tissue_multiplex_neurips22", "neurips22_cell_00849_img.tif"))
+    image = read_shared_image("tissue_multiplex_neurips22", "neurips22_cell_00849")
     rgb = io.outline_overlay(image, masks)
     path = io.write_png(tmp_path / "x_outlines.png", rgb)
     back = io.read_image(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shared_path
 from segment_anything import sam_model_registry
 
 from cpsam.models import CellposeSAM, CheckpointError, create_model, identify_checkpoint, load_model, save_checkpoint
@@ -171,8 +170,8 @@ def test_bf16_model_is_saved_as_float32(tmp_path):
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
 
 
-def test_classic_cellpose_file_is_recognised(tmp_path):
-    path = shared_path("weights", "cyto_0_cpnet_torch.pt")
+def test_classic_cellpose_file_is_recognised(tmp_path, cyto0_file):
+    path = cyto0_file
     sd = torch.load(path, weights_only=True)
     assert identify_checkpoint(sd) == "cellpose-classic"
     with pytest.raises(CheckpointError, match="classic Cellpose"):

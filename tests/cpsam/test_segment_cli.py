@@ -9,18 +9,20 @@ import numpy as np
 import pytest
 import tifffile
 from cellpose.metrics import average_precision
-from conftest import shared_path
+from conftest import shared_image_path, shared_masks_path, shared_path
 
 from cpsam import io
 from cpsam.cli import main
 
+HELA = "fluo_nuclei_ctc_N2DL-HeLa"  # ../shared/data's folder of HeLa nuclei (4 images)
+
 
 @pytest.fixture
-def cyto0_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def cyto0_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cyto0_file: Path) -> Path:
     """$CPSAM_CACHE holding a converted cyto_0 (the documented offline route of `pretrained`)."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    shutil.copyfile(shared_path("weights", "cyto_0_cpnet_torch.pt"), cache / "cyto_0_cpnet.pt")
+    shutil.copyfile(cyto0_file, cache / "cyto_0_cpnet.pt")
     monkeypatch.setenv("CPSAM_CACHE", str(cache))
     return cache
 
@@ -89,30 +91,29 @@ def test_cli_segments_real_phase_images_and_skips_bad_ones(tmp_path: Path, cyto0
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     name = "usiigaci_set1"
-    shutil.copyfile(shared_path("data", "phase_usiigaci_3t3", f"{name}_img.tif"), inputs / f"{name}.tif")
+    shutil.copyfile(shared_image_path("phase_usiigaci_3t3", name), inputs / f"{name}.tif")
     (inputs / "zero_bytes.tif").write_bytes(b"")
     code = main(["segment", "--model", "cyto_0", "--input", str(inputs), "--output", str(out),
                  "--diameter", "60", "--batch-size", "4"])
     captured = capsys.readouterr()
     assert code == 1 and "skipped" in captured.err and "zero_bytes.tif" in captured.err
-    manual = io.read_labels(shared_path("data", "phase_usiigaci_3t3", f"{name}_masks.tif"))
+    manual = io.read_labels(shared_masks_path("phase_usiigaci_3t3", name))
     check_outputs(out, name, manual, 0.8)
     assert sorted(p.name for p in out.iterdir()) == [f"{name}_masks.tif", f"{name}_outlines.png", f"{name}_seg.npy"]
     assert "1 images" in captured.out and "1 failed" in captured.out
 
 
 @pytest.mark.slow
-def test_cli_segments_real_nuclei_folder(tmp_path: Path) -> None:
+def test_cli_segments_real_nuclei_folder(tmp_path: Path, cyto0_file: Path) -> None:
     """HeLa nuclei (4 images, 874 nuclei) with the classic cyto_0 file: AP@0.5 >= 0.8 on each."""
-    folder = shared_path("data", "fluo_nuclei_ctc_N2DL-HeLa")
+    folder = shared_path("data", HELA)
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     names = sorted(p.name[: -len("_img.tif")] for p in folder.glob("*_img.tif"))
     for name in names:
-        shutil.copyfile(folder / f"{name}_img.tif", inputs / f"{name}.tif")
-    weights = shared_path("weights", "cyto_0_cpnet_torch.pt")
-    code = main(["segment", "--model", str(weights), "--input", str(inputs), "--output", str(out),
+        shutil.copyfile(shared_image_path(HELA, name), inputs / f"{name}.tif")
+    code = main(["segment", "--model", str(cyto0_file), "--input", str(inputs), "--output", str(out),
                  "--diameter", "17"])
     assert code == 0
     for name in names:
-        check_outputs(out, name, io.read_labels(folder / f"{name}_masks.tif"), 0.8)
+        check_outputs(out, name, io.read_labels(shared_masks_path(HELA, name)), 0.8)

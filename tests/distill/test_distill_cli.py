@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import shared_image_path
 
 from cpsam.cli import main as cpsam_main
 
@@ -25,16 +25,16 @@ def images(tmp_path_factory) -> Path:
     for folder, items in IMAGES.items():
         (root / folder).mkdir(parents=True)
         for source, name in items:
-            os.symlink(shared_path("data", source, f"{name}_img.tif"), root / folder / f"{name}_img.tif")
+            os.symlink(shared_image_path(source, name), root / folder / f"{name}_img.tif")
     (root / "_qc").mkdir()  # quick-look folders are passed over
     return root
 
 
-def test_distill_a_folder_without_masks_end_to_end(images, tmp_path, capsys):
+def test_distill_a_folder_without_masks_end_to_end(images, tmp_path, capsys, cyto0_file):
     from cpsam.models.loading import load_model, read_checkpoint
     from data_prep.canonical import CanonicalDataset
 
-    teacher = shared_path("weights", "cyto_0_cpnet_torch.pt")
+    teacher = cyto0_file
     run = tmp_path / "run"
     argv = ["distill", "--teacher", str(teacher), "--images", str(images), "--student", "cpnet-1-32", "--out",
             str(run), "--channels", "0", "0", "--size-epochs", "1", "--quiet", "schedule.epochs=1",
@@ -82,8 +82,8 @@ def test_distill_a_folder_without_masks_end_to_end(images, tmp_path, capsys):
     (["--student", "cpnet-1-32", "--out", "RUN", "--teacher", "no_such_model"], "teacher no_such_model"),
     (["--student", "cpnet-1-32", "--out", "RUN", "kd.cache=/nonexistent"], "no cache manifest"),
 ])
-def test_bad_requests_get_one_line(images, tmp_path, capsys, extra, message):
-    weights = str(shared_path("weights", "cyto_0_cpnet_torch.pt"))
+def test_bad_requests_get_one_line(images, tmp_path, capsys, extra, message, cyto0_file):
+    weights = str(cyto0_file)
     argv = ["distill", "--images", str(images), *extra]
     argv = [a.replace("RUN", str(tmp_path / "r")) for a in argv]
     if "--teacher" not in argv:

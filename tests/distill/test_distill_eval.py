@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-from conftest import SHARED_DIR
+from conftest import label_squares, save_fastnet_student, shared_image_path, shared_masks_path, write_pair
 
 from cpsam import io
 from distill.evaluate import (
@@ -25,9 +23,6 @@ from distill.evaluate import (
     summaries,
     write_eval_report,
 )
-
-SHARED = SHARED_DIR
-CYTO0 = SHARED / "weights" / "cyto_0_cpnet_torch.pt"
 
 
 class FixedSegmenter:
@@ -48,27 +43,13 @@ class FixedSegmenter:
         return [SimpleNamespace(masks=self.masks.pop(0), diameter=self.diameter if diameter is None else diameter)]
 
 
-def _squares(shape=(60, 60), boxes=((5, 5), (5, 35), (35, 5), (35, 35)), side=16) -> np.ndarray:
-    masks = np.zeros(shape, np.uint16)
-    for k, (y, x) in enumerate(boxes, start=1):
-        masks[y : y + side, x : x + side] = k
-    return masks
-
-
-def _write_pair(folder: Path, name: str, image: np.ndarray, masks: np.ndarray | None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    io.write_tiff(folder / f"{name}_img.tif", image)
-    if masks is not None:
-        io.write_labels(folder / f"{name}_masks.tif", masks)
-
-
 def test_scores_on_a_constructed_case(tmp_path):
     """Teacher: 4 squares of 256 px. Student: 3 of them, the 4th shifted by 8 px (IoU 128 / 384 < 0.5), plus a
     spurious 64-px square: binarized IoU (768 + 128) / (1024 + 128 + 64), 5 vs 4 objects, 3 TP."""
-    teacher = _squares()
-    student = _squares(boxes=((5, 5), (5, 35), (35, 5), (35, 43)))
+    teacher = label_squares()
+    student = label_squares(boxes=((5, 5), (5, 35), (35, 5), (35, 43)))
     student[52:60, 20:28] = 5
-    truth = _squares()
+    truth = label_squares()
     item = EvalImage("toy", "a", tmp_path / "a.tif", tmp_path / "a_masks.tif")
     io.write_tiff(item.image, np.zeros((60, 60), np.uint8))
     io.write_labels(item.labels, truth)
@@ -111,8 +92,8 @@ def test_the_teachers_agreement_with_its_mirror_image(tmp_path):
     """The teacher segments the image, then its mirror image (at the same diameter); its masks there, mirrored
     back, are scored against its own like a student's. Here the mirrored run loses the object at (5, 5) and
     shifts nothing else: binarized IoU 768 / 1024, 3 of 4 objects; never scored against ground truth."""
-    teacher = _squares()
-    on_mirror = np.ascontiguousarray(_squares(boxes=((5, 35), (35, 5), (35, 35)))[:, ::-1])
+    teacher = label_squares()
+    on_mirror = np.ascontiguousarray(label_squares(boxes=((5, 35), (35, 5), (35, 35)))[:, ::-1])
     item = EvalImage("toy", "a", tmp_path / "a.tif", tmp_path / "a_masks.tif")
     image = np.arange(60 * 60, dtype=np.uint16).reshape(60, 60)
     io.write_tiff(item.image, image)
@@ -135,12 +116,12 @@ def test_count_error_total_differs_from_the_per_image_mean(tmp_path):
     """Two images: +2 of 4 and -2 of 4 objects: per-image mean error 0.5, error of the summed counts 0.
     A third, unreadable image is recorded as a problem and passed over."""
     extra = ((5, 5), (5, 35), (35, 5), (35, 35), (0, 22), (22, 22))
-    students = [_squares(boxes=extra, side=8), _squares(boxes=((5, 5), (5, 35)))]
+    students = [label_squares(boxes=extra, side=8), label_squares(boxes=((5, 5), (5, 35)))]
     items = [EvalImage("toy", n, tmp_path / f"{n}.tif") for n in "abc"]
     for item in items[:2]:
         io.write_tiff(item.image, np.zeros((60, 60), np.uint8))
     items[2].image.write_text("not an image")
-    ev_t = ModelRun(TEACHER, FixedSegmenter([_squares(), _squares()]))  # type: ignore[arg-type]
+    ev_t = ModelRun(TEACHER, FixedSegmenter([label_squares(), label_squares()]))  # type: ignore[arg-type]
     ev_s = ModelRun("s", FixedSegmenter(students))  # type: ignore[arg-type]
     ev = evaluate(items, ev_t, [ev_s], progress=False)
     assert len(ev.problems) == 1 and "c.tif" in ev.problems[0]
@@ -152,29 +133,29 @@ def test_count_error_total_differs_from_the_per_image_mean(tmp_path):
 
 def test_list_eval_images_pairs_unlabelled_and_canonical(tmp_path):
     image = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
-    _write_pair(tmp_path / "set" / "f1", "x", image, _squares((64, 64)))
-    _write_pair(tmp_path / "set" / "f1", "y", image, None)
-    _write_pair(tmp_path / "set" / "f2", "z", image, _squares((64, 64)))
+    write_pair(tmp_path / "set" / "f1", "x", image, label_squares((64, 64)))
+    write_pair(tmp_path / "set" / "f1", "y", image, None)
+    write_pair(tmp_path / "set" / "f2", "z", image, label_squares((64, 64)))
     (tmp_path / "set" / "_qc").mkdir()
     items = list_eval_images([tmp_path / "set"], gt="auto")
     assert [(i.dataset, i.name, i.labels is not None) for i in items] == [
         ("f1", "x", True), ("f1", "y", False), ("f2", "z", True)]
     assert all(i.labels is None for i in list_eval_images([tmp_path / "set"], gt=None))
     gt_dir = tmp_path / "gt"
-    io.write_labels(gt_dir / "y_masks.tif", _squares((64, 64)))
+    io.write_labels(gt_dir / "y_masks.tif", label_squares((64, 64)))
     assert [i.labels is not None for i in list_eval_images([tmp_path / "set" / "f1"], gt=str(gt_dir))] == [False, True]
 
     from data_prep.canonical import write_example, write_index
 
     root = tmp_path / "canon"
-    write_index(root, [write_example(root, name, image, _squares((64, 64)), dataset="c", split=split,
+    write_index(root, [write_example(root, name, image, label_squares((64, 64)), dataset="c", split=split,
                                      license="test", source="constructed")
                        for name, split in (("p", "train"), ("q", "val"))])
     val = list_eval_images([root], gt="auto", split="val")
     assert [(i.name, i.labels is not None) for i in val] == [("q", True)]
     # --gt DIR replaces a canonical dataset's own labels (e.g. a teacher's) by DIR's manual ones
     manual = tmp_path / "manual"
-    io.write_labels(manual / "canon" / "q_masks.tif", _squares((64, 64)))
+    io.write_labels(manual / "canon" / "q_masks.tif", label_squares((64, 64)))
     val = list_eval_images([root], gt=str(manual), split="val")
     assert [i.labels for i in val] == [manual / "canon" / "q_masks.tif"]
     assert [i.labels for i in list_eval_images([root], gt=str(manual))] == [None, manual / "canon" / "q_masks.tif"]
@@ -184,23 +165,16 @@ def test_list_eval_images_pairs_unlabelled_and_canonical(tmp_path):
         list_eval_images([tmp_path / "missing"], gt=None)
 
 
-def test_cli_end_to_end_with_cyto0_and_a_student(tmp_path, capsys):
-    src = SHARED / "data" / "bact_phase_neurips22"
-    if not CYTO0.is_file() or not src.is_dir():
-        pytest.skip("needs the project's shared/ folder (weights and data) beside the repo")
+def test_cli_end_to_end_with_cyto0_and_a_student(tmp_path, capsys, cyto0_file):
     from cpsam.cli import main
-    from cpsam.models import create_model, save_checkpoint
 
     images = tmp_path / "images"
-    image = io.read_image(src / "neurips22_cell_00528_img.tif")
-    _write_pair(images, "bact", image[:128, :128], io.read_labels(src / "neurips22_cell_00528_masks.tif")[:128, :128])
-    torch.manual_seed(0)
-    student = create_model("fastnet-1-32-64")
-    student.diam_mean.data.fill_(27.0)
-    student.diam_labels.data.fill_(27.0)
-    ckpt = save_checkpoint(tmp_path / "runA" / "model.pt", student.eval())
+    image = io.read_image(shared_image_path("bact_phase_neurips22", "neurips22_cell_00528"))
+    labels = io.read_labels(shared_masks_path("bact_phase_neurips22", "neurips22_cell_00528"))
+    write_pair(images, "bact", image[:128, :128], labels[:128, :128])
+    ckpt = save_fastnet_student(tmp_path / "runA" / "model.pt")
     out = tmp_path / "report"
-    code = main(["distill", "eval", "--teacher", str(CYTO0), "--student", str(ckpt), "--student", str(CYTO0),
+    code = main(["distill", "eval", "--teacher", str(cyto0_file), "--student", str(ckpt), "--student", str(cyto0_file),
                  "--images", str(images), "--gt", "--out", str(out), "--diameter", "20", "--quiet"])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
@@ -217,7 +191,7 @@ def test_cli_end_to_end_with_cyto0_and_a_student(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "runA" in printed and "binarized IoU" in printed
 
-    code = main(["distill", "eval", "--teacher", str(CYTO0), "--student", str(tmp_path / "nope.pt"),
+    code = main(["distill", "eval", "--teacher", str(cyto0_file), "--student", str(tmp_path / "nope.pt"),
                  "--images", str(images), "--out", str(tmp_path / "r2")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nope.pt" in err[0] and "cannot load --student" in err[0]

@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DIR
+from conftest import save_fastnet_student, shared_path
 
 from cpsam import io
 from cpsam.dynamics import torch_rules
 from cpsam.metrics import score_image
-from cpsam.models import create_model, load_model, save_checkpoint
+from cpsam.models import load_model
 from cpsam.segment import Segmenter
 from distill import export
 
-SHARED = SHARED_DIR
-CYTO0 = SHARED / "weights" / "cyto_0_cpnet_torch.pt"
 IMAGES = (  # (file, top, left, side): a phase-contrast bacteria image and a fluorescence nuclei crop
     ("data/bact_phase_neurips22/neurips22_cell_00528_img.tif", 0, 0, 200),
     ("data/fluo_nuclei_ctc_N2DL-HeLa/Fluo-N2DL-HeLa_02_t075_img.tif", 250, 400, 160),
@@ -53,20 +51,16 @@ RUNNER = textwrap.dedent("""
 def _images() -> list[np.ndarray]:
     out = []
     for rel, top, left, side in IMAGES:
-        path = SHARED / rel
-        if not path.is_file():
-            pytest.skip(f"{path} is absent: this test needs the project's shared/ folder beside the repo")
+        path = shared_path(rel)
         out.append(np.ascontiguousarray(io.read_image(path)[top : top + side, left : left + side]))
     return out
 
 
 @pytest.fixture(scope="module")
-def cyto0_results():
+def cyto0_results(cyto0_file):
     """(cyto_0 model, images, their `Segmenter` results at diameter 20): computed once for this module."""
-    if not CYTO0.is_file():
-        pytest.skip(f"{CYTO0} is absent: this test needs the project's shared/weights folder")
     images = _images()
-    model = load_model(CYTO0)
+    model = load_model(cyto0_file)
     seg = Segmenter(model)
     return model, images, [seg.segment([image], diameter=20.0)[0] for image in images]
 
@@ -101,11 +95,7 @@ def test_exported_cyto0_gives_the_masks_of_cpsam_segment_without_cpsam(tmp_path,
 def test_exported_fastnet_student_matches_segmenter_flows(tmp_path):
     """A FastNet student (BatchNorm folded, cellpose 4 rules) exported through the CLI: shapes and flows."""
     images = _images()[:1]
-    torch.manual_seed(0)
-    student = create_model("fastnet-1-32-64")
-    student.diam_mean.data.fill_(27.0)
-    student.diam_labels.data.fill_(27.0)
-    ckpt = save_checkpoint(tmp_path / "run" / "model.pt", student.eval())
+    ckpt = save_fastnet_student(tmp_path / "run" / "model.pt")
     from cpsam.cli import main
 
     target = tmp_path / "student.pt"

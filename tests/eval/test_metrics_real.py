@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
 import pytest
 from cellpose import metrics as cp_metrics
-from conftest import shared_path
+from conftest import read_golden_masks, read_shared_masks, shared_path
 from stardist.matching import matching as sd_matching
 
 from benchmarks.bench_metrics import build_case
-from cpsam.io import read_labels
 from cpsam.metrics import score_image
 
 # AP@0.5 of the golden cellpose-3 masks against the manual masks, from shared/golden/README.md.
@@ -24,19 +22,14 @@ README_AP50 = {
 }
 
 
-def golden_pairs() -> list[tuple[str, np.ndarray, np.ndarray]]:
-    golden = shared_path("golden", "cellpose3_cyto0")
-    cases = json.loads((golden / "cases.json").read_text())["cases"]
-    out = []
-    for case in cases:
-        gt = read_labels(shared_path("data", case["folder"], f"{case['name']}_masks.tif"))
-        pred = read_labels(golden / f"{case['name']}_masks.tif")
-        out.append((case["name"], gt, pred))
-    return out
+def golden_pairs(cases: list[dict]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, manual masks, cellpose 3's masks) of each golden case."""
+    return [(case["name"], read_shared_masks(case["folder"], case["name"]), read_golden_masks(case["name"]))
+            for case in cases]
 
 
-def test_golden_masks_score_the_readme_ap_values() -> None:
-    pairs = golden_pairs()
+def test_golden_masks_score_the_readme_ap_values(cyto0_golden_cases: list[dict]) -> None:
+    pairs = golden_pairs(cyto0_golden_cases)
     assert {name for name, _, _ in pairs} == set(README_AP50)
     for name, gt, pred in pairs:
         s = score_image(gt, pred)

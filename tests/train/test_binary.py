@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DIR
+from conftest import shared_image_path, shared_masks_path
 
 from cpsam.io import read_image, read_labels
 from data_prep.canonical import write_example, write_index
@@ -21,7 +21,6 @@ from train.degrade import DegradeConfig
 from train.loss import dice_jaccard, foreground_counts, soft_target_loss
 from train.sampler import MultiDatasetSampler
 
-SHARED = SHARED_DIR / "data"
 N_DRAWS = 4000
 
 
@@ -102,8 +101,8 @@ def test_loading_stream_is_the_fourth_child_of_the_sample_seed() -> None:
 def _crops(folder: str, names: list[str], size: int, per_image: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     out = []
     for name in names:
-        image = read_image(SHARED / folder / f"{name}_img.tif")
-        labels = read_labels(SHARED / folder / f"{name}_masks.tif")
+        image = read_image(shared_image_path(folder, name))
+        labels = read_labels(shared_masks_path(folder, name))
         for k in range(per_image):
             y, x = (k * 151) % (labels.shape[0] - size), (k * 233) % (labels.shape[1] - size)
             out.append((f"{name}_{k}", image[y:y + size, x:x + size], labels[y:y + size, x:x + size]))
@@ -113,8 +112,6 @@ def _crops(folder: str, names: list[str], size: int, per_image: int) -> list[tup
 @pytest.fixture(scope="module")
 def hela(tmp_path_factory) -> Path:
     """A canonical dataset of 128-px HeLa crops: 6 from the training frames, 3 from the held-out frame."""
-    if not (SHARED / "fluo_nuclei_ctc_N2DL-HeLa").is_dir():
-        pytest.skip(f"{SHARED} is absent: these tests need the project's shared data")
     root = tmp_path_factory.mktemp("hela")
     folder = "fluo_nuclei_ctc_N2DL-HeLa"
     rows = [write_example(root, n, i, m, dataset="hela", split="train", license="test", source=n)

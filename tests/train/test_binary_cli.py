@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import SHARED_DIR
+from conftest import shared_image_path, shared_masks_path
 
 from cpsam.cli import main
 from cpsam.io import read_image, read_labels
@@ -18,17 +18,14 @@ from data_prep.canonical import read_index
 from data_prep.labels import split_components
 from train.binary.data import detect_layout, prepare_binary_data
 
-SHARED = SHARED_DIR / "data"
 FOLDER = "fluo_nuclei_ctc_N2DL-HeLa"
 FAST = ["schedule.epochs=1", "schedule.samples_per_epoch=8", "batch_size=4", "data.tile_size=64",
         "data.num_workers=0", "val.every_epochs=1", "log.progress=false", "log.tensorboard=false", "log.every_steps=1"]
 
 
 def _crops(n: int, size: int = 96) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    if not (SHARED / FOLDER).is_dir():
-        pytest.skip(f"{SHARED} is absent: these tests need the project's shared data")
-    image = read_image(SHARED / FOLDER / "Fluo-N2DL-HeLa_02_t075_img.tif")
-    labels = read_labels(SHARED / FOLDER / "Fluo-N2DL-HeLa_02_t075_masks.tif")
+    image = read_image(shared_image_path(FOLDER, "Fluo-N2DL-HeLa_02_t075"))
+    labels = read_labels(shared_masks_path(FOLDER, "Fluo-N2DL-HeLa_02_t075"))
     return [(f"crop{k}", image[200:200 + size, 100 + k * size:100 + (k + 1) * size],
              labels[200:200 + size, 100 + k * size:100 + (k + 1) * size]) for k in range(n)]
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import shared_path
+from conftest import read_shared_image, read_shared_masks
 
 from cpsam.cli import main as cpsam_main
 from cpsam.io import write_labels, write_tiff
@@ -85,11 +85,13 @@ def test_split_is_seeded_disjoint_and_80_20():
         split_names(names, 1.0, seed=0)
 
 
+HELA = "fluo_nuclei_ctc_N2DL-HeLa"  # ../shared/data's CTC HeLa frames
+
+
 @pytest.fixture(scope="module")
 def hela_timelapse(tmp_path_factory):
     """Two real CTC HeLa time-lapses (sequences 01 and 02, two annotated frames each) cut into
     100-px crops with a 2-px border by `cpsam prep timelapse` (a canonical dataset)."""
-    folder = shared_path("data", "fluo_nuclei_ctc_N2DL-HeLa")
     root = tmp_path_factory.mktemp("hela")
     stacks, masks = [], []
     for seq, frames in (("01", ("t013", "t052")), ("02", ("t075", "t079"))):
@@ -97,9 +99,9 @@ def hela_timelapse(tmp_path_factory):
         # CTC's HeLa frames carry a camera offset of ~33000 counts; a zero border under such an offset
         # becomes the 1st percentile and flattens the nuclei in the percentile normalization (cellpose's
         # too), so the movie is offset-corrected first, as 8-bit or background-subtracted movies are
-        stack = np.stack([tifffile.imread(folder / f"{n}_img.tif") for n in names]).astype(np.int32)
+        stack = np.stack([read_shared_image(HELA, n) for n in names]).astype(np.int32)
         stack = (stack - stack.min()).astype(np.uint16)
-        labels = np.stack([tifffile.imread(folder / f"{n}_masks.tif") for n in names])
+        labels = np.stack([read_shared_masks(HELA, n) for n in names])
         write_tiff(root / f"hela{seq}.tif", stack)
         tifffile.imwrite(root / f"hela{seq}_labels.tif", labels)  # a (T, H, W) label stack
         stacks.append(str(root / f"hela{seq}.tif"))
@@ -111,14 +113,14 @@ def hela_timelapse(tmp_path_factory):
     return crops
 
 
-def test_finetune_a_classic_model_on_timelapse_crops_end_to_end(hela_timelapse, tmp_path, capsys):
+def test_finetune_a_classic_model_on_timelapse_crops_end_to_end(hela_timelapse, tmp_path, capsys, cyto0_file):
     crops = hela_timelapse
     images = sorted((crops / "images").glob("*.tif"))
     assert len(images) == 4
     first = tifffile.imread(images[0])
     assert first.shape[-2:] == (104, 104) and not first[..., :2, :].any() and not first[..., :, -2:].any()
     run = tmp_path / "run"
-    weights = shared_path("weights", "cyto_0_cpnet_torch.pt")
+    weights = cyto0_file
     argv = ["finetune", "--model", str(weights), "--images", str(crops), "--out", str(run), "--channels", "0", "0",
             "--val-fraction", "0.25", "--size-epochs", "1", "schedule.epochs=2", "data.num_workers=0",
             "log.progress=false", "val.every_epochs=1"]
