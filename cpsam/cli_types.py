@@ -87,3 +87,45 @@ def torch_device(text: str) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and mps devices are supported")
     return device
+
+
+# ----------------------------------------------------------------------------- the size guard
+# One rule for every size a user gives (an option or a config key): refused up front, the limit named, before any
+# work or memory is spent on it.
+
+MAX_PREVIEW_SAMPLES = 1024  # samples in a preview grid (each panel is about 2 x 256 x 256 px of RGB)
+TILE_SIZE_LIMITS = (16, 4096)  # px; a 4096-px tile already needs gigabytes of activations
+INFERENCE_TILE_STRIDE = 32  # a U-Net/ResNet encoder halves the input five times: tiles are multiples of 32 px
+
+
+def size_problem(value: int, low: int, high: int, multiple_of: int = 1) -> str | None:
+    """The size guard: None when `low <= value <= high` and `value` is a multiple of `multiple_of`, else what is
+    wrong, naming the limit (the caller puts the option or key name in front)."""
+    step = f" and a multiple of {multiple_of}" if multiple_of > 1 else ""
+    if not low <= value <= high or value % multiple_of:
+        return f"must be between {low} and {high}{step}, got {value}"
+    return None
+
+
+def bounded_int(low: int, high: int, multiple_of: int = 1):
+    """An argparse type: an integer that passes `size_problem(value, low, high, multiple_of)`."""
+
+    def parse(text: str) -> int:
+        value = _integer(text)
+        problem = size_problem(value, low, high, multiple_of)
+        return _checked(value, problem is None, problem or "")
+
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
+preview_count = bounded_int(1, MAX_PREVIEW_SAMPLES)
+"""Samples in a preview grid: 1 .. MAX_PREVIEW_SAMPLES."""
+
+inference_tile = bounded_int(INFERENCE_TILE_STRIDE, TILE_SIZE_LIMITS[1], INFERENCE_TILE_STRIDE)
+"""A tile side for encoder-decoder inference: a multiple of 32 px, 32 .. 4096."""
+
+
+def png_file(text: str) -> str:
+    """An output file name ending in .png (the writer encodes PNG whatever the name says)."""
+    return _checked(text, text.lower().endswith(".png"), f"{text!r} must end in .png (a PNG image is written)")

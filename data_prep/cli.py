@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from cpsam.cli_types import positive_int
+from cpsam.cli_types import non_negative_int, positive_int
 from cpsam.command import UsageError, exit_codes, interruptible
 from cpsam.io import InputFileError, OutputPathError, check_output_dir
 
@@ -81,9 +81,10 @@ def add_timelapse_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("stacks", nargs="+", type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--masks", nargs="+", type=Path, default=None, help="matching label stacks (optional)")
-    p.add_argument("--frames", type=int, default=5)
-    p.add_argument("--crop", type=int, default=100)
-    p.add_argument("--border", type=int, default=2)
+    p.add_argument("--frames", type=positive_int, default=5, help="random frames per stack (default 5)")
+    p.add_argument("--crop", type=positive_int, default=100,
+                   help="crop side in px before the border (default 100; must exceed 2 x --border)")
+    p.add_argument("--border", type=non_negative_int, default=2, help="zero border in px on each side (default 2)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -245,8 +246,11 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_timelapse(args: argparse.Namespace) -> int:
     """`cpsam prep timelapse`; returns the exit code."""
     # imported when this command runs, not for --help (start-up time)
-    from data_prep.timelapse import timelapse_crops
+    from data_prep.timelapse import crop_options_problem, timelapse_crops
 
+    problem = crop_options_problem(frames=args.frames, crop=args.crop, border=args.border)
+    if problem is not None:
+        raise UsageError(problem)
     out = timelapse_crops(args.stacks, args.out, masks=args.masks, frames=args.frames, crop=args.crop,
                           border=args.border, seed=args.seed)
     print(f"{len(out)} crops -> {args.out}")

@@ -32,6 +32,18 @@ def _as_stack(stack: np.ndarray, path: Path) -> np.ndarray:
     return stack
 
 
+def crop_options_problem(*, frames: int, crop: int, border: int) -> str | None:
+    """What is wrong with the sizes of a `timelapse_crops` call, naming the option (None when usable): at least
+    one frame, a crop of at least one pixel that exceeds its two borders, no negative border."""
+    if frames < 1:
+        return f"--frames must be at least 1, got {frames}"
+    if border < 0:
+        return f"--border must be >= 0, got {border}"
+    if crop < 1 or crop <= 2 * border:
+        return f"--crop must exceed 2 x --border ({2 * border}) and be at least 1, got {crop}"
+    return None
+
+
 def crop_positions(
     n_frames: int, shape: tuple[int, int], *, frames: int, crop: int, rng: np.random.Generator
 ) -> list[tuple[int, int, int]]:
@@ -64,14 +76,35 @@ def timelapse_crops(
     """Cut `frames` random crop x crop windows (one per random frame) from every stack.
 
     stacks: TIFF/NPY files (T, H, W) or (T, C, H, W). masks: matching (T, H, W) label stacks or None.
-    The draw is deterministic in (seed, stack file name). Returns the index rows written (with masks)
-    or the image paths written (without).
+    The draw is deterministic in (seed, stack file name). A crop with NaN/Inf pixels is skipped with a warning
+    on stderr naming the stack and frame; after a failure part-way the index still lists the crops written.
+    Returns the index rows written (with masks) or the image paths written (without). Raises ValueError
+    (naming the option) for sizes `crop_options_problem` refuses.
     """
     out = Path(out)
+    problem = crop_options_problem(frames=frames, crop=crop, border=border)
+    if problem is not None:
+        raise ValueError(problem)
     if masks is not None and len(masks) != len(stacks):
         raise ValueError(f"{len(stacks)} stacks but {len(masks)} mask stacks")
     rows = {r.name: r for r in read_index(out)} if masks is not None else {}
     written: list = []
+    try:
+        _cut_stacks(stacks, out, masks, rows, written, frames=frames, crop=crop, border=border, seed=seed,
+                    dataset=dataset, split=split)
+    except BaseException:
+        if masks is not None and rows:  # a failure part-way: the index still lists every example written
+            write_index(out, rows.values())
+        raise
+    if masks is not None:
+        write_index(out, rows.values())
+    return written
+
+
+def _cut_stacks(stacks: Sequence[str | os.PathLike[str]], out: Path, masks: Sequence[str | os.PathLike[str]] | None,
+                rows: dict[str, IndexRow], written: list, *, frames: int, crop: int, border: int, seed: int,
+                dataset: str, split: str) -> None:
+    """The loop of `timelapse_crops`: appends to `written` and `rows` as each crop is written."""
     for k, sp in enumerate(stacks):
         sp = Path(sp)
         stack = _as_stack(read_image(sp), sp)
@@ -92,7 +125,12 @@ def timelapse_crops(
         key = int(hashlib.sha1(sp.name.encode()).hexdigest()[:8], 16)
         rng = np.random.default_rng([seed, key])
         for t, y, x in crop_positions(stack.shape[0], stack.shape[-2:], frames=frames, crop=crop, rng=rng):
-            img = pad_border(stack[t, ..., y : y + crop, x : x + crop], border)
+            window = stack[t, ..., y : y + crop, x : x + crop]
+            if np.issubdtype(window.dtype, np.floating) and not np.isfinite(window).all():
+                print(f"warning: {sp}: frame {t} has NaN/Inf pixels in the crop y={y}, x={x}; skipped",
+                      file=sys.stderr)
+                continue
+            img = pad_border(window, border)
             name = safe_name(dataset, sp.stem, f"t{t:04d}_y{y}_x{x}")
             if mstack is None:
                 written.append(write_tiff(out / f"{name}.tif", img))
@@ -110,9 +148,6 @@ def timelapse_crops(
             )
             rows[name] = row
             written.append(row)
-    if masks is not None:
-        write_index(out, rows.values())
-    return written
 
 
 def read_labels_array(labels: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ and the `onnx` package is not part of this project's environment.
 from __future__ import annotations
 
 import argparse
+import io as stdio
 import math
 import sys
 from pathlib import Path
@@ -311,7 +312,8 @@ def export_model(model: nn.Module, out: str | Path, rules: InferenceRules | None
     """Write `model` (a CPnet or FastNet; eval mode, CPU) as one TorchScript file `out` (atomically).
 
     rules: the inference rules to reproduce (default: `rules_for(model)`, what `cpsam segment` uses).
-    Returns the written path. Raises ValueError for a model without the cpsam model interface.
+    Returns the written path. Raises ValueError for a model without the cpsam model interface and OSError
+    (naming `out`) when the file cannot be written, e.g. a full disk; no partial file is left.
     """
     for attr in ("in_channels", "tile_size", "diam_mean", "diam_labels"):
         if not hasattr(model, attr):
@@ -328,8 +330,12 @@ def export_model(model: nn.Module, out: str | Path, rules: InferenceRules | None
     wrapper = ExportedSegmenter(traced, int(model.in_channels), tile, float(model.diam_mean.detach()[0]),
                                 float(model.diam_labels.detach()[0]), rules, stride, batch_size)
     scripted = torch.jit.script(wrapper)
+    # serialized in memory, then written by Python: TorchScript's own file writer aborts the process (C++
+    # "terminate called") when the disk fills, where a Python write raises OSError and atomic_path cleans up
+    buffer = stdio.BytesIO()
+    torch.jit.save(scripted, buffer)
     with io.atomic_path(out) as tmp:
-        torch.jit.save(scripted, str(tmp))
+        tmp.write_bytes(buffer.getbuffer())
     return Path(out)
 
 
@@ -350,7 +356,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`cpsam distill export`; 0 written, 2 bad request (unreadable model, unwritable --out)."""
+    """`cpsam distill export`; 0 written, 2 bad request (unreadable model, unwritable --out), 1 the write failed
+    (e.g. a full disk; no partial file is left)."""
+    try:
+        io.check_output_file(args.out)
+    except io.OutputPathError as exc:
+        print(f"cpsam distill export: cannot write --out {exc}", file=sys.stderr)
+        return 2
     try:
         model = resolve_model(args.model, torch.device("cpu"))
     except (OSError, ValueError, RuntimeError) as exc:
@@ -363,8 +375,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cpsam distill export: {args.model}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"cpsam distill export: cannot write --out {args.out}: {io.describe_os_error(exc)}", file=sys.stderr)
-        return 2
+        what = io.describe_os_error(exc) if exc.filename else f"{args.out}: {io.describe_os_error(exc)}"
+        print(f"cpsam distill export: cannot write --out {what}", file=sys.stderr)
+        return 1
     size = path.stat().st_size / 2**20
     print(f"cpsam distill export: {args.model} -> {path} ({size:.1f} MiB, TorchScript; rules {rules.mask_rules}, "
           f"tile {rules.tile_size}, {'pad to tile' if rules.pad_to_tile else 'tiles shrink to small images'})")

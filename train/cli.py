@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from cpsam.cli_types import MAX_PREVIEW_SAMPLES, png_file, preview_count
 from cpsam.command import DataError, UsageError, exit_codes
 from train.config import ConfigError, flat_keys, load_config
 
@@ -38,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_preview_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cpsam train preview`."""
     _add_config_arguments(parser)
-    parser.add_argument("--n", type=int, default=16, help="number of samples in the grid (default 16)")
-    parser.add_argument("--out", default="preview.png", help="output PNG (default preview.png)")
+    parser.add_argument("--n", type=preview_count, default=16,
+                        help=f"number of samples in the grid (default 16, at most {MAX_PREVIEW_SAMPLES})")
+    parser.add_argument("--out", type=png_file, default="preview.png", help="output PNG (default preview.png)")
 
 
 def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:

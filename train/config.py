@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cpsam.cli_types import TILE_SIZE_LIMITS, size_problem
 from train.augment import AugmentConfig
 from train.degrade import DegradeConfig
 from train.host_memory import parse_threshold
@@ -334,6 +335,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.min_train_masks >= 0, "data.min_train_masks must be >= 0"),
     ]
+    for key, size in (("model.tile_size", cfg.model.tile_size), ("data.tile_size", cfg.data.tile_size)):
+        problem = None if size is None else size_problem(size, *TILE_SIZE_LIMITS)
+        checks.append((problem is None, f"{key} {problem}"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

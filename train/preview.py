@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cpsam.cli_types import MAX_PREVIEW_SAMPLES, size_problem
 from cpsam.io import flows_to_rgb, masks_to_outlines, write_png
 from train.config import TrainConfig, dataset_entries
 from train.data import PipelineSpec, SampleKey, TrainDataset
@@ -46,16 +47,21 @@ def sample_panels(sample: dict, caption: str) -> np.ndarray:
 
 
 def write_preview(cfg: TrainConfig, n: int, out: str | os.PathLike[str]) -> Path:
-    """Draw the first `n` samples of epoch 0 of `cfg` into a PNG grid at `out`; returns the path."""
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+    """Draw the first `n` samples of epoch 0 of `cfg` into a PNG grid at `out` (a .png name); returns the path.
+
+    Raises ValueError for `n` outside 1 .. MAX_PREVIEW_SAMPLES or another suffix than .png."""
+    problem = size_problem(int(n), 1, MAX_PREVIEW_SAMPLES)
+    if problem is not None:
+        raise ValueError(f"--n {problem}")
+    if Path(out).suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: must end in .png (a PNG image is written)")
     net = build_model(cfg.model)
     channels = int(cfg.data.channels or net.in_channels)
     tile = int(cfg.data.tile_size or net.tile_size)
     paths, weights = dataset_entries(cfg.data.train)
     if not paths:
         raise ValueError("data.train is empty: give at least one canonical dataset folder")
-    samples = max(int(n), 1)
+    samples = int(n)
     sampler = MultiDatasetSampler(paths, weights if weights is not None else cfg.data.weights,
                                   samples_per_epoch=samples, seed=cfg.seed, split=cfg.data.train_split,
                                   min_train_masks=cfg.data.min_train_masks)

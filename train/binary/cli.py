@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cpsam import io
-from cpsam.cli_types import finite_float, fraction, non_negative_int, positive_int, probability
+from cpsam.cli_types import finite_float, fraction, inference_tile, non_negative_int, preview_count, probability
 from cpsam.command import exit_codes
 from cpsam.models.loading import CheckpointError
 from train.binary import workflow as wf
@@ -69,7 +69,7 @@ def add_explore_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cpsam binary explore`."""
     _add_labelled_images(p)
     p.add_argument("--out", required=True, type=Path, help="output PNG")
-    p.add_argument("--n", type=positive_int, default=16, help="samples in the grid (default 16)")
+    p.add_argument("--n", type=preview_count, default=16, help="samples in the grid (default 16, at most 1024)")
     _add_overrides(p)
 
 
@@ -80,7 +80,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--threshold", type=probability, default=0.5, help="cell probability threshold (0.5)")
     p.add_argument("--min-size", type=non_negative_int, default=0, help="drop components under this many px")
-    p.add_argument("--tile", type=positive_int, default=None, help="tile side in px (default: the model's)")
+    p.add_argument("--tile", type=inference_tile, default=None,
+                   help="tile side in px, a multiple of 32 from 32 to 4096 (default 512)")
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,15 +140,16 @@ def run_distill(args: argparse.Namespace) -> int:
 
 @_reported()
 def run_predict(args: argparse.Namespace) -> int:
-    """`cpsam binary predict`."""
+    """`cpsam binary predict`: 0 when every image was segmented, 1 when any failed (each named on stderr)."""
     written, problems = wf.predict_folder(args.model, args.images, args.out, threshold=args.threshold,
                                           min_size=args.min_size, tile=args.tile)
     for problem in problems:
         print(f"cpsam binary predict: {problem}", file=sys.stderr)
     if problems and not written:
         raise io.InputFileError(args.images, "no image could be segmented")
-    print(f"wrote masks and probabilities of {len(written) // 2} images to {args.out}")
-    return 0
+    print(f"wrote masks and probabilities of {len(written) // 2} images to {args.out}"
+          + (f"; {len(problems)} failed" if problems else ""))
+    return 1 if problems else 0
 
 
 @_reported()

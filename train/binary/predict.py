@@ -21,14 +21,16 @@ import torch
 from torch import nn
 
 from cpsam import transforms
+from cpsam.cli_types import INFERENCE_TILE_STRIDE, TILE_SIZE_LIMITS, size_problem
 from cpsam.models.loading import CheckpointError, load_model, read_checkpoint
+from cpsam.segment import ImageError
 from data_prep.labels import split_components
 from train.augment import normalize_image, to_model_channels
 from train.binary.loading_codes import LoadingCode, parse_loading_code
 
 TILE_OVERLAP = 0.1
 INFERENCE_TILE = 512  # px; larger tiles than training's waste less on overlaps (the net is fully convolutional)
-ENCODER_STRIDE = 32
+ENCODER_STRIDE = INFERENCE_TILE_STRIDE  # the encoder halves the input five times
 CPU_TILE_BATCH = 2  # CPU convolutions gain nothing from larger batches (see cpsam.segment.CPU_SUB_BATCH)
 
 
@@ -39,6 +41,14 @@ def network_input(image: np.ndarray, code: LoadingCode) -> np.ndarray:
     needed = max(code.n_sources, chw.shape[0] if code.uses_all_channels else 0, 1)
     chw = to_model_channels(chw, max(needed, chw.shape[0]))
     return code.apply(normalize_image(chw))[0]
+
+
+def check_finite(image: np.ndarray) -> None:
+    """Raise cpsam.segment.ImageError (a ValueError) for an image with NaN or Inf pixels: one of them turns the
+    percentile normalization, and so every probability, into NaN (as `cpsam segment` refuses them)."""
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        n_bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        raise ImageError(f"image contains {n_bad} NaN/Inf pixel values")
 
 
 def _tile_side(length: int, tile: int) -> int:
@@ -54,11 +64,18 @@ def predict_probabilities(net: nn.Module, image: np.ndarray, code: LoadingCode, 
     image: (H, W) or (C, H, W) raw pixels (any dtype). code: the run's loading code. tile: tile side in px
     (default INFERENCE_TILE; an axis shorter than it gets one tile of its length rounded up to 32 px, so small
     images cost no padding to a full tile). The net is put in eval mode (BatchNorm running statistics) and left so.
+    Raises cpsam.segment.ImageError (a ValueError) for NaN/Inf pixels and ValueError for a tile outside
+    `cpsam.cli_types.inference_tile`'s limits (a multiple of 32 px, 32 .. 4096).
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
     net.eval()
-    x = network_input(np.asarray(image), code)
+    image = np.asarray(image)
+    check_finite(image)
+    x = network_input(image, code)
     _, height, width = x.shape
+    if tile is not None and (problem := size_problem(int(tile), ENCODER_STRIDE, TILE_SIZE_LIMITS[1],
+                                                    ENCODER_STRIDE)) is not None:
+        raise ValueError(f"tile {problem}")
     th, tw = _tile_side(height, tile or INFERENCE_TILE), _tile_side(width, tile or INFERENCE_TILE)
     ly, lx = max(height, th), max(width, tw)
     padded = np.zeros((x.shape[0], ly, lx), np.float32)
