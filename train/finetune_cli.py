@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the workflow; prints the before/after summary. Exit 0 done, 1 failed run, 2 bad request."""
     # imported when this command runs, not for --help (start-up time)
     from train.config import ConfigError
-    from train.finetune import FinetuneError, finetune
+    from train.finetune import FinetuneDataError, FinetuneError, finetune
     from train.loop import TrainingError
 
-    with exit_codes(((FinetuneError, ConfigError), 2), ((TrainingError, io.InputFileError), 1)):
+    with exit_codes((FinetuneDataError, 1), ((FinetuneError, ConfigError), 2), ((TrainingError, io.InputFileError), 1)):
         result = finetune(
             args.model, args.images, args.out, masks=args.masks, val_fraction=args.val_fraction,
             diameter=args.diameter or None, channels=args.channels, seed=args.seed, overrides=args.overrides,
