@@ -167,6 +167,26 @@ def test_finetune_out_on_a_read_only_folder_is_one_line(model, tmp_path, readonl
     assert str(readonly_dir / "run") in line_with(err, "cpsam finetune:", "--out")
 
 
+def test_finetune_on_a_nearly_full_disk_is_one_line(model, tmp_path):
+    if not _can_mount():
+        pytest.skip("needs a tmpfs mount (root) for a real full disk")
+    images = labelled_folder(tmp_path / "imgs", 3)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+    try:  # the data and the config fit, the training checkpoint (weights + optimizer state) does not
+        code, out, err = finetune(model, images, disk / "run")
+        leftovers = [p for p in disk.rglob("*") if ".part" in p.name]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+    no_traceback(out, err)
+    assert code == 1, err
+    assert str(disk / "run") in line_with(err, "cpsam finetune:", "no space left on device")
+    assert not leftovers
+
+
 def test_binary_distill_from_a_flow_teacher_is_a_usage_error_naming_teacher(model, tmp_path):
     images = labelled_folder(tmp_path / "imgs", 2)
     code, out, err = cli("binary", "distill", "--teacher", model, "--images", images, "--out", tmp_path / "run",
