@@ -461,6 +461,9 @@ def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[
                          overlay_dir=run / "overlays") if val_names else Scores()
     del base
     train(cfg)
+    if not (run / "model.pt").is_file():  # the loop warns about a checkpoint it could not write (a full disk)
+        raise FinetuneDataError(f"{run / 'model.pt'}: training wrote no model (its checkpoint could not be "
+                                "written, see the warning above); free space and rerun to resume")
     tuned = load_model(run / "model.pt")
     size_path = None
     if is_classic(tuned):
