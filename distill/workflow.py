@@ -42,6 +42,7 @@ from train.checkpoint import last_dir, load_state
 from train.config import ConfigError, TrainConfig, apply_overrides
 from train.degrade import DegradeConfig
 from train.loop import train
+from train.run_folder import claim_run_folder
 from train.schedule import ScheduleConfig
 from train.size_fit import fit_size_model
 
@@ -212,8 +213,6 @@ def distill(teacher: Teacher, images: Path | None, student: str, out: Path, *, o
             size_epochs: int = 10, progress: bool = True) -> DistillResult:
     """Run the whole workflow (module docstring). Raises DistillError, ConfigError, train.loop.TrainingError."""
     start = time.perf_counter()
-    if out.exists() and not out.is_dir():
-        raise DistillError(f"--out {out} exists and is not a folder")
     try:
         peek = apply_overrides(TrainConfig(), list(overrides))
     except ConfigError as exc:
@@ -222,6 +221,11 @@ def distill(teacher: Teacher, images: Path | None, student: str, out: Path, *, o
     if student not in list_models():
         raise DistillError(f"--student {student!r} is not a registered model; known: {', '.join(list_models())}")
     cache = TeacherCache(peek.kd.cache) if peek.kd.cache else None
+    claim_run_folder(out, "distill", {
+        "teacher": [Path(s) if Path(s).exists() else s for s in teacher.specs],
+        "images": None if images is None else Path(images), "student": student, "val_fraction": val_fraction,
+        "seed": seed, "diameter": diameter, "channels": None if channels is None else list(channels),
+        "rules": dict(rules or {}), "seed_search": seed_search_n})
     plan = plan_data(teacher, images, out / "data", cache=cache, val_fraction=val_fraction, seed=seed,
                      diameter=diameter, channels=channels, rules=rules, progress=progress)
     print(f"cpsam distill: {plan.n_train} training images in {len(plan.train_roots)} folder(s), validation in "

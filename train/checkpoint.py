@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from cpsam.io import atomic_path
+from cpsam.models.loading import write_torch_file
 
 STATE_FILE = "state.pt"
 STATE_FORMAT = "cpsam-train-state"
@@ -45,9 +46,7 @@ def save_state(directory: str | os.PathLike[str], state: dict[str, Any]) -> Path
     """Write `state` (plain objects and CPU tensors) to directory/state.pt atomically; returns the path."""
     path = Path(directory) / STATE_FILE
     payload = {"format": STATE_FORMAT, "format_version": STATE_VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
+    return write_torch_file(path, payload)  # a full disk: an OSError naming the file, not torch's RuntimeError
 
 
 def load_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:

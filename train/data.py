@@ -38,6 +38,8 @@ from train import augment as aug
 from train import degrade as deg
 from train.sampler import MultiDatasetSampler
 
+MIN_SIDE = 2  # pixels: the shortest side of a usable mask (a 1 x N strip has no flows to learn)
+
 # child streams of one sample's SeedSequence (their order is part of the replay contract)
 _GEOMETRY, _DEGRADE, _INTENSITY = 0, 1, 2
 
@@ -327,9 +329,15 @@ def check_example(root: Path, row, check_pixels: bool = True) -> str | None:
         mshape, _ = _tiff_shape(mpath)
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a reason to leave it out
         return f"unreadable TIFF ({type(exc).__name__}: {exc})"
-    squeezed = tuple(s for s in mshape if s != 1)
+    squeezed = list(mshape)
+    while len(squeezed) > 2 and 1 in squeezed:  # extra axes of length 1 (`cpsam.io.squeeze_to_2d`'s rule)
+        squeezed.remove(1)
+    squeezed = tuple(squeezed)
     if len(squeezed) != 2:
         return f"mask is not 2-D (shape {mshape})"
+    if min(squeezed) < MIN_SIDE:
+        return (f"mask is {squeezed[0]} x {squeezed[1]} pixels, too small (each side needs at least {MIN_SIDE} "
+                "pixels for flows)")
     hw = (ishape[-2:] if len(ishape) == 2 or ishape[0] <= 4 else ishape[:2])
     if tuple(hw) != squeezed:
         return f"mask shape {squeezed} does not match image shape {ishape}"

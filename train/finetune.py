@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +47,27 @@ from cpsam.models import ModelSpecError, load_model, resolve_model
 from cpsam.models.cellpose_sam import CellposeSAM
 from cpsam.pairing import read_label_file
 from cpsam.segment import Segmenter
-from cpsam.transforms import select_channels, to_channels_last
-from data_prep.canonical import CanonicalDataset, image_path, mask_path, read_index, write_example, write_index
+from cpsam.transforms import scaled_shape, select_channels, to_channels_last
+from data_prep.canonical import (
+    CanonicalDataset,
+    IndexRow,
+    image_path,
+    mask_path,
+    read_index,
+    write_example,
+    write_index,
+)
 from train.augment import AugmentConfig
 from train.config import ConfigError, TrainConfig, apply_overrides, preset
+from train.data import check_example
 from train.degrade import DegradeConfig
 from train.loop import train
+from train.run_folder import claim_run_folder
 from train.schedule import ScheduleConfig
 from train.size_fit import fit_size_model
 
 MIN_IMAGES = 2  # one to train on, one to validate
+MIN_DIAMETER, MAX_DIAMETER = 1.0, 10_000.0  # pixels: the scoring diameters --diameter may give
 THRESHOLDS = (0.5, 0.75, 0.9)
 RESULT_COLUMNS = (
     "run", "base_model", "model_kind", "n_train", "n_val", "epochs", "lr", "weight_decay", "batch_size",
@@ -68,6 +79,10 @@ RESULT_COLUMNS = (
 
 class FinetuneError(RuntimeError):
     """A fine-tuning request that cannot run (too few labels, unreadable model, ...); one clear line."""
+
+
+class FinetuneDataError(FinetuneError):
+    """The labelled images given cannot train a model (none usable, no validation image left); a data error."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,25 @@ def find_labelled_images(images: str | os.PathLike[str], masks: str | os.PathLik
     return found, unlabelled
 
 
+def skipped_files(images: str | os.PathLike[str], masks: str | os.PathLike[str] | None = None,
+                  unlabelled: Sequence[Path] | None = None) -> str:
+    """What pairing the folder `images` skipped, in words ('' when nothing): how many images have no label file
+    and how many label files belong to no image (`cpsam.pairing.pair_folder`'s unlabelled and orphans), with the
+    first of each. `unlabelled`: the images already known to have none (e.g. `find_labelled_images`' second)."""
+    root = Path(images)
+    if not root.is_dir() or (root / "index.csv").is_file():
+        return ""
+    folder = pairing.pair_folder(root, Path(masks) if masks is not None else None)
+    alone = sorted(unlabelled) if unlabelled is not None else sorted(folder.unlabelled)
+    parts = []
+    if alone:
+        parts.append(f"{len(alone)} image{'s' if len(alone) != 1 else ''} without labels (e.g. {alone[0]})")
+    if folder.orphans:
+        parts.append(f"{len(folder.orphans)} label file{'s' if len(folder.orphans) != 1 else ''} of no image "
+                     f"(e.g. {sorted(folder.orphans)[0]})")
+    return f"skipped {' and '.join(parts)}" if parts else ""
+
+
 def split_names(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """A seeded random split: (train names, val names), each sorted. At least one image in each part
     when val_fraction > 0 (the seed's 80:20 by default)."""
@@ -225,19 +259,17 @@ def apply_user_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainCon
 
 
 # --------------------------------------------------------------------------------------------- data
-def build_dataset(run: Path, items: Sequence[LabelledImage], train_names: Sequence[str], n_channels: int,
-                  channels: Sequence[int] | None, progress: bool = True) -> tuple[set[str], list[str]]:
-    """Write RUN/data (canonical: images in the model's `n_channels` input channels, `channels`
-    applied) with the split in index.csv; returns (names written, 'FILE: problem' of those left out)."""
+def build_dataset(run: Path, items: Sequence[LabelledImage], n_channels: int, channels: Sequence[int] | None,
+                  progress: bool = True) -> tuple[list[IndexRow], list[str]]:
+    """Write RUN/data (canonical: images in the model's `n_channels` input channels, `channels` applied), every
+    example in split "train" (the split is made later, among the usable ones: `split_usable`); examples written
+    by an earlier run of the same request are kept. Returns (rows written, 'FILE: problem' of those left out)."""
     root = run / "data"
-    train_set = set(train_names)
     rows, problems = [], []
     existing = {r.name: r for r in read_index(root)}
     sources: dict[Path, CanonicalDataset] = {}  # canonical inputs: one index read per source folder
     for item in tqdm(items, desc="prepare data", disable=not progress, leave=False):
-        split = "train" if item.name in train_set else "val"
-        done = item.name in existing and (root / "masks" / f"{item.name}.tif").is_file()
-        if done and existing[item.name].split == split:
+        if item.name in existing and (root / "masks" / f"{item.name}.tif").is_file():
             rows.append(existing[item.name])
             continue
         try:
@@ -253,11 +285,64 @@ def build_dataset(run: Path, items: Sequence[LabelledImage], train_names: Sequen
                 hwc = to_channels_last(image)
             picked = select_channels(hwc, channels, n_channels)  # (H, W, n_channels), zero-filled
             rows.append(write_example(root, item.name, picked.transpose(2, 0, 1), labels, dataset="finetune",
-                                      split=split, license="yours", source=str(item.image)))
+                                      split="train", license="yours", source=str(item.image)))
         except (io.InputFileError, ValueError) as exc:
             problems.append(f"{item.image}: {exc}")
     write_index(root, rows)
-    return {row.name for row in rows}, problems
+    return rows, problems
+
+
+def drop_unusable(root: Path, rows: Sequence[IndexRow], check_pixels: bool = True) -> tuple[list[IndexRow], list[str]]:
+    """(the rows training can use, 'FILE: problem' of the others) by the loop's own rule (`train.data.check_example`:
+    a mask with objects, shapes that agree, finite pixels); the others are removed from `root`'s index.csv."""
+    kept, problems = [], []
+    for row in rows:
+        reason = check_example(root, row, check_pixels=check_pixels)
+        if reason is None:
+            kept.append(row)
+        else:
+            problems.append(f"{row.source}: {reason}")
+    if len(kept) != len(rows):
+        write_index(root, kept)
+    return kept, problems
+
+
+def split_usable(run: Path, rows: Sequence[IndexRow], val_fraction: float, seed: int,
+                 option: str = "--val-fraction") -> tuple[list[str], list[str]]:
+    """Split the usable examples of RUN/data (`split_names`), write the split into its index.csv and into
+    RUN/train.txt / RUN/val.txt (only the names used); returns (train names, val names). Raises FinetuneDataError
+    when fewer than MIN_IMAGES are usable with a validation fraction > 0 (an empty validation set would score
+    nothing) or none at all."""
+    names = sorted(r.name for r in rows)
+    if not names:
+        raise FinetuneDataError(f"no usable labelled image left in {run / 'data'} (each was left out, see above)")
+    if val_fraction > 0 and len(names) < MIN_IMAGES:
+        raise FinetuneDataError(
+            f"only {len(names)} usable labelled image ({names[0]}) after leaving out the unusable ones; need at least "
+            f"{MIN_IMAGES} (one to train on, one to validate), or {option} 0")
+    train_names, val_names = split_names(names, val_fraction, seed)
+    chosen = set(train_names)
+    write_index(run / "data", [replace(r, split="train" if r.name in chosen else "val") for r in rows])
+    for fname, part in (("train.txt", train_names), ("val.txt", val_names)):
+        with io.atomic_path(run / fname) as tmp:
+            Path(tmp).write_text("".join(f"{n}\n" for n in part))
+    return train_names, val_names
+
+
+def check_diameter(diameter: float | None, diam_mean: float, shapes: Sequence[tuple[int, int]] = ()) -> None:
+    """Refuse (FinetuneError naming --diameter) a scoring diameter that is not 0 or within [MIN_DIAMETER,
+    MAX_DIAMETER] pixels, or that would rescale one of the images (H, W) `shapes` to nothing or past
+    `cpsam.transforms.scaled_shape`'s pixel limit (what `cpsam segment` refuses)."""
+    if diameter is None or diameter == 0:
+        return
+    if not (math.isfinite(diameter) and MIN_DIAMETER <= diameter <= MAX_DIAMETER):
+        raise FinetuneError(f"--diameter must be 0 (estimate) or a cell diameter from {MIN_DIAMETER:g} to "
+                            f"{MAX_DIAMETER:g} pixels, got {diameter:g}")
+    for height, width in shapes:
+        try:
+            scaled_shape(height, width, diam_mean / diameter)
+        except ValueError as exc:
+            raise FinetuneError(f"--diameter {diameter:g}: {exc}") from exc
 
 
 def score_model(model: nn.Module, run: Path, names: Sequence[str], diameter: float | None, *, label: str,
@@ -342,30 +427,33 @@ def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[
     (too few labelled images, bad model, bad override) and train.loop.TrainingError."""
     start = time.perf_counter()
     run = Path(out)
-    if run.exists() and not run.is_dir():
-        raise FinetuneError(f"--out {run} exists and is not a folder")
     if diameter is not None and not (math.isfinite(diameter) and diameter >= 0):
         raise FinetuneError(f"--diameter must be a positive number of pixels (0 = estimate), got {diameter}")
+    check_diameter(diameter, 1.0)
     diameter = diameter or None
+    if not 0 <= val_fraction < 1:
+        raise FinetuneError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     items, unlabelled = find_labelled_images(images, masks)
     if len(items) < MIN_IMAGES:
         raise FinetuneError(
             f"found {len(items)} labelled image{'s' if len(items) != 1 else ''} (and {len(unlabelled)} without labels) "
             f"{looked_for(Path(images), None if masks is None else Path(masks))}; need at least {MIN_IMAGES} "
             "(one to train on, one to validate)")
+    skipped = skipped_files(images, masks, unlabelled)
+    if skipped:
+        print(f"cpsam finetune: {skipped}", file=sys.stderr)
     base = load_base_model(model)
-    train_names, val_names = split_names([it.name for it in items], val_fraction, seed)
-    run.mkdir(parents=True, exist_ok=True)
-    for fname, names in (("train.txt", train_names), ("val.txt", val_names)):
-        with io.atomic_path(run / fname) as tmp:
-            Path(tmp).write_text("".join(f"{n}\n" for n in names))
-    written, problems = build_dataset(run, items, train_names, int(base.in_channels), channels, progress)
+    claim_run_folder(run, "finetune", {
+        "model": Path(model) if Path(model).exists() else model, "images": Path(images),
+        "masks": None if masks is None else Path(masks), "val_fraction": val_fraction, "seed": seed,
+        "channels": None if channels is None else list(channels)})
+    rows, problems = build_dataset(run, items, int(base.in_channels), channels, progress)
+    rows, unusable = drop_unusable(run / "data", rows)
+    problems += unusable
     for p in problems:
         print(f"cpsam finetune: left out {p}", file=sys.stderr)
-    train_names = [n for n in train_names if n in written]
-    val_names = [n for n in val_names if n in written]
-    if not train_names:
-        raise FinetuneError("no readable training image left")
+    check_diameter(diameter, float(base.diam_mean.detach().float().cpu()[0]), [(r.height, r.width) for r in rows])
+    train_names, val_names = split_usable(run, rows, val_fraction, seed)
     print(f"cpsam finetune: {len(train_names)} training and {len(val_names)} validation images "
           f"(split with seed {seed}: {run / 'train.txt'}, {run / 'val.txt'})", file=sys.stderr)
     cfg = finetune_config(base, model, run, len(train_names), seed, overrides)
@@ -373,6 +461,9 @@ def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[
                          overlay_dir=run / "overlays") if val_names else Scores()
     del base
     train(cfg)
+    if not (run / "model.pt").is_file():  # the loop warns about a checkpoint it could not write (a full disk)
+        raise FinetuneDataError(f"{run / 'model.pt'}: training wrote no model (its checkpoint could not be "
+                                "written, see the warning above); free space and rerun to resume")
     tuned = load_model(run / "model.pt")
     size_path = None
     if is_classic(tuned):

@@ -41,19 +41,21 @@ def run(args: argparse.Namespace) -> int:
     """Run the workflow; prints the before/after summary. Exit 0 done, 1 failed run, 2 bad request."""
     # imported when this command runs, not for --help (start-up time)
     from train.config import ConfigError
-    from train.finetune import FinetuneError, finetune
+    from train.finetune import FinetuneDataError, FinetuneError, finetune
     from train.loop import TrainingError
 
-    with exit_codes(((FinetuneError, ConfigError), 2), ((TrainingError, io.InputFileError), 1)):
+    with exit_codes((FinetuneDataError, 1), ((FinetuneError, ConfigError), 2), ((TrainingError, io.InputFileError), 1)):
         result = finetune(
             args.model, args.images, args.out, masks=args.masks, val_fraction=args.val_fraction,
             diameter=args.diameter or None, channels=args.channels, seed=args.seed, overrides=args.overrides,
             size_epochs=args.size_epochs,
         )
     b, a = result.before, result.after
+    scores = (f"validation AP@0.5 {b.mean('ap50'):.3f} -> {a.mean('ap50'):.3f}, AP@0.75 {b.mean('ap75'):.3f} -> "
+              f"{a.mean('ap75'):.3f}, AP@0.9 {b.mean('ap90'):.3f} -> {a.mean('ap90'):.3f}" if result.val_names else
+              "no validation images (--val-fraction 0): not scored")
     print(f"cpsam finetune: {len(result.train_names)} train / {len(result.val_names)} val images, "
-          f"{result.seconds:.0f} s; validation AP@0.5 {b.mean('ap50'):.3f} -> {a.mean('ap50'):.3f}, "
-          f"AP@0.75 {b.mean('ap75'):.3f} -> {a.mean('ap75'):.3f}, AP@0.9 {b.mean('ap90'):.3f} -> {a.mean('ap90'):.3f}; "
+          f"{result.seconds:.0f} s; {scores}; "
           f"model {result.model_path}" + (f" (size model {result.size_model_path})" if result.size_model_path else "")
           + f"; report {result.run / 'val_report.md'}")
     return 0

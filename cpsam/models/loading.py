@@ -15,7 +15,9 @@ was expected, instead of a raw KeyError/RuntimeError from torch.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -333,9 +335,36 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, **extra: Any
         "state_dict": state,
         **extra,
     }
+    return write_torch_file(path, payload)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def write_torch_file(path: str | os.PathLike[str], payload: Any) -> Path:
+    """torch.save `payload` to `path` atomically (no partial file is left). torch reports a failed write (a full
+    disk) as a RuntimeError of its zip writer: that becomes an OSError naming `path`, ENOSPC when the disk has less
+    free space than the payload's tensors need, else EIO, so commands report it as one line like any IO error."""
+    path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:
+            try:
+                free = shutil.disk_usage(path.parent).free
+            except OSError:
+                free = 0
+            if free < _tensor_bytes(payload) + (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+            raise OSError(errno.EIO, f"writing failed ({exc})", str(path)) from exc
+    return path
 
 
 def model_from_checkpoint(obj: Mapping[str, Any], source: str = "<checkpoint>") -> nn.Module:

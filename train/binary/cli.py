@@ -28,8 +28,9 @@ from train.binary import workflow as wf
 from train.binary.loading_codes import code_table
 from train.binary.workflow import BINARY_MODELS
 from train.config import ConfigError
-from train.finetune import FinetuneError
+from train.finetune import FinetuneDataError, FinetuneError
 from train.loop import TrainingError
+from train.run_folder import RunFolderError
 
 IMAGES_HELP = ("images: a folder (labels beside them or in --masks), a FullImage/Mask_Norm/codes.txt root, a "
                "TRAIN_IMG_DIR/0 ... VALID_LABEL_DIR/0 root, or a canonical dataset")
@@ -108,7 +109,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def _reported() -> Iterator[None]:
     """The error policy of every `cpsam binary` command (each `run_NAME` is decorated with it): 1 for a failed run
     or unreadable input, 2 for a bad request (options, model file, config)."""
-    with exit_codes((io.InputFileError, 1), ((FinetuneError, ConfigError, CheckpointError, ValueError), 2),
+    with exit_codes((RunFolderError, 2), ((io.InputFileError, FinetuneDataError), 1),
+                    ((FinetuneError, ConfigError, CheckpointError, ValueError), 2),
                     ((TrainingError, io.OutputPathError, OSError), 1)):
         yield
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,15 @@ from tqdm import tqdm
 from cpsam import io
 from data_prep.canonical import INDEX_NAME, IndexRow, read_index, to_chw, write_example, write_index
 from data_prep.labels import split_components
-from train.finetune import FinetuneError, LabelledImage, find_labelled_images, read_label_file, split_names
+from train.finetune import (
+    FinetuneDataError,
+    FinetuneError,
+    LabelledImage,
+    drop_unusable,
+    find_labelled_images,
+    read_label_file,
+    split_names,
+)
 
 SEED1_DIRS = ("FullImage", "Mask_Norm")
 SEED2_DIRS = ("TRAIN_IMG_DIR", "TRAIN_LABEL_DIR", "VALID_IMG_DIR", "VALID_LABEL_DIR")
@@ -112,14 +120,14 @@ def _pairs(layout: str, images: Path, masks: Path | None) -> list[tuple[Labelled
 def build_binary_dataset(root: Path, pairs: list[tuple[LabelledImage, str]], class_map: bool, dataset: str,
                          progress: bool = True) -> tuple[list[IndexRow], list[str]]:
     """Write canonical dataset `root` from (labelled image, split) pairs: the image with all its channels, the
-    labels as instances (`read_binary_labels`). Examples already written with the same split are kept.
+    labels as instances (`read_binary_labels`). Examples already written are kept (with the split given).
     Returns (rows written, 'FILE: problem' of the pairs left out)."""
     existing = {r.name: r for r in read_index(root)}
     rows, problems = [], []
     for item, split in tqdm(pairs, desc="prepare data", disable=not progress, leave=False):
         old = existing.get(item.name)
-        if old is not None and old.split == split and (root / "masks" / f"{item.name}.tif").is_file():
-            rows.append(old)
+        if old is not None and (root / "masks" / f"{item.name}.tif").is_file():
+            rows.append(replace(old, split=split))
             continue
         try:
             image = to_chw(io.read_image(item.image), path=item.image)
@@ -163,22 +171,34 @@ def prepare_binary_data(images: str | os.PathLike[str], masks: str | os.PathLike
     if len(pairs) < 2:
         raise FinetuneError(f"found {len(pairs)} labelled image(s) in {src} ({layout} layout); need at least 2 "
                             "(one to train on, one to validate)")
-    if any(split is None for _, split in pairs):
-        train_names, _ = split_names([item.name for item, _ in pairs], val_fraction, seed)
-        chosen = set(train_names)
-        pairs = [(item, "train" if item.name in chosen else "val") for item, _ in pairs]
     codes = read_codes(src) if layout == "fullimage" else []
     if len(codes) > 2:
         print(f"cpsam binary: {src / 'codes.txt'} names {len(codes)} classes; every class but {codes[0]!r} counts "
               "as cell", file=sys.stderr)
     root = run / "data"
-    rows, problems = build_binary_dataset(root, pairs, layout == "fullimage", "binary", progress)  # type: ignore[arg-type]
+    fixed = {item.name: split for item, split in pairs if split is not None}
+    # every example first goes in as "train"; the split is made among the usable ones (or kept, when fixed)
+    rows, problems = build_binary_dataset(root, [(item, split or "train") for item, split in pairs],
+                                          layout == "fullimage", "binary", progress)
+    rows, unusable = drop_unusable(root, rows)
+    problems += unusable
+    free = [r for r in rows if r.name not in fixed]
+    if free and val_fraction > 0 and len(free) < 2 and "val" not in fixed.values():
+        raise FinetuneDataError(
+            f"only {len(free)} usable labelled image in {src} after leaving out the unusable ones"
+            + (f" ({problems[0]})" if problems else "") + "; need at least 2 (one to train on, one to validate)")
+    chosen = set(split_names([r.name for r in free], val_fraction, seed)[0] if free else [])
+    rows = [replace(r, split=fixed.get(r.name) or ("train" if r.name in chosen else "val")) for r in rows]
+    write_index(root, rows)
     for fname, split in (("train.txt", "train"), ("val.txt", "val")):
         with io.atomic_path(run / fname) as tmp:
             Path(tmp).write_text("".join(f"{r.name}\n" for r in sorted(rows, key=lambda r: r.name) if r.split == split))
     n_train, n_val = sum(r.split == "train" for r in rows), sum(r.split == "val" for r in rows)
     if n_train == 0:
-        raise FinetuneError(f"no readable training image left in {src}" + (f" ({problems[0]})" if problems else ""))
+        raise FinetuneDataError(f"no usable training image left in {src}" + (f" ({problems[0]})" if problems else ""))
+    if n_val == 0 and ((val_fraction > 0 and free) or "val" in fixed.values()):
+        raise FinetuneDataError(f"no usable validation image left in {src}" + (f" ({problems[0]})" if problems else "")
+                                + "; validation would score nothing")
     return BinaryData([root], [root] if n_val else [], layout=layout, n_train=n_train, n_val=n_val,
                       source_channels=max(r.channels for r in rows), problems=problems)
 

@@ -43,6 +43,7 @@ from train.degrade import DegradeConfig
 from train.finetune import FinetuneError, apply_user_overrides, find_labelled_images
 from train.loop import train
 from train.preview import sample_panels
+from train.run_folder import claim_run_folder
 from train.sampler import MultiDatasetSampler
 from train.schedule import ScheduleConfig
 
@@ -142,9 +143,13 @@ def train_binary(images: str | os.PathLike[str], out: str | os.PathLike[str], *,
     Raises FinetuneError (bad data, model or override), ConfigError and train.loop.TrainingError."""
     start = time.perf_counter()
     run = Path(out)
-    if run.exists() and not run.is_dir():
-        raise FinetuneError(f"--out {run} exists and is not a folder")
-    run.mkdir(parents=True, exist_ok=True)
+    if not Path(images).is_dir():
+        raise FinetuneError(f"--images {images}: no such folder")
+    claim_run_folder(run, "binary train", {
+        "images": Path(images), "masks": None if masks is None else Path(masks), "model": model_name,
+        "loading_code": loading_code, "init": None if not init else Path(init),
+        "encoder_weights": None if not encoder_weights else Path(encoder_weights), "val_fraction": val_fraction,
+        "seed": seed})
     data = prepare_binary_data(images, masks, run, val_fraction=val_fraction, seed=seed, progress=progress)
     for problem in data.problems:
         print(f"cpsam binary: left out {problem}", file=sys.stderr)
@@ -189,6 +194,22 @@ def build_distill_data(images: str | os.PathLike[str], run: Path, *,
     return root, len(rows), problems
 
 
+def binary_teacher(path: Path) -> tuple[dict, int]:
+    """(the training config, the input channels) of a binary teacher file. Raises FinetuneError naming --teacher
+    when the file cannot be read or holds no binary model (a flow model: no cell / background classes)."""
+    try:
+        saved = read_checkpoint(path)
+        kwargs = dict(saved.get("model_kwargs") or {}) if isinstance(saved, dict) else {}
+        cfg = dict(saved.get("config") or {}) if isinstance(saved, dict) else {}
+    except ValueError as exc:
+        raise FinetuneError(f"--teacher: {exc}") from exc
+    name = saved.get("model_name") if isinstance(saved, dict) else None
+    if name not in ENCODERS or "in_chans" not in kwargs or int(kwargs.get("num_classes", 2)) != 2:
+        raise FinetuneError(f"--teacher {path} is not a binary model ({name or 'unknown kind'}); give a model of "
+                            f"`cpsam binary train` ({', '.join(BINARY_MODELS)})")
+    return cfg, int(kwargs["in_chans"])
+
+
 def distill_binary(teacher: str | os.PathLike[str], images: str | os.PathLike[str], student: str,
                    out: str | os.PathLike[str], *, temperature: float = 1.0, val: str | None = None, seed: int = 0,
                    overrides: Sequence[str] = (), progress: bool = True) -> BinaryRun:
@@ -196,12 +217,13 @@ def distill_binary(teacher: str | os.PathLike[str], images: str | os.PathLike[st
     teacher's validation data). Raises FinetuneError, ConfigError and train.loop.TrainingError."""
     start = time.perf_counter()
     run = Path(out)
-    run.mkdir(parents=True, exist_ok=True)
     teacher_path = Path(teacher) / "model.pt" if Path(teacher).is_dir() else Path(teacher)
-    try:
-        teacher_cfg = dict(read_checkpoint(teacher_path).get("config") or {})
-    except ValueError as exc:
-        raise FinetuneError(f"--teacher: {exc}") from exc
+    teacher_cfg, in_chans = binary_teacher(teacher_path)
+    if not Path(images).is_dir():
+        raise FinetuneError(f"--images {images}: no such folder")
+    claim_run_folder(run, "binary distill", {
+        "teacher": teacher_path, "images": Path(images), "student": student, "temperature": float(temperature),
+        "val": None if not val else Path(val), "seed": seed})
     root, n, problems = build_distill_data(images, run, progress=progress)
     for problem in problems:
         print(f"cpsam binary distill: left out {problem}", file=sys.stderr)
@@ -212,7 +234,6 @@ def distill_binary(teacher: str | os.PathLike[str], images: str | os.PathLike[st
     val_roots = [Path(val)] if val else [Path(p) for p in teacher_data.get("val") or [] if isinstance(p, str)]
     data = BinaryData([root], val_roots, train_split=None, val_split=None if val else teacher_data.get("val_split"),
                       layout="distill", n_train=n)
-    in_chans = int(read_checkpoint(teacher_path)["model_kwargs"]["in_chans"])
     start_from = run / "init.pt"
     if not start_from.is_file():
         make_init(start_from, student, in_chans, seed)
