@@ -248,9 +248,9 @@ def distill(teacher: Teacher, images: Path | None, student: str, out: Path, *, o
             cfg = replace(cfg, seed=min(finite, key=lambda r: r[1])[0])
             print(f"cpsam distill: seed search chose seed {cfg.seed}", file=sys.stderr)
     cfg.log.progress = progress
-    result = train(cfg)
+    result = train(cfg)  # a stop signal raises train.loop.RunStopped: nothing below runs
     size_path = None
-    if result.is_main and not result.interrupted and size_epochs > 0 and (out / "model.pt").is_file():
+    if result.is_main and size_epochs > 0 and (out / "model.pt").is_file():
         size_path = fit_student_size_model(out, plan, size_epochs, cfg.seed, progress)
     return DistillResult(out, out / "model.pt", result.best_ap50, cfg.seed, searched, time.perf_counter() - start,
                          size_path, dict(result.final_metrics))

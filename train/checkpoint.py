@@ -80,6 +80,11 @@ def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `tensors` (a state_dict) holding a NaN or an Inf, in order."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch CPU, CUDA when present)."""
     out: dict[str, Any] = {"torch": torch.get_rng_state()}

@@ -55,21 +55,24 @@ def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    """The run config of CONFIG.yaml with the overrides; a bad file or key is one line, exit 1."""
-    with exit_codes(((ConfigError, ValueError, OSError), 1)):
+    """The run config of CONFIG.yaml with the overrides; a bad key or value (ConfigError, naming it) is one line,
+    exit 2 (a usage error, as in every command that takes key=value overrides); an unreadable file exit 1."""
+    with exit_codes((ConfigError, 2), ((ValueError, OSError), 1)):
         return load_config(args.config, list(args.overrides))
 
 
 def run(args: argparse.Namespace) -> int:
-    """`cpsam train`: one line, exit 1, on a bad config or a failed run; 128 + N when stopped by signal N."""
+    """`cpsam train`: one line, exit 2 on a bad config key or value, exit 1 on a failed run; 128 + N when stopped by
+    signal N (the loop has printed where its checkpoint is)."""
     # imported when this command runs, not for --help (start-up time)
-    from train.loop import TrainingError, train
+    from train.loop import RunStopped, TrainingError, train
 
     cfg = _config(args)
-    with exit_codes(((ConfigError, TrainingError, ValueError, OSError), 1)):
-        result = train(cfg)
-    if result.interrupted:
-        return 128 + result.interrupted
+    try:
+        with exit_codes(((ConfigError, TrainingError, ValueError, OSError), 1)):
+            result = train(cfg)
+    except RunStopped as stopped:
+        return 128 + stopped.signum
     if not result.is_main:
         return 0
     best = f", best val AP@0.5 {result.best_ap50:.3f}" if result.best_ap50 is not None else ""

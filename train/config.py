@@ -323,6 +323,8 @@ def validate(cfg: TrainConfig) -> None:
         (_threshold_ok(cfg.host_mmap_threshold_mb), "host_mmap_threshold_mb must be auto or a number of MiB in "
                                                      "[0, 32] (glibc's maximum)"),
         (cfg.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1 (or null: the schedule's length), "
+                                                      f"got {cfg.max_steps}"),
         (cfg.optim.lr >= 0, "optim.lr must be >= 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (normalize_setting(cfg.optim.step_in_backward) is not None, "optim.step_in_backward must be auto, on or off"),

@@ -370,17 +370,23 @@ def score_model(model: nn.Module, run: Path, names: Sequence[str], diameter: flo
 
 
 # --------------------------------------------------------------------------------------------- reports
+# what makes two results rows the same run (the rest: its wall time and scores, which a rerun measures again)
+_SAME_RUN = tuple(c for c in RESULT_COLUMNS if c != "seconds" and not c.endswith(("_before", "_after")))
+
+
 def append_results(run: Path, row: dict) -> Path:
-    """Append one row to RUN/results.csv (header written when the file is new), atomically."""
+    """Add one row to RUN/results.csv (header written when the file is new), atomically. A row of the same run
+    (same `_SAME_RUN` columns: a rerun of a finished or resumed run) is replaced, so each run has one row."""
     path = run / "results.csv"
-    previous = path.read_text() if path.is_file() else ""
+    new = {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in row.items() if k in RESULT_COLUMNS}
+    old: list[dict[str, str]] = []
+    if path.is_file():
+        with open(path, newline="") as fh:
+            old = [r for r in csv.DictReader(fh) if any(r.get(c) != new.get(c, "") for c in _SAME_RUN)]
     with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        if previous:
-            fh.write(previous if previous.endswith("\n") else previous + "\n")
-        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        if not previous:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows([*old, new])
     return path
 
 
@@ -460,7 +466,7 @@ def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[
     before = score_model(base, run, val_names, diameter, label="before", progress=progress,
                          overlay_dir=run / "overlays") if val_names else Scores()
     del base
-    train(cfg)
+    train(cfg)  # a stop signal raises train.loop.RunStopped here: nothing below runs
     if not (run / "model.pt").is_file():  # the loop warns about a checkpoint it could not write (a full disk)
         raise FinetuneDataError(f"{run / 'model.pt'}: training wrote no model (its checkpoint could not be "
                                 "written, see the warning above); free space and rerun to resume")

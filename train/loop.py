@@ -25,6 +25,8 @@ accelerate's own examples, and why:
 from __future__ import annotations
 
 import contextlib
+import copy
+import fcntl
 import math
 import os
 import shutil
@@ -33,13 +35,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from cpsam.io import atomic_path
+from cpsam.io import Terminated, atomic_path
+from cpsam.models import create_model
 from cpsam.models.loading import save_checkpoint
 from train import checkpoint as ckpt
 from train import optim_in_backward
@@ -70,6 +73,9 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+LOCK_FILE = ".lock"  # RUN/.lock: held (flock) by the one process that trains in RUN
+
+
 @dataclass
 class TrainResult:
     """What a finished (or interrupted) run reports."""
@@ -77,11 +83,21 @@ class TrainResult:
     output_dir: Path
     step: int
     epoch: int
-    interrupted: int = 0  # the signal number that stopped the run, 0 when it finished
+    interrupted: int = 0  # the signal number that stopped the run (carried by RunStopped), 0 when it finished
     best_ap50: float | None = None
     final_metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     is_main: bool = True  # False on the other ranks of a multi-process run (they print nothing)
+
+
+class RunStopped(Terminated):
+    """A stop signal (SIGTERM, SIGINT) ended the run after its checkpoint: `train` raises it instead of returning,
+    so no workflow carries on after a stop (no size model, no scores, no report rows). A KeyboardInterrupt: a
+    command ends with exit code 128 + `signum` (`cpsam.command`); `result` is where the run stopped."""
+
+    def __init__(self, result: TrainResult) -> None:
+        super().__init__(result.interrupted)
+        self.result = result
 
 
 def make_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -169,12 +185,12 @@ def prepare_run_folder(cfg: TrainConfig) -> dict[str, Any] | None:
         except Exception as exc:  # noqa: BLE001 - a damaged config.yaml gets one clear message
             raise TrainingError(f"{saved} cannot be read ({exc}); fix it, or resume=false to start over") from exc
         diff = _config_differences(old, to_container(cfg))  # type: ignore[arg-type]
-        if diff:
+        state = ckpt.load_state(ckpt.last_dir(run))
+        if diff and state is not None:  # a run that never checkpointed (it failed first) holds nothing to keep
             raise TrainingError(
                 f"{run} holds a run with another config ({'; '.join(diff[:6])}); use another output_dir, "
                 "or resume=false to start over in this folder"
             )
-        state = ckpt.load_state(ckpt.last_dir(run))
     if state is None:
         for name in ("checkpoints", "tensorboard", "samples"):
             shutil.rmtree(run / name, ignore_errors=True)
@@ -183,6 +199,34 @@ def prepare_run_folder(cfg: TrainConfig) -> dict[str, Any] | None:
     with atomic_path(saved) as tmp:
         tmp.write_text(to_yaml(cfg))
     return state
+
+
+def lock_run_folder(run: Path) -> Any:
+    """Create the run folder if needed and take its lock (an exclusive `flock` on RUN/.lock, released by
+    `unlock_run_folder` or by the kernel when the process dies); returns the open lock file. TrainingError when
+    another process trains in the folder, or the folder cannot be used."""
+    if run.exists() and not run.is_dir():
+        raise TrainingError(f"output_dir {run} exists and is not a folder")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        handle = open(run / LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run, closed by unlock_run_folder
+    except OSError as exc:
+        raise TrainingError(f"output_dir {run} is not writable ({exc.strerror or exc})") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise TrainingError(f"output_dir {run} is in use by another run ({run / LOCK_FILE} is locked); wait for it "
+                            "to end, or use another output_dir") from exc
+    return handle
+
+
+def unlock_run_folder(handle: Any) -> None:
+    """Release a lock taken by `lock_run_folder` (also for the DataLoader workers that inherited it)."""
+    if handle is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 class _StopFlag:
@@ -228,16 +272,22 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
     `objective`: what the run optimizes (train.objective); None = the one the config key `objective` names.
     The steps, in order: `_Run.__init__` (accelerator, batch geometry), `open_folder` (the state to resume from),
     `build_network`, `build_data`, `build_optimizer` (and the resumed state), `open_logs`, then `loop`.
+    A stop signal (SIGTERM, SIGINT) ends the run at the next step boundary with a checkpoint, then raises
+    `RunStopped` (nothing else is written; the same call again resumes). Rank 0 holds the run folder's lock
+    (`lock_run_folder`) from the start to the end, however the run ends.
     """
     if objective is None:
         objective = objective_for(cfg)
     run = _Run(cfg, objective)
-    state = run.open_folder()
-    run.build_network()
-    run.build_data()
-    run.build_optimizer(state)
-    run.open_logs()
-    return run.loop()
+    try:
+        state = run.open_folder()
+        run.build_network()
+        run.build_data()
+        run.build_optimizer(state)
+        run.open_logs()
+        return run.loop()
+    finally:
+        unlock_run_folder(run.lock)
 
 
 class _Run:
@@ -268,6 +318,9 @@ class _Run:
             )
         self.micro, self.accum = micro, cfg.batch_size // (self.world * micro)
         self.run = Path(cfg.output_dir)
+        self.lock: Any = None  # rank 0: the run folder's lock (lock_run_folder)
+        self.saved_step: int | None = None  # the step of the checkpoint in checkpoints/last (None: none)
+        self.unsaved_best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (payload, model.pt extras) owed
 
     def open_folder(self) -> dict[str, Any] | None:
         """Rank 0 checks or creates the run folder (`prepare_run_folder`), the others wait; returns the state to
@@ -275,6 +328,7 @@ class _Run:
         error, state = None, None
         if self.main:
             try:
+                self.lock = lock_run_folder(self.run)
                 state = prepare_run_folder(self.cfg)
             except (TrainingError, ValueError) as exc:
                 error = str(exc)
@@ -362,6 +416,7 @@ class _Run:
             optimizer.load_state_dict(state["optimizer"])
             self.step, self.best_ap, self.best_step, self.skipped = (state["step"], state["best_ap50"],
                                                                      state["best_step"], state["skipped"])
+            self.saved_step = self.step
             # the data order is a function of the step, not of the number of processes: a run may resume on
             # another number of GPUs; only a change of the training data itself is refused
             if state["sampler"]["fingerprint"] != self.sampler.fingerprint:
@@ -433,7 +488,7 @@ class _Run:
                     improved = self.maybe_validate(epoch)
                     self.maybe_checkpoint(improved, stopping)
                     if stopping:
-                        return self.stop(stop)
+                        self.stop(stop)
         return self.finish()
 
     def train_step(self, epoch: int, stop: _StopFlag) -> bool:
@@ -503,10 +558,15 @@ class _Run:
             self.bar.close()
             raise TrainingError(
                 f"{self.consecutive_bad} steps in a row had a NaN/Inf loss (last at step {self.step}); the run "
-                f"stopped and its last good checkpoint in {ckpt.last_dir(self.run)} is intact; lower optim.lr "
-                "or check the data"
+                f"stopped; {self._last_checkpoint()}; lower optim.lr or check the data"
             )
         return float("nan")
+
+    def _last_checkpoint(self) -> str:
+        """Where the run can go on from, in words (for the message of a run that fails)."""
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"its last checkpoint (step {self.saved_step}, {ckpt.last_dir(self.run)}) is intact"
 
     def _log_step(self, totals: torch.Tensor, lr: float, epoch: int, grad_norm: float, t0: float) -> None:
         """The progress bar, and a metrics.csv / tracker row every `log.every_steps` steps and at the end."""
@@ -558,16 +618,28 @@ class _Run:
 
     def maybe_checkpoint(self, improved: bool, stopping: bool) -> None:
         """Save every `checkpoint.every_steps` steps, at the end, on a new best and before a stop; never during
-        a streak of NaN steps (if it ends the run, the last checkpoint predates it)."""
+        a streak of NaN steps (if it ends the run, the last checkpoint predates it), except at the run's end (the
+        skipped steps left the weights as the last update made them; `save` refuses non-finite ones)."""
         step = self.step
-        due = step % self.cfg.checkpoint.every_steps == 0 or step == self.total_steps or improved or stopping
-        if due and self.consecutive_bad == 0:
+        end = step == self.total_steps
+        due = step % self.cfg.checkpoint.every_steps == 0 or end or improved or stopping
+        if due and (self.consecutive_bad == 0 or end):
             self.save(self.last_val, improved)
 
     def save(self, last_metrics: dict[str, float], improved: bool) -> None:
         """The whole state (checkpoints/last, written atomically by rank 0) and RUN/model.pt; both copied to
-        checkpoints/best when `improved`. Every rank's RNG state is gathered into it. A failed write warns."""
+        checkpoints/best when `improved`. Every rank's RNG state is gathered into it. A failed write warns.
+
+        Weights with a NaN or an Inf are never saved (the one finite-model check of every save): TrainingError on
+        every rank (they hold the same weights), the previous checkpoint and model.pt left as they were."""
         cfg, step, epoch = self.cfg, self.step, self.step // self.steps_per_epoch
+        bad = ckpt.non_finite({**self.net.state_dict(), **{f"aux.{k}": v for k, v in self.aux.state_dict().items()}})
+        if bad:
+            self.bar.close()
+            raise TrainingError(
+                f"the weights are not finite after step {step} (NaN/Inf in {len(bad)} tensors, e.g. {bad[0]}); "
+                f"nothing saved; {self._last_checkpoint()}; lower optim.lr or check the data"
+            )
         rngs = [ckpt.rng_state()]
         if self.world > 1:
             from accelerate.utils import gather_object  # accelerate loads only when a run starts (see make_accelerator)
@@ -584,19 +656,43 @@ class _Run:
             "config": to_container(cfg), "world_size": self.world, "metrics": last_metrics,
         }
         run = self.run
+        extra = {"step": step, "epoch": epoch, "config": to_container(cfg), "metrics": last_metrics,
+                 "inference": self.objective.inference_record(self.net)}
+        if improved:
+            self.unsaved_best = None  # superseded
+        elif self.unsaved_best is not None:  # a best whose write failed earlier (disk full): written once there is room
+            try:
+                self._write_best(*self.unsaved_best)
+                self.unsaved_best = None
+            except OSError as exc:
+                print(f"warning: best checkpoint of step {self.unsaved_best[0]['step']} still not written ({exc})",
+                      file=sys.stderr)
+        best_written = False
         try:
             path = ckpt.save_state(ckpt.last_dir(run), payload)
-            save_checkpoint(run / "model.pt", self.net, step=step, epoch=epoch, config=to_container(cfg),
-                            metrics=last_metrics, inference=self.objective.inference_record(self.net))
+            self.saved_step = step
+            save_checkpoint(run / "model.pt", self.net, **extra)
             if improved:
                 ckpt.copy_atomic(path, ckpt.best_dir(run) / ckpt.STATE_FILE)
                 ckpt.copy_atomic(run / "model.pt", ckpt.best_dir(run) / "model.pt")
+                best_written = True
         except OSError as exc:  # disk full / read-only: the previous checkpoint is intact (atomic writes)
             print(f"warning: checkpoint at step {step} not written ({exc}); the previous one is intact",
                   file=sys.stderr)
+        if improved and not best_written:  # kept in memory (a copy: the optimizer's state moves on) until written
+            self.unsaved_best = (copy.deepcopy(payload), extra)
 
-    def stop(self, stop: _StopFlag) -> TrainResult:
-        """After a stop signal (checkpoint already written): shut the loader down and report the signal."""
+    def _write_best(self, payload: dict[str, Any], extra: dict[str, Any]) -> None:
+        """checkpoints/best (state.pt and model.pt) from a saved payload (`save`); OSError when it cannot."""
+        ckpt.save_state(ckpt.best_dir(self.run), payload)
+        net = self.net
+        model = create_model(net.model_name, **net.model_kwargs())
+        model.load_state_dict(payload["model"])
+        save_checkpoint(ckpt.best_dir(self.run) / "model.pt", model, **extra)
+
+    def stop(self, stop: _StopFlag) -> NoReturn:
+        """After a stop signal (checkpoint already written): shut the loader down, report the signal and raise
+        RunStopped (every rank)."""
         del self.batches
         self.bar.close()
         signum = int(stop.signum) or signal.SIGTERM
@@ -604,8 +700,8 @@ class _Run:
             print(f"stopped by signal {signum} at step {self.step}; checkpoint written to {ckpt.last_dir(self.run)}; "
                   "rerun the same command to resume", file=sys.stderr)
         self.accelerator.end_training()
-        return TrainResult(self.run, self.step, self.step // self.steps_per_epoch, int(signum), self.best_ap,
-                           self.last_val, self.skipped, self.main)
+        raise RunStopped(TrainResult(self.run, self.step, self.step // self.steps_per_epoch, int(signum),
+                                     self.best_ap, self.last_val, self.skipped, self.main))
 
     def finish(self) -> TrainResult:
         """The run's end: shut the loader down, wait for every rank, draw curves.png (rank 0)."""
