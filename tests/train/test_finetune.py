@@ -151,13 +151,13 @@ def test_finetune_a_classic_model_on_timelapse_crops_end_to_end(hela_timelapse, 
 
     tuned = load_model(run / "model.pt")
     assert 15.0 < float(tuned.diam_labels[0]) < 35.0 and float(tuned.diam_mean[0]) == 27.0
-    # `cpsam segment` opens the result; rerunning the finished run resumes (no new training) and appends a row
+    # `cpsam segment` opens the result; rerunning the finished run resumes (no new training) and keeps one row
     seg_out = tmp_path / "seg"
     assert cpsam_main(["segment", "--model", str(run / "model.pt"), "--input", str(images[0]),
                        "--output", str(seg_out), "--channels", "0", "0"]) == 0
     assert (seg_out / f"{images[0].stem}_masks.tif").is_file()
     assert cpsam_main(argv) == 0
-    assert len(list(csv.DictReader(open(run / "results.csv")))) == 2
+    assert len(list(csv.DictReader(open(run / "results.csv")))) == 1
 
 
 def test_finetune_a_cpsam_model_with_the_same_command(hela_timelapse, tmp_path, capsys):
