@@ -17,9 +17,13 @@ Session-scoped fixtures hand the same object to every test: tests read them and 
 
 from __future__ import annotations
 
+import contextlib
+import io as stdio
 import json
 import os
-from collections.abc import Sequence
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ import tifffile
 import torch
 
 from cpsam import io
+from cpsam.cli import main as cpsam_main
 from cpsam.models import CellposeSAM, CPnet, cpnet_from_state_dict, create_model, save_checkpoint
 from cpsam.size import SizeModel, load_size_model
 from data_prep.canonical import write_example, write_index
@@ -236,3 +241,74 @@ def write_pair(folder: Path, name: str, image: np.ndarray, masks: np.ndarray | N
     io.write_tiff(folder / f"{name}_img.tif", image)
     if masks is not None:
         io.write_labels(folder / f"{name}_masks.tif", masks)
+
+
+# --------------------------------------------------------------------------- running commands (hostile-input corpora)
+
+
+def cli(*argv: str | Path) -> tuple[int, str, str]:
+    """Run `cpsam ARGV` in this process: (exit code, stdout, stderr); argparse's exit is an exit code."""
+    out, err = stdio.StringIO(), stdio.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cpsam_main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def line_with(text: str, *words: str) -> str:
+    """The one line of `text` containing every word (fails when there is not exactly one)."""
+    hits = [line.strip() for line in text.replace("\r", "\n").splitlines() if all(w in line for w in words)]
+    assert len(hits) == 1, (words, text)
+    return hits[0]
+
+
+TRACEBACK_MARKERS = ("Traceback (most recent call last)", 'File "')
+
+
+def no_traceback(*texts: str, markers: Sequence[str] = TRACEBACK_MARKERS) -> None:
+    """No text holds any of `markers` (by default: the signs of a Python traceback)."""
+    for text in texts:
+        assert not any(m in text for m in markers), text
+
+
+def no_temp_files(root: Path) -> None:
+    """No temporary (`.part`) or write-check file is left under `root`."""
+    assert not [p for p in root.rglob("*") if ".part" in p.name or ".cpsam-write-check" in p.name]
+
+
+def can_mount() -> bool:
+    """Whether this process may mount a tmpfs (root with `mount` on the PATH)."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `path` (skips the test when this process may not mount)."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """An existing, empty folder this process cannot write into."""
+    folder = tmp_path / "readonly"
+    if can_mount():
+        with tmpfs(folder, "ro,size=64k"):
+            yield folder
+        return
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("running as root without mount: chmod cannot make a folder read-only for root")
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        yield folder
+    finally:
+        folder.chmod(0o755)

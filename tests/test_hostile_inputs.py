@@ -20,15 +20,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from conftest import can_mount, cli, line_with, no_temp_files, no_traceback, tmpfs
 
 from cpsam import io
-from cpsam.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(17)
@@ -38,28 +38,6 @@ SET = ("_masks.tif", "_seg.npy", "_outlines.png")
 
 # --------------------------------------------------------------------------- helpers
 
-
-def cli(*argv: str | Path) -> tuple[int, str, str]:
-    """Run `cpsam ARGV` in this process: (exit code, stdout, stderr); argparse's exit is an exit code."""
-    out, err = stdio.StringIO(), stdio.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
-def line_with(text: str, *words: str) -> str:
-    """The one line of `text` containing every word (fails when there is not exactly one)."""
-    hits = [line.strip() for line in text.replace("\r", "\n").splitlines() if all(w in line for w in words)]
-    assert len(hits) == 1, (words, text)
-    return hits[0]
-
-
-def no_traceback(*texts: str) -> None:
-    for text in texts:
-        assert "Traceback (most recent call last)" not in text and 'File "' not in text, text
 
 
 def image(path: Path, array: np.ndarray | None = None) -> Path:
@@ -91,10 +69,6 @@ def check_sets(out: Path, stems: list[str], shapes: dict[str, tuple[int, int]] |
             assert masks.shape == shapes[stem]
 
 
-def no_temp_files(root: Path) -> None:
-    assert not [p for p in root.rglob("*") if ".part" in p.name or ".cpsam-write-check" in p.name]
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random classic CPnet checkpoint."""
@@ -110,41 +84,6 @@ def segment(model: Path, inputs: Path, out: Path, *extra: str | Path) -> tuple[i
     return cli("segment", "--model", model, "--input", inputs, "--output", out, "--device", "cpu", *extra)
 
 
-def _can_mount() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted at `path` (skips the test when this process may not mount)."""
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-@pytest.fixture
-def readonly_dir(tmp_path: Path) -> Iterator[Path]:
-    """An existing, empty folder this process cannot write into."""
-    folder = tmp_path / "readonly"
-    if _can_mount():
-        with tmpfs(folder, "ro,size=64k"):
-            yield folder
-        return
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("running as root without mount: chmod cannot make a folder read-only for root")
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        yield folder
-    finally:
-        folder.chmod(0o755)
-
-
 @pytest.fixture(params=["tmpfs", "simulated"])
 def full_disk(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A factory: full_disk(free_bytes) -> a folder where only about that much can still be written.
@@ -158,7 +97,7 @@ def full_disk(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
     def make(free_bytes: int) -> Path:
         folder = tmp_path / "disk"
         if request.param == "tmpfs":
-            if not _can_mount():
+            if not can_mount():
                 pytest.skip("cannot mount a tmpfs here: the simulated variant covers this case")
             return stack.enter_context(tmpfs(folder, f"size={free_bytes}"))
         folder.mkdir()

@@ -9,22 +9,17 @@ real HeLa frame of ../shared/data; the few runs that train take a handful of ste
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io as stdio
-import os
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DIR
+from conftest import SHARED_DIR, can_mount, cli, line_with
+from conftest import no_traceback as conftest_no_traceback
 
 from cpsam import io
-from cpsam.cli import main
 from cpsam.models import create_model, save_checkpoint
 from data_prep.canonical import read_index, write_example
 
@@ -36,27 +31,10 @@ FAST = ["schedule.epochs=1", "schedule.samples_per_epoch=2", "batch_size=2", "da
 # --------------------------------------------------------------------------- helpers
 
 
-def cli(*argv: str | Path) -> tuple[int, str, str]:
-    """Run `cpsam ARGV` in this process: (exit code, stdout, stderr)."""
-    out, err = stdio.StringIO(), stdio.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
-def line_with(text: str, *words: str) -> str:
-    """The one line of `text` containing every word (fails when there is not exactly one)."""
-    hits = [line.strip() for line in text.replace("\r", "\n").splitlines() if all(w in line for w in words)]
-    assert len(hits) == 1, (words, text)
-    return hits[0]
-
 
 def no_traceback(*texts: str) -> None:
-    for text in texts:
-        assert "Traceback (most recent call last)" not in text and "unexpected error" not in text, text
+    """No traceback and no 'unexpected error' line (the command layer's text for an unhandled exception)."""
+    conftest_no_traceback(*texts, markers=("Traceback (most recent call last)", "unexpected error"))
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -101,33 +79,6 @@ def finetune(model: Path, images: Path, out: Path, *extra: str | Path) -> tuple[
     return cli("finetune", "--model", model, "--images", images, "--out", out, "--size-epochs", "1", *FAST, *extra)
 
 
-def _can_mount() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
-
-
-@pytest.fixture
-def readonly_dir(tmp_path: Path) -> Iterator[Path]:
-    """An existing, empty folder this process cannot write into (a read-only tmpfs, or chmod 0555)."""
-    folder = tmp_path / "readonly"
-    folder.mkdir()
-    if _can_mount():
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                              capture_output=True)
-        if proc.returncode == 0:
-            try:
-                yield folder
-            finally:
-                subprocess.run(["umount", "-l", str(folder)], check=True)
-            return
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("running as root without mount: chmod cannot make a folder read-only for root")
-    folder.chmod(0o555)
-    try:
-        yield folder
-    finally:
-        folder.chmod(0o755)
-
-
 # --------------------------------------------------------------------------- item 5: one line, the right code
 
 
@@ -168,7 +119,7 @@ def test_finetune_out_on_a_read_only_folder_is_one_line(model, tmp_path, readonl
 
 
 def test_finetune_on_a_nearly_full_disk_is_one_line(model, tmp_path):
-    if not _can_mount():
+    if not can_mount():
         pytest.skip("needs a tmpfs mount (root) for a real full disk")
     images = labelled_folder(tmp_path / "imgs", 3)
     disk = tmp_path / "disk"

@@ -9,9 +9,7 @@ a step (as tests/train/test_train_loop.py's SIGTERM test).
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io as stdio
 import os
 import signal
 import subprocess
@@ -22,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DIR, write_pair
+from conftest import REPO_ROOT, SHARED_DIR, cli, line_with, no_traceback, write_pair
 
-from cpsam.cli import main
 from cpsam.io import read_image, read_labels
 from cpsam.models import create_model
 from cpsam.models.loading import save_checkpoint
@@ -84,28 +81,6 @@ def _config(tmp_path: Path, dataset: Path) -> Path:
         "log:\n  progress: false\n  tensorboard: false\n  every_steps: 1\n")
     return path
 
-
-def cli(*argv: str | Path) -> tuple[int, str, str]:
-    """Run `cpsam ARGV` in this process: (exit code, stdout, stderr)."""
-    out, err = stdio.StringIO(), stdio.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
-def line_with(text: str, *words: str) -> str:
-    """The one line of `text` containing every word (fails when there is not exactly one)."""
-    hits = [line.strip() for line in text.replace("\r", "\n").splitlines() if all(w in line for w in words)]
-    assert len(hits) == 1, (words, text)
-    return hits[0]
-
-
-def no_traceback(*texts: str) -> None:
-    for text in texts:
-        assert "Traceback (most recent call last)" not in text and 'File "' not in text, text
 
 
 def _subprocess(*argv: str | Path) -> subprocess.Popen:

@@ -2,7 +2,7 @@
 sizes refused up front by the one size guard (`cpsam.cli_types.size_problem`), a full disk under
 `cpsam distill export`, non-finite and unreadable images under `cpsam binary predict`, nonsense options and a NaN
 frame under `cpsam prep timelapse`. Each case checks the exit code, one line naming the option or file, no
-traceback and no stray file. Helpers are those of tests/test_hostile_inputs.py (same approach, tiny models).
+traceback and no stray file. Helpers (cli, line_with, tmpfs, ...) come from tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import can_mount, cli, line_with, no_temp_files, no_traceback, tmpfs
 
 from cpsam import io
 from cpsam.models import create_model, save_checkpoint
 from data_prep.canonical import read_index
-from tests.test_hostile_inputs import _can_mount, cli, line_with, no_temp_files, no_traceback, tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(33)
@@ -106,7 +106,7 @@ def _full_folder(tmp_path: Path, free_bytes: int) -> Iterator[Path]:
     """A real tmpfs of `free_bytes` where this process may mount one, else a file system that is really full is
     not available: skip (the export's failure was a C++ abort of TorchScript's own writer, which a Python-level
     simulation cannot reproduce)."""
-    if not _can_mount():
+    if not can_mount():
         pytest.skip("cannot mount a tmpfs here")
     with tmpfs(tmp_path / "disk", f"size={free_bytes}") as folder:
         yield folder
