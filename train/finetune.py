@@ -449,6 +449,7 @@ def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[
     if skipped:
         print(f"cpsam finetune: {skipped}", file=sys.stderr)
     base = load_base_model(model)
+    finetune_config(base, model, run, len(items), seed, overrides)  # a bad override is refused before any write
     claim_run_folder(run, "finetune", {
         "model": Path(model) if Path(model).exists() else model, "images": Path(images),
         "masks": None if masks is None else Path(masks), "val_fraction": val_fraction, "seed": seed,
@@ -466,10 +467,9 @@ def finetune(model: str, images: str | os.PathLike[str], out: str | os.PathLike[
     before = score_model(base, run, val_names, diameter, label="before", progress=progress,
                          overlay_dir=run / "overlays") if val_names else Scores()
     del base
-    train(cfg)  # a stop signal raises train.loop.RunStopped here: nothing below runs
-    if not (run / "model.pt").is_file():  # the loop warns about a checkpoint it could not write (a full disk)
-        raise FinetuneDataError(f"{run / 'model.pt'}: training wrote no model (its checkpoint could not be "
-                                "written, see the warning above); free space and rerun to resume")
+    # a stop signal raises train.loop.RunStopped here, a final checkpoint it could not write (a full disk)
+    # TrainingError: nothing below runs without this run's model.pt
+    train(cfg)
     tuned = load_model(run / "model.pt")
     size_path = None
     if is_classic(tuned):

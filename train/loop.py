@@ -321,6 +321,8 @@ class _Run:
         self.lock: Any = None  # rank 0: the run folder's lock (lock_run_folder)
         self.saved_step: int | None = None  # the step of the checkpoint in checkpoints/last (None: none)
         self.unsaved_best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (payload, model.pt extras) owed
+        self.failed_save: tuple[int, str] | None = None  # rank 0: (step, why) when the latest save failed
+        self.resumed_metrics: dict[str, float] = {}  # the validation metrics the resumed checkpoint recorded
 
     def open_folder(self) -> dict[str, Any] | None:
         """Rank 0 checks or creates the run folder (`prepare_run_folder`), the others wait; returns the state to
@@ -417,6 +419,7 @@ class _Run:
             self.step, self.best_ap, self.best_step, self.skipped = (state["step"], state["best_ap50"],
                                                                      state["best_step"], state["skipped"])
             self.saved_step = self.step
+            self.resumed_metrics = state.get("metrics") or {}
             # the data order is a function of the step, not of the number of processes: a run may resume on
             # another number of GPUs; only a change of the training data itself is refused
             if state["sampler"]["fingerprint"] != self.sampler.fingerprint:
@@ -479,6 +482,9 @@ class _Run:
         self.batches = iter(make_loader(self.dataset, self.micro, cfg.data.num_workers,
                                         pin_memory=self.device.type == "cuda", keys=keys))
         # the hooks come off when the run ends, however it ends (the model may be trained again in this process)
+        if self.step >= self.total_steps:  # a finished run again: its model.pt is rewritten from the checkpoint
+            self.last_val = self.resumed_metrics  # (an earlier try may have been unable to write it: a full disk)
+            self.save(self.last_val, False)
         with _StopFlag() as stop, self.in_backward or contextlib.nullcontext():
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
@@ -672,11 +678,13 @@ class _Run:
             path = ckpt.save_state(ckpt.last_dir(run), payload)
             self.saved_step = step
             save_checkpoint(run / "model.pt", self.net, **extra)
+            self.failed_save = None
             if improved:
                 ckpt.copy_atomic(path, ckpt.best_dir(run) / ckpt.STATE_FILE)
                 ckpt.copy_atomic(run / "model.pt", ckpt.best_dir(run) / "model.pt")
                 best_written = True
         except OSError as exc:  # disk full / read-only: the previous checkpoint is intact (atomic writes)
+            self.failed_save = (step, str(exc))
             print(f"warning: checkpoint at step {step} not written ({exc}); the previous one is intact",
                   file=sys.stderr)
         if improved and not best_written:  # kept in memory (a copy: the optimizer's state moves on) until written
@@ -696,7 +704,11 @@ class _Run:
         del self.batches
         self.bar.close()
         signum = int(stop.signum) or signal.SIGTERM
-        if self.main:
+        if self.main and self.failed_save is not None:
+            print(f"stopped by signal {signum} at step {self.step}; its checkpoint could not be written "
+                  f"({self.failed_save[1]}); {self._last_checkpoint()}; rerun the same command to resume from it",
+                  file=sys.stderr)
+        elif self.main:
             print(f"stopped by signal {signum} at step {self.step}; checkpoint written to {ckpt.last_dir(self.run)}; "
                   "rerun the same command to resume", file=sys.stderr)
         self.accelerator.end_training()
@@ -708,6 +720,11 @@ class _Run:
         del self.batches
         self.bar.close()
         self.accelerator.wait_for_everyone()
+        if self.main and self.failed_save is not None:  # the run's model is not on disk: not a finished run
+            self.accelerator.end_training()
+            raise TrainingError(
+                f"trained {self.step} steps but the final checkpoint could not be written ({self.failed_save[1]}); "
+                f"{self._last_checkpoint()}; free space and rerun the same command to finish from it")
         if self.main:
             plot_curves(self.run / "metrics.csv", self.run / "curves.png")
         self.accelerator.end_training()

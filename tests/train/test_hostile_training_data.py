@@ -267,6 +267,20 @@ def test_finetune_counts_unlabelled_images_and_orphan_masks(model, tmp_path):
     assert "2 images without labels" in line and "1 label file of no image" in line and "ghost_masks.tif" in line
 
 
+def test_binary_train_counts_unlabelled_images_and_orphan_masks(tmp_path):
+    images = labelled_folder(tmp_path / "imgs", 2)
+    io.write_tiff(images / "lonely1.tif", np.zeros((8, 8), np.uint8))
+    io.write_labels(images / "ghost_masks.tif", np.ones((8, 8), np.uint16))
+    # a key the config does not have stops the run after the pairing, before any training step
+    code, out, err = cli("binary", "train", "--images", images, "--out", tmp_path / "run", "--model",
+                         "resnet10t_unet", "no_such_key=1", *FAST)
+    no_traceback(out, err)
+    assert code == 2, err
+    line = line_with(err, "cpsam binary: skipped")
+    assert "1 image without labels" in line and "lonely1.tif" in line, line
+    assert "1 label file of no image" in line and "ghost_masks.tif" in line, line
+
+
 def test_a_1xn_mask_is_too_small_not_other_than_2d(tmp_path):
     from train.data import check_example
 

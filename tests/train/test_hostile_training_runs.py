@@ -209,11 +209,12 @@ def test_finetune_and_distill_refuse_max_steps_0_in_one_line(pairs, dataset, tin
     code, out, err = cli("finetune", "--model", tiny_model, "--images", pairs, "--out", tmp_path / "ft", "max_steps=0")
     assert code == 2 and "max_steps must be >= 1" in line_with(err, "max_steps"), err
     no_traceback(err)
+    assert not (tmp_path / "ft").exists()  # refused before the run folder, its data or its split are written
     code, out, err = cli("distill", "--teacher", tiny_model, "--images", dataset, "--student", "cpnet-1-32",
                          "--out", tmp_path / "ds", "--quiet", "max_steps=0")
     assert code == 2 and "max_steps must be >= 1" in line_with(err, "max_steps"), err
     no_traceback(err)
-    assert "model.pt" not in out and not (tmp_path / "ds" / "model.pt").exists()
+    assert "model.pt" not in out and not (tmp_path / "ds").exists()
 
 
 # ---------------------------------------------------------------------------------------------- 9: failed run
@@ -270,6 +271,32 @@ def test_best_checkpoint_lost_to_a_full_disk_is_written_at_the_next_save(dataset
     state = torch.load(run / "checkpoints" / "best" / "state.pt", weights_only=False)
     assert best["step"] == state["step"] == state["best_step"] == result_best_step(run)
     assert all(torch.equal(best["state_dict"][k], state["model"][k]) for k in best["state_dict"])
+
+
+def test_a_model_file_lost_to_a_full_disk_fails_the_run_and_the_rerun_writes_it(dataset, tmp_path, monkeypatch):
+    """The last save writes the state but not model.pt: the run fails (exit 1, one line), never 'finished' with
+    a stale or missing model; the same command then rewrites model.pt from the final checkpoint."""
+    import train.loop as loop
+
+    real_save, failed = loop.save_checkpoint, []
+
+    def model_file_disk_full(path, net, **extra):
+        if extra.get("step") == 2 and not failed:
+            failed.append(path)
+            raise OSError(28, "No space left on device")
+        return real_save(path, net, **extra)
+
+    monkeypatch.setattr(loop, "save_checkpoint", model_file_disk_full)
+    run = tmp_path / "run"
+    args = ("train", _config(tmp_path, dataset), f"output_dir={run}", "schedule.epochs=2")
+    code, out, err = cli(*args)
+    assert failed and code == 1, err[-3000:]
+    no_traceback(out, err)
+    assert "No space left on device" in line_with(err, "final checkpoint could not be written", "rerun")
+    assert torch.load(run / "model.pt", weights_only=False)["step"] == 1  # the previous save's, left as it was
+    code, out, err = cli(*args)
+    assert code == 0, err[-3000:]
+    assert torch.load(run / "model.pt", weights_only=False)["step"] == 2
 
 
 def result_best_step(run: Path) -> int:

@@ -241,7 +241,7 @@ def test_sigterm_checkpoints_and_exits_then_resumes_exactly(datasets, reference_
 
 def test_failed_checkpoint_write_keeps_the_previous_one(datasets, tmp_path, monkeypatch, capsys):
     import train.checkpoint as ckpt
-    from train.loop import train
+    from train.loop import TrainingError, train
 
     real_save, calls = torch.save, {"n": 0}
 
@@ -254,11 +254,16 @@ def test_failed_checkpoint_write_keeps_the_previous_one(datasets, tmp_path, monk
 
     monkeypatch.setattr(ckpt.torch, "save", disk_full)
     run = tmp_path / "run"
-    result = train(load_config(TINY, _overrides(datasets, run, **{"schedule.epochs": 2})))
-    assert result.step == 4
+    cfg = load_config(TINY, _overrides(datasets, run, **{"schedule.epochs": 2}))
+    with pytest.raises(TrainingError, match="final checkpoint could not be written") as failed:
+        train(cfg)  # a run whose model is not on disk is not a finished run
+    assert "last checkpoint (step 2" in str(failed.value) and "rerun" in str(failed.value)
     assert "checkpoint at step 4 not written" in capsys.readouterr().err
     assert torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=False)["step"] == 2
     assert not list((run / "checkpoints" / "last").glob(".*part*"))
+    monkeypatch.setattr(ckpt.torch, "save", real_save)  # room again: the same call finishes from step 2
+    assert train(cfg).step == 4
+    assert torch.load(run / "model.pt", weights_only=False)["step"] == 4
 
 
 def test_layer_drop_under_ddp_two_processes(datasets, tmp_path):

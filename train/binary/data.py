@@ -36,6 +36,7 @@ from train.finetune import (
     drop_unusable,
     find_labelled_images,
     read_label_file,
+    skipped_files,
     split_names,
 )
 
@@ -56,6 +57,7 @@ class BinaryData:
     n_val: int = 0
     source_channels: int = 1
     problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # `skipped_files` of each image/label folder pair, in words
 
 
 def _class_subfolder(folder: Path) -> Path:
@@ -117,6 +119,16 @@ def _pairs(layout: str, images: Path, masks: Path | None) -> list[tuple[Labelled
     return [(item, None) for item in find_labelled_images(images, masks)[0]]
 
 
+def _folder_pairs(layout: str, images: Path, masks: Path | None) -> list[tuple[Path, Path | None]]:
+    """The (image folder, label folder or None) pairs that layout `layout` reads its labelled images from."""
+    if layout == "fullimage":
+        return [(images / "FullImage", images / "Mask_Norm")]
+    if layout == "train_valid_dirs":
+        return [(_class_subfolder(images / i), _class_subfolder(images / m))
+                for i, m in (("TRAIN_IMG_DIR", "TRAIN_LABEL_DIR"), ("VALID_IMG_DIR", "VALID_LABEL_DIR"))]
+    return [(images, masks)]
+
+
 def build_binary_dataset(root: Path, pairs: list[tuple[LabelledImage, str]], class_map: bool, dataset: str,
                          progress: bool = True) -> tuple[list[IndexRow], list[str]]:
     """Write canonical dataset `root` from (labelled image, split) pairs: the image with all its channels, the
@@ -171,6 +183,7 @@ def prepare_binary_data(images: str | os.PathLike[str], masks: str | os.PathLike
     if len(pairs) < 2:
         raise FinetuneError(f"found {len(pairs)} labelled image(s) in {src} ({layout} layout); need at least 2 "
                             "(one to train on, one to validate)")
+    skipped = [s for folder, labels in _folder_pairs(layout, src, mask_dir) if (s := skipped_files(folder, labels))]
     codes = read_codes(src) if layout == "fullimage" else []
     if len(codes) > 2:
         print(f"cpsam binary: {src / 'codes.txt'} names {len(codes)} classes; every class but {codes[0]!r} counts "
@@ -200,7 +213,7 @@ def prepare_binary_data(images: str | os.PathLike[str], masks: str | os.PathLike
         raise FinetuneDataError(f"no usable validation image left in {src}" + (f" ({problems[0]})" if problems else "")
                                 + "; validation would score nothing")
     return BinaryData([root], [root] if n_val else [], layout=layout, n_train=n_train, n_val=n_val,
-                      source_channels=max(r.channels for r in rows), problems=problems)
+                      source_channels=max(r.channels for r in rows), problems=problems, skipped=skipped)
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:

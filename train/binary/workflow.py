@@ -151,6 +151,8 @@ def train_binary(images: str | os.PathLike[str], out: str | os.PathLike[str], *,
         "encoder_weights": None if not encoder_weights else Path(encoder_weights), "val_fraction": val_fraction,
         "seed": seed})
     data = prepare_binary_data(images, masks, run, val_fraction=val_fraction, seed=seed, progress=progress)
+    for skipped in data.skipped:
+        print(f"cpsam binary: {skipped}", file=sys.stderr)
     for problem in data.problems:
         print(f"cpsam binary: left out {problem}", file=sys.stderr)
     print(f"cpsam binary: {data.n_train} training and {data.n_val} validation images ({data.layout} layout)",
