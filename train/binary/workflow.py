@@ -145,6 +145,7 @@ def train_binary(images: str | os.PathLike[str], out: str | os.PathLike[str], *,
     run = Path(out)
     if not Path(images).is_dir():
         raise FinetuneError(f"--images {images}: no such folder")
+    binary_config(run, BinaryData([], []), model_name, run / "init.pt", seed, overrides)  # bad overrides: before writes
     claim_run_folder(run, "binary train", {
         "images": Path(images), "masks": None if masks is None else Path(masks), "model": model_name,
         "loading_code": loading_code, "init": None if not init else Path(init),
@@ -223,6 +224,8 @@ def distill_binary(teacher: str | os.PathLike[str], images: str | os.PathLike[st
     teacher_cfg, in_chans = binary_teacher(teacher_path)
     if not Path(images).is_dir():
         raise FinetuneError(f"--images {images}: no such folder")
+    binary_config(run, BinaryData([], []), student, run / "init.pt", seed, overrides,  # bad overrides: before writes
+                  objective="binary_distill", teacher=str(teacher_path), temperature=temperature)
     claim_run_folder(run, "binary distill", {
         "teacher": teacher_path, "images": Path(images), "student": student, "temperature": float(temperature),
         "val": None if not val else Path(val), "seed": seed})
