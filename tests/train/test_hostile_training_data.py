@@ -299,6 +299,14 @@ def test_binary_bad_overrides_are_refused_before_anything_is_written(model, comm
     assert not run.exists()
 
 
+def test_binary_train_with_too_few_labelled_images_makes_no_run_folder(tmp_path):
+    images = labelled_folder(tmp_path / "imgs", 1)
+    code, out, err = cli("binary", "train", "--images", images, "--out", tmp_path / "run", *FAST)
+    no_traceback(out, err)
+    assert code == 2 and "need at least 2" in line_with(err, "cpsam binary train:", "found 1 labelled image"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_1xn_mask_is_too_small_not_other_than_2d(tmp_path):
     from train.data import check_example
 

@@ -159,22 +159,28 @@ def _canonical_has_splits(root: Path) -> bool:
     return {"train", "val"} <= splits
 
 
-def prepare_binary_data(images: str | os.PathLike[str], masks: str | os.PathLike[str] | None, run: Path, *,
-                        val_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> BinaryData:
-    """Find the labelled images in any layout (module docstring) and make the run's canonical data.
+@dataclass
+class BinarySource:
+    """What `find_binary_data` found (nothing written yet): the layout and its labelled images with their fixed
+    split (None: split later), or `in_place` for a canonical dataset with train and val rows."""
 
-    Writes RUN/data (and RUN/train.txt, RUN/val.txt) unless the input is a canonical dataset with train and val
-    rows, which is used in place. Raises FinetuneError when fewer than two labelled images are usable.
-    """
+    src: Path
+    masks: Path | None
+    layout: str
+    pairs: list[tuple[LabelledImage, str | None]]
+    in_place: bool = False
+
+
+def find_binary_data(images: str | os.PathLike[str], masks: str | os.PathLike[str] | None) -> BinarySource:
+    """Find the labelled images in any layout (module docstring) without writing anything. Raises FinetuneError
+    when the folder is missing or holds fewer than two labelled images."""
     src = Path(images)
     if not src.is_dir():
         raise FinetuneError(f"--images {src}: no such folder")
     mask_dir = Path(masks) if masks is not None else None
     layout = detect_layout(src, mask_dir)
     if layout == "canonical" and _canonical_has_splits(src):
-        rows = read_index(src)
-        return BinaryData([src], [src], layout=layout, n_train=sum(r.split == "train" for r in rows),
-                          n_val=sum(r.split == "val" for r in rows), source_channels=max(r.channels for r in rows))
+        return BinarySource(src, mask_dir, layout, [], in_place=True)
     if layout == "canonical":
         found, _ = find_labelled_images(src)
         pairs: list[tuple[LabelledImage, str | None]] = [(item, None) for item in found]
@@ -183,6 +189,23 @@ def prepare_binary_data(images: str | os.PathLike[str], masks: str | os.PathLike
     if len(pairs) < 2:
         raise FinetuneError(f"found {len(pairs)} labelled image(s) in {src} ({layout} layout); need at least 2 "
                             "(one to train on, one to validate)")
+    return BinarySource(src, mask_dir, layout, pairs)
+
+
+def prepare_binary_data(images: str | os.PathLike[str] | BinarySource, masks: str | os.PathLike[str] | None,
+                        run: Path, *, val_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> BinaryData:
+    """Make the run's canonical data from the labelled images `find_binary_data` finds in `images` (or from what
+    it found: a BinarySource, then `masks` is unused).
+
+    Writes RUN/data (and RUN/train.txt, RUN/val.txt) unless the input is a canonical dataset with train and val
+    rows, which is used in place. Raises FinetuneError when fewer than two labelled images are usable.
+    """
+    found_data = images if isinstance(images, BinarySource) else find_binary_data(images, masks)
+    src, mask_dir, layout, pairs = found_data.src, found_data.masks, found_data.layout, found_data.pairs
+    if found_data.in_place:
+        rows = read_index(src)
+        return BinaryData([src], [src], layout=layout, n_train=sum(r.split == "train" for r in rows),
+                          n_val=sum(r.split == "val" for r in rows), source_channels=max(r.channels for r in rows))
     skipped = [s for folder, labels in _folder_pairs(layout, src, mask_dir) if (s := skipped_files(folder, labels))]
     codes = read_codes(src) if layout == "fullimage" else []
     if len(codes) > 2:

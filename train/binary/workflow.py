@@ -32,7 +32,14 @@ from cpsam.models.loading import read_checkpoint, save_checkpoint
 from cpsam.models.unet import ENCODERS, load_encoder_weights
 from data_prep.canonical import CanonicalDataset, read_index, to_chw, write_example, write_index
 from train.augment import AugmentConfig
-from train.binary.data import BinaryData, image_name, list_images, prepare_binary_data, read_binary_labels
+from train.binary.data import (
+    BinaryData,
+    find_binary_data,
+    image_name,
+    list_images,
+    prepare_binary_data,
+    read_binary_labels,
+)
 from train.binary.loading_codes import parse_loading_code
 from train.binary.objective import BinaryDataset
 from train.binary.predict import cell_probability, load_binary_model, predict_probabilities, probability_to_masks
@@ -143,15 +150,14 @@ def train_binary(images: str | os.PathLike[str], out: str | os.PathLike[str], *,
     Raises FinetuneError (bad data, model or override), ConfigError and train.loop.TrainingError."""
     start = time.perf_counter()
     run = Path(out)
-    if not Path(images).is_dir():
-        raise FinetuneError(f"--images {images}: no such folder")
     binary_config(run, BinaryData([], []), model_name, run / "init.pt", seed, overrides)  # bad overrides: before writes
+    found = find_binary_data(images, masks)  # too few labelled images: refused before the run folder is made
     claim_run_folder(run, "binary train", {
         "images": Path(images), "masks": None if masks is None else Path(masks), "model": model_name,
         "loading_code": loading_code, "init": None if not init else Path(init),
         "encoder_weights": None if not encoder_weights else Path(encoder_weights), "val_fraction": val_fraction,
         "seed": seed})
-    data = prepare_binary_data(images, masks, run, val_fraction=val_fraction, seed=seed, progress=progress)
+    data = prepare_binary_data(found, None, run, val_fraction=val_fraction, seed=seed, progress=progress)
     for skipped in data.skipped:
         print(f"cpsam binary: {skipped}", file=sys.stderr)
     for problem in data.problems:
