@@ -30,7 +30,7 @@ from tqdm import tqdm
 from cpsam import io
 from cpsam.cli_types import finite_float, non_negative_float, non_negative_int, positive_int, torch_device
 from cpsam.segment import ImageError, Segmenter, SegmentResult
-from cpsam.transforms import to_channels_last
+from cpsam.transforms import channels_ignored, to_channels_last
 
 OUTPUT_SUFFIXES = ("_masks", "_outlines", "_seg", "_flows", "_cp_masks")
 OUTPUT_FILES = ("_masks.tif", "_seg.npy", "_outlines.png")  # the last one is written last
@@ -202,9 +202,7 @@ def channel_warning(image: np.ndarray, args: argparse.Namespace) -> str | None:
         n_channels = to_channels_last(image, args.channel_axis).shape[-1]
     except ValueError:
         return None  # the segmenter reports the bad channel axis
-    if n_channels == 1 and max(args.channels) > 1:
-        return f"--channels {args.channels[0]} {args.channels[1]} ignored: the image has one channel"
-    return None
+    return channels_ignored(n_channels, args.channels)
 
 
 # --------------------------------------------------------------------------- the run

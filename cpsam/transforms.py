@@ -92,6 +92,14 @@ def select_channels(
     return np.ascontiguousarray(picked)
 
 
+def channels_ignored(n_channels: int, channels: Sequence[int] | None) -> str | None:
+    """Why `channels` ([channel to segment, nuclear channel]) does not apply to an image of `n_channels`
+    channels (`select_channels` uses a single-channel image as is), in words; None when it applies."""
+    if channels is None or n_channels != 1 or max(int(c) for c in channels) <= 1:
+        return None
+    return f"--channels {channels[0]} {channels[1]} ignored: the image has one channel"
+
+
 def percentile_bounds(
     channel: np.ndarray, lower: float = 1.0, upper: float = 99.0
 ) -> tuple[np.floating, np.floating]:

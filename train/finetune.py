@@ -47,7 +47,7 @@ from cpsam.models import ModelSpecError, load_model, resolve_model
 from cpsam.models.cellpose_sam import CellposeSAM
 from cpsam.pairing import read_label_file
 from cpsam.segment import Segmenter
-from cpsam.transforms import scaled_shape, select_channels, to_channels_last
+from cpsam.transforms import channels_ignored, scaled_shape, select_channels, to_channels_last
 from data_prep.canonical import (
     CanonicalDataset,
     IndexRow,
@@ -268,6 +268,7 @@ def build_dataset(run: Path, items: Sequence[LabelledImage], n_channels: int, ch
     rows, problems = [], []
     existing = {r.name: r for r in read_index(root)}
     sources: dict[Path, CanonicalDataset] = {}  # canonical inputs: one index read per source folder
+    ignored_for: list[Path] = []  # single-channel images `channels` cannot apply to (used as they are)
     for item in tqdm(items, desc="prepare data", disable=not progress, leave=False):
         if item.name in existing and (root / "masks" / f"{item.name}.tif").is_file():
             rows.append(existing[item.name])
@@ -283,11 +284,17 @@ def build_dataset(run: Path, items: Sequence[LabelledImage], n_channels: int, ch
             else:
                 image, labels = io.read_image(item.image), read_label_file(item.labels)
                 hwc = to_channels_last(image)
+            ignored = channels_ignored(hwc.shape[-1], channels)
+            if ignored:
+                ignored_for.append(item.image)
             picked = select_channels(hwc, channels, n_channels)  # (H, W, n_channels), zero-filled
             rows.append(write_example(root, item.name, picked.transpose(2, 0, 1), labels, dataset="finetune",
                                       split="train", license="yours", source=str(item.image)))
         except (io.InputFileError, ValueError) as exc:
             problems.append(f"{item.image}: {exc}")
+    if ignored_for:
+        print(f"cpsam finetune: {channels_ignored(1, channels)} ({len(ignored_for)} single-channel "
+              f"image{'s' if len(ignored_for) != 1 else ''}, e.g. {ignored_for[0]})", file=sys.stderr)
     write_index(root, rows)
     return rows, problems
 

@@ -307,6 +307,15 @@ def test_binary_train_with_too_few_labelled_images_makes_no_run_folder(tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_says_when_channels_cannot_apply_to_single_channel_images(model, tmp_path):
+    images = labelled_folder(tmp_path / "imgs", 2)
+    code, out, err = finetune(model, images, tmp_path / "run", "--channels", "5", "0", "max_steps=1")
+    no_traceback(out, err)
+    assert code == 0, err
+    line = line_with(err, "cpsam finetune:", "--channels 5 0 ignored")
+    assert "2 single-channel images" in line and "crop0" in line, line
+
+
 def test_a_1xn_mask_is_too_small_not_other_than_2d(tmp_path):
     from train.data import check_example
 
