@@ -168,6 +168,25 @@ def test_distill_stopped_by_sigterm_exits_143_and_fits_no_size_model(dataset, ti
     assert not (run / "model.pt_size.npy").exists()
 
 
+def test_binary_distill_stopped_by_sigint_exits_130_and_the_rerun_finishes(pairs, tmp_path):
+    from cpsam.models import create_model
+
+    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("resnet10t_unet", in_chans=1, num_classes=2))
+    run = tmp_path / "run"
+    argv = ["binary", "distill", "--teacher", teacher, "--images", pairs, "--out", run, "--student", "resnet10t_unet",
+            "batch_size=2", "schedule.samples_per_epoch=2", "data.tile_size=64", *QUIET, *LONG]
+    proc = _subprocess(*argv)
+    out = _stop_after_step(run, proc, signal.SIGINT)
+    assert proc.returncode == 130, out[-3000:]
+    assert "stopped by signal 2" in out
+    no_traceback(out)
+    stopped = _checkpoint_step(run)
+    assert 2 <= stopped < 500 and not (run / "history.csv").exists()
+    code, _, err = cli(*argv, f"max_steps={stopped + 1}")
+    assert code == 0, err[-3000:]
+    assert torch.load(run / "model.pt", weights_only=False)["step"] == stopped + 1
+
+
 # ---------------------------------------------------------------------------------------------- 7: finite model
 def test_non_finite_weights_are_never_saved(dataset, tmp_path):
     config = _config(tmp_path, dataset)
