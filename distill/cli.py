@@ -43,6 +43,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-threshold", type=non_negative_float, default=0.4, help="teacher mask rule (0.4)")
     parser.add_argument("--cellprob-threshold", type=finite_float, default=0.0, help="teacher mask rule (0.0)")
     parser.add_argument("--niter", type=non_negative_int, default=None, help="teacher dynamics steps (200 / rescale)")
+    parser.add_argument("--teacher-augment", action="store_true",
+                        help="flip-averaged teacher: outputs and features averaged over the four flips of each crop "
+                             "(as `cpsam segment --augment`), its pseudo-labels segmented with --augment; recorded in "
+                             "the cache (kd.teacher_augment for online training)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="training config overrides key=value, e.g. schedule.epochs=20")
 
@@ -82,14 +86,14 @@ def _rules(args: argparse.Namespace) -> dict:
     return {"flow_threshold": args.flow_threshold, "cellprob_threshold": args.cellprob_threshold, "niter": args.niter}
 
 
-def _load_teacher(specs: list[str] | None):
+def _load_teacher(specs: list[str] | None, augment: bool = False):
     # imported when this command runs, not for --help (start-up time)
     from distill.teachers import load_teacher
 
     if not specs:
         raise ValueError("give --teacher MODEL (a pretrained name such as cyto_0, a model file or a run folder), or "
                          "kd.cache=CACHE (its teacher)")
-    return load_teacher(specs)
+    return load_teacher(specs, augment=augment)
 
 
 def _cache_teacher(overrides: list[str]) -> list[str] | None:
@@ -118,8 +122,9 @@ def run_train(args: argparse.Namespace) -> int:
     with interruptible(RESUME_HINT), exit_codes(
             ((DistillError, ConfigError, TeacherError, CacheError, PseudoLabelError, ValueError), 2),
             ((TrainingError, io.InputFileError, OSError), 1)):
-        teacher = _load_teacher(args.teacher or _cache_teacher(args.overrides))
-        result = distill(teacher, args.images, args.student, args.out, overrides=args.overrides,
+        teacher = _load_teacher(args.teacher or _cache_teacher(args.overrides), args.teacher_augment)
+        overrides = [*args.overrides, *(["kd.teacher_augment=true"] if args.teacher_augment else [])]
+        result = distill(teacher, args.images, args.student, args.out, overrides=overrides,
                          val_fraction=args.val_fraction, seed=args.seed, diameter=args.diameter or None,
                          channels=args.channels, rules=_rules(args), seed_search_n=args.seed_search,
                          size_epochs=args.size_epochs, progress=not args.quiet)
@@ -146,7 +151,7 @@ def run_cache(args: argparse.Namespace) -> int:
     # imported when this command runs, not for --help (start-up time)
     from accelerate import PartialState
 
-    from distill.cache import CacheError, TeacherCache, build_cache, verify_cache
+    from distill.cache import CacheError, TeacherCache, build_cache, check_resume, verify_cache
     from distill.pseudo_labels import PseudoLabelError, canonical_roots
     from distill.teachers import TeacherError
     from distill.workflow import DistillError, distill_config, plan_data
@@ -158,7 +163,8 @@ def run_cache(args: argparse.Namespace) -> int:
     with interruptible(RESUME_HINT), exit_codes(
             ((DistillError, ConfigError, TeacherError, CacheError, PseudoLabelError, ValueError), 2),
             ((io.InputFileError, OSError), 1)):
-        teacher = _load_teacher(args.teacher)
+        check_resume(args.out, args.teacher_augment)  # before the teacher labels anything
+        teacher = _load_teacher(args.teacher, args.teacher_augment)
         plan = None
         if state.is_main_process:  # the teacher labels raw images once, before any process reads them
             plan = plan_data(teacher, args.images, args.out / "data", val_fraction=args.val_fraction,
