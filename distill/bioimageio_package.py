@@ -140,6 +140,21 @@ def _describe(folder: Path, name: str, source: str, in_channels: int):
         test_tensor=v0_5.FileDescr(source=folder / "test_output.npy"),
         data=v0_5.IntervalOrRatioDataDescr(type="int32", range=(0, None)),
     )]
+    try:
+        return _model_descr(v0_5, folder, name, source, inputs, outputs)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        if "index_key" not in str(exc):
+            raise
+        import bioimageio.spec
+        import pydantic
+
+        raise ValueError(f"bioimageio.spec {bioimageio.spec.__version__} cannot build a model description with "
+                         f"pydantic {pydantic.VERSION} (its file serializer needs pydantic < 2.14); install the "
+                         "versions pyproject.toml pins") from exc
+
+
+def _model_descr(v0_5, folder: Path, name: str, source: str, inputs: list, outputs: list):
+    """The ModelDescr of `_describe` (validated by its constructor)."""
     return v0_5.ModelDescr(
         name=name,
         description=f"Cellpose-style cell segmentation (flows and their dynamics inside), exported from {source} "
