@@ -71,7 +71,7 @@ class LabelImageModel(nn.Module):
         return torch.stack(out)
 
 
-def test_input(image: np.ndarray, in_channels: int, side: int = TEST_SIDE) -> np.ndarray:
+def package_test_input(image: np.ndarray, in_channels: int, side: int = TEST_SIDE) -> np.ndarray:
     """An image as read -> the package's test input: (1, in_channels, h, w) float32, channels chosen as
     `cpsam segment` does without --channels (`cpsam.transforms.select_channels`), a centre crop of at most
     `side` x `side`. Raises ValueError for an image under MIN_SIDE pixels a side or not 2-D / 3-D."""
@@ -209,7 +209,7 @@ def write_package(model: nn.Module, out: str | os.PathLike[str], image: np.ndarr
                   rules: InferenceRules | None = None, diameter: float = 0.0, batch_size: int = 8,
                   name: str | None = None, test_side: int = TEST_SIDE) -> tuple[Path, int]:
     """Write `model` (a CPnet or FastNet with the cpsam model interface) as a BioImage.IO package at `out` (a
-    `.zip` file, else a folder), with test tensors from `image` (as read; see `test_input`, crops of at most
+    `.zip` file, else a folder), with test tensors from `image` (as read; see `package_test_input`, crops of at most
     `test_side` a side).
 
     source: how the model was named (recorded in the description). Returns (the package path, the number of
@@ -220,7 +220,7 @@ def write_package(model: nn.Module, out: str | os.PathLike[str], image: np.ndarr
     out = Path(out)
     segmenter = build_segmenter(model, rules, batch_size)
     weights = script_bytes(LabelImageModel(segmenter, diameter))
-    raw = test_input(image, segmenter.in_channels, test_side)
+    raw = package_test_input(image, segmenter.in_channels, test_side)
     # the test output is what the serialized weights compute, re-loaded as a consumer loads them
     packaged = torch.jit.load(BytesIO(weights))
     with torch.no_grad():

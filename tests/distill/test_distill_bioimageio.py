@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from bioimageio.core import predict, test_model
+from bioimageio.core import predict
+from bioimageio.core import test_model as bioimageio_model_test  # not named test_*: pytest would collect it
 from bioimageio.spec import load_description
 from bioimageio.spec.model import v0_5
 from conftest import cli, line_with, no_temp_files, no_traceback, shared_path
@@ -93,7 +94,7 @@ def test_package_holds_a_valid_v0_5_description_with_its_files(package):
 
 
 def test_bioimageio_core_model_test_passes(package):
-    summary = test_model(package, devices=["cpu"])
+    summary = bioimageio_model_test(package, devices=["cpu"])
     failed = [d.name for d in summary.details if d.status == "failed"]
     assert summary.status == "passed", failed
 
@@ -149,8 +150,8 @@ def test_folder_package_and_bad_requests(tmp_path, cyto0_file):
 
 def test_test_input_follows_segment_channel_rule():
     rgb = np.arange(40 * 50 * 3, dtype=np.uint16).reshape(40, 50, 3)
-    raw = bioimageio_package.test_input(rgb, 2, side=32)
+    raw = bioimageio_package.package_test_input(rgb, 2, side=32)
     assert raw.shape == (1, 2, 32, 32) and raw.dtype == np.float32
     assert np.array_equal(raw[0, 1], rgb[4:36, 9:41, 1].astype(np.float32))
     with pytest.raises(ValueError, match="at least 16"):
-        bioimageio_package.test_input(np.zeros((8, 100)), 2)
+        bioimageio_package.package_test_input(np.zeros((8, 100)), 2)
