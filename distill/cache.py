@@ -1,6 +1,7 @@
 """The teacher-output cache: K augmented views per training image, each stored as its sample key + fp16 targets.
 
-    CACHE/manifest.json                 what fixes the views: teacher, seed, K, crop size, channels, the augment and
+    CACHE/manifest.json                 what fixes the views: teacher, teacher_augment (flip-averaged targets, see
+                                        distill.teachers), seed, K, crop size, channels, the augment and
                                         degrade configs, the datasets (+ split) and their example names
     CACHE/views/d{D}/{NAME}/v{K}.pt     one torch file per view: {"key": [seed, k, ordinal, D, I], "output": fp16
                                         (3, T, T) [dY, dX, cellprob logit], "features": {name: fp16 (C, h, w)}}
@@ -139,6 +140,11 @@ class TeacherCache:
         return {k: tuple(v) for k, v in self.manifest["features"].items()}  # type: ignore[misc]
 
     @property
+    def teacher_augment(self) -> bool:
+        """Whether the stored targets are the flip-averaged teacher's (`--teacher-augment`; False for older caches)."""
+        return bool(self.manifest.get("teacher_augment", False))
+
+    @property
     def teacher(self) -> dict[str, Any]:
         """The teacher's description (Teacher.describe())."""
         return dict(self.manifest["teacher"])
@@ -209,6 +215,7 @@ def _manifest(teacher: Teacher, datasets: Sequence[str], val_datasets: Sequence[
               features: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher": teacher.describe(),
+        "teacher_augment": bool(teacher.augment),
         "features": {k: list(v) for k, v in features.items()}, "seed": int(seed), "views": int(views),
         "tile_size": int(spec.tile_size), "channels": int(spec.channels), "augment": asdict(spec.augment),
         "degrade": asdict(spec.degrade), "datasets": _resolved(datasets), "val_datasets": _resolved(val_datasets),
@@ -217,10 +224,24 @@ def _manifest(teacher: Teacher, datasets: Sequence[str], val_datasets: Sequence[
     }
 
 
+def check_resume(out: str | os.PathLike[str], teacher_augment: bool) -> None:
+    """Raise CacheError (one line) when `out` holds a cache built with the other --teacher-augment setting."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return
+    built = TeacherCache(out).teacher_augment
+    if built != teacher_augment:
+        how = "with" if built else "without"
+        raise CacheError(f"{path}: the cache there was built {how} --teacher-augment; rerun {how} it to resume, or "
+                         "use another --out")
+
+
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     path = out / MANIFEST
     if path.is_file():
         old = TeacherCache(out).manifest
+        check_resume(out, bool(manifest["teacher_augment"]))
+        old = {"teacher_augment": False, **old}  # caches from before the option: a plain teacher
         if old != manifest:
             diff = [k for k in manifest if old.get(k) != manifest[k]]
             raise CacheError(f"{path}: the cache there was built with other settings ({', '.join(diff)}); use "

@@ -1,6 +1,7 @@
 """`cpsam distill`: distill a teacher into a fast student (train), build a teacher cache, evaluate, export.
 
     cpsam distill --teacher cyto_0 --images DIR --student cpnet-1-32-64 --out RUN [key=value ...]
+    cpsam distill --teacher RUN_FINETUNED --images UNLABELED_DIR --out STUDENT     (the default student and recipe)
     cpsam distill cache --teacher MODEL [--teacher MODEL ...] --images DIR_OR_DATASET --out CACHE [--views K]
                         [--verify N] [key=value ...]
     cpsam distill --teacher cyto_0 --student cpnet-1-32-64 --out RUN kd.cache=CACHE [key=value ...]
@@ -43,6 +44,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-threshold", type=non_negative_float, default=0.4, help="teacher mask rule (0.4)")
     parser.add_argument("--cellprob-threshold", type=finite_float, default=0.0, help="teacher mask rule (0.0)")
     parser.add_argument("--niter", type=non_negative_int, default=None, help="teacher dynamics steps (200 / rescale)")
+    parser.add_argument("--teacher-augment", action="store_true",
+                        help="flip-averaged teacher: outputs and features averaged over the four flips of each crop "
+                             "(as `cpsam segment --augment`), its pseudo-labels segmented with --augment; recorded in "
+                             "the cache (kd.teacher_augment for online training)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="training config overrides key=value, e.g. schedule.epochs=20")
 
@@ -52,8 +57,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, default=None,
                         help="folder of images (masks not needed; subfolders = source folders), a canonical dataset "
                              "or a folder of canonical datasets; optional with kd.cache=CACHE")
-    parser.add_argument("--student", default=None, help="student registry name (cpnet-1-32-64, ..., or cpnet with "
-                                                        "model.nbase=[1,32,64])")
+    parser.add_argument("--student", default=None,
+                        help="student registry name (fastnet-1-32-64-128-256, cpnet-1-32-64, ..., or cpnet with "
+                             "model.nbase=[1,32,64]); omitted: the default student fastnet-1-32-64-128-256 with its "
+                             "measured recipe (distill.workflow.DEFAULT_RECIPE; key=value pairs override it)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (created; rerun the command to resume)")
     parser.add_argument("--seed-search", type=non_negative_int, default=0, metavar="N",
                         help="train N seeds one epoch each, keep the best by validation KD loss (default 0: off)")
@@ -82,14 +89,14 @@ def _rules(args: argparse.Namespace) -> dict:
     return {"flow_threshold": args.flow_threshold, "cellprob_threshold": args.cellprob_threshold, "niter": args.niter}
 
 
-def _load_teacher(specs: list[str] | None):
+def _load_teacher(specs: list[str] | None, augment: bool = False):
     # imported when this command runs, not for --help (start-up time)
     from distill.teachers import load_teacher
 
     if not specs:
         raise ValueError("give --teacher MODEL (a pretrained name such as cyto_0, a model file or a run folder), or "
                          "kd.cache=CACHE (its teacher)")
-    return load_teacher(specs)
+    return load_teacher(specs, augment=augment)
 
 
 def _cache_teacher(overrides: list[str]) -> list[str] | None:
@@ -108,24 +115,27 @@ def run_train(args: argparse.Namespace) -> int:
     from distill.cache import CacheError
     from distill.pseudo_labels import PseudoLabelError
     from distill.teachers import TeacherError
-    from distill.workflow import DistillError, distill
+    from distill.workflow import DEFAULT_STUDENT, DistillError, distill, with_default_recipe
     from train.config import ConfigError
     from train.loop import TrainingError
 
-    missing = [opt for opt, value in (("--student", args.student), ("--out", args.out)) if not value]
-    if missing:
-        raise UsageError(f"give {' and '.join(missing)} (or a sub-command: cache, eval, export)")
+    if not args.out:
+        raise UsageError("give --out RUN (or a sub-command: cache, eval, export)")
+    student = args.student or DEFAULT_STUDENT
+    overrides = list(args.overrides) if args.student else with_default_recipe(args.overrides)
     with interruptible(RESUME_HINT), exit_codes(
             ((DistillError, ConfigError, TeacherError, CacheError, PseudoLabelError, ValueError), 2),
             ((TrainingError, io.InputFileError, OSError), 1)):
-        teacher = _load_teacher(args.teacher or _cache_teacher(args.overrides))
-        result = distill(teacher, args.images, args.student, args.out, overrides=args.overrides,
+        teacher = _load_teacher(args.teacher or _cache_teacher(args.overrides), args.teacher_augment)
+        overrides += ["kd.teacher_augment=true"] if args.teacher_augment else []
+        result = distill(teacher, args.images, student, args.out, overrides=overrides,
                          val_fraction=args.val_fraction, seed=args.seed, diameter=args.diameter or None,
                          channels=args.channels, rules=_rules(args), seed_search_n=args.seed_search,
                          size_epochs=args.size_epochs, progress=not args.quiet)
     ap = f"best validation AP@0.5 against the teacher's masks {result.best_ap50:.3f}" if result.best_ap50 is not None \
         else "no validation"
-    print(f"cpsam distill: student {args.student} (seed {result.seed}) -> {result.model_path}; {ap}; "
+    default = "" if args.student else " (the default)"
+    print(f"cpsam distill: student {student}{default} (seed {result.seed}) -> {result.model_path}; {ap}; "
           f"{result.seconds:.0f} s" + (f"; size model {result.size_model_path}" if result.size_model_path else ""))
     return 0
 
@@ -146,7 +156,7 @@ def run_cache(args: argparse.Namespace) -> int:
     # imported when this command runs, not for --help (start-up time)
     from accelerate import PartialState
 
-    from distill.cache import CacheError, TeacherCache, build_cache, verify_cache
+    from distill.cache import CacheError, TeacherCache, build_cache, check_resume, verify_cache
     from distill.pseudo_labels import PseudoLabelError, canonical_roots
     from distill.teachers import TeacherError
     from distill.workflow import DistillError, distill_config, plan_data
@@ -158,7 +168,8 @@ def run_cache(args: argparse.Namespace) -> int:
     with interruptible(RESUME_HINT), exit_codes(
             ((DistillError, ConfigError, TeacherError, CacheError, PseudoLabelError, ValueError), 2),
             ((io.InputFileError, OSError), 1)):
-        teacher = _load_teacher(args.teacher)
+        check_resume(args.out, args.teacher_augment)  # before the teacher labels anything
+        teacher = _load_teacher(args.teacher, args.teacher_augment)
         plan = None
         if state.is_main_process:  # the teacher labels raw images once, before any process reads them
             plan = plan_data(teacher, args.images, args.out / "data", val_fraction=args.val_fraction,

@@ -21,6 +21,10 @@ masks like a student's. Mirroring is a symmetry of the task (the teacher was tra
 is how far a model that *is* the teacher, seen in a mirror, agrees with it: the scale to read a student's
 binarized IoU and count error against: where the teacher agrees with its own mirror image only partly (for
 cyto_0: H&E and phase contrast, docs/results/distillation.md), no student can be expected to do better.
+With `--teacher-augment` the teacher segments with flip test-time augmentation, and the same teacher without it
+(`teacher-plain`) is scored against it too. Every row against the teacher carries `teacher_self_iou` (the
+binarized IoU of `teacher-plain` when measured, else of `teacher-mirrored`, on that folder) and
+`iou_vs_ceiling` = binary_iou / teacher_self_iou (`summaries`).
 
 Seconds per image (end to end, in this process, after a warm-up image) are indicative only:
 benchmarks/bench_students.py times models in isolated processes.
@@ -63,6 +67,7 @@ from train.finetune import FinetuneError, find_labelled_images
 
 TEACHER = "teacher"
 MIRRORED = "teacher-mirrored"
+PLAIN = "teacher-plain"
 GROUND_TRUTH = "gt"
 REPORT_FILES = ("per_image.csv", "summary.csv", "report.md", "agreement.png", "agreement_vs_speed.png")
 
@@ -228,9 +233,9 @@ def mirror_width(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _segment(run: ModelRun, image: np.ndarray, diameter: float | None, channels: Sequence[int] | None,
-             ) -> tuple[np.ndarray, float]:
+             augment: bool = False) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
-    result = run.segmenter.segment([image], diameter=diameter, channels=channels)[0]
+    result = run.segmenter.segment([image], diameter=diameter, channels=channels, augment=augment)[0]
     run.seconds.append(time.perf_counter() - start)
     return result.masks, result.diameter
 
@@ -238,17 +243,22 @@ def _segment(run: ModelRun, image: np.ndarray, diameter: float | None, channels:
 def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[ModelRun], *,
              diameter: float | None = None, student_diameter: str = TEACHER,
              channels: Sequence[int] | None = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-             progress: bool = True, mirror: bool = False) -> Evaluation:
+             progress: bool = True, mirror: bool = False, teacher_augment: bool = False) -> Evaluation:
     """Segment every image with the teacher and each student and score them (see module docstring).
 
     diameter: cell diameter in px for the teacher (None: its size model / own diameter);
     student_diameter: "teacher" (the diameter the teacher used for that image) or "own";
     mirror: also score the teacher on the mirrored image, mirrored back, against itself (model MIRRORED).
+    teacher_augment: the teacher segments with flip test-time augmentation (`Segmenter.segment(augment=True)`, what
+    `cpsam segment --augment` and `cpsam distill cache --teacher-augment` use); the teacher without it is then
+    scored against it too (model PLAIN).
     An unreadable image, or ground truth that does not fit, is recorded in `problems` and passed over.
     The first image is segmented once more by every model before timing starts (warm-up).
     """
     out = Evaluation()
     mirrored = ModelRun(MIRRORED, teacher.segmenter)
+    plain = ModelRun(PLAIN, teacher.segmenter)
+    ta = teacher_augment
     warmed = False
     for item in tqdm(items, desc="distill eval", unit="image", disable=not progress, file=sys.stderr):
         try:
@@ -262,12 +272,14 @@ def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[M
                 for run in (teacher, *students):
                     run.segmenter.segment([image], diameter=diameter or 30.0, channels=channels, compute_masks=False)
                 warmed = True
-            t_masks, t_diam = _segment(teacher, image, diameter, channels)
+            t_masks, t_diam = _segment(teacher, image, diameter, channels, ta)
             s_out = [(run, *_segment(run, image, t_diam if student_diameter == TEACHER else diameter, channels))
                      for run in students]
             if mirror:  # at the teacher's diameter for the image, so only the mirror differs
-                m_masks, _ = _segment(mirrored, mirror_width(image, t_masks.shape), t_diam, channels)
+                m_masks, _ = _segment(mirrored, mirror_width(image, t_masks.shape), t_diam, channels, ta)
                 s_out.append((mirrored, np.ascontiguousarray(m_masks[:, ::-1]), t_diam))
+            if ta:  # the same teacher without the augmentation, at the same diameter
+                s_out.append((plain, _segment(plain, image, t_diam, channels)[0], t_diam))
         except ImageError as exc:
             out.problems.append(f"{item.image}: {exc}")
             continue
@@ -280,18 +292,31 @@ def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[M
         if truth is not None:
             pairs.append((TEACHER, GROUND_TRUTH, truth, t_masks, teacher.seconds[-1], t_diam))
             pairs += [(run.label, GROUND_TRUTH, truth, masks, run.seconds[-1], diam) for run, masks, diam in s_out
-                      if run is not mirrored]
+                      if run is not mirrored and run is not plain]
         for model, reference, ref_masks, masks, seconds, diam in pairs:
             scores = score_image(ref_masks, masks, thresholds)
             out.rows.append(score_row(item, model, reference, scores, seconds, diam))
             out.results.setdefault((model, reference), []).append((item.dataset, scores))
-    out.seconds = {run.label: list(run.seconds) for run in (teacher, *students, *([mirrored] if mirror else []))}
+    extra = [*([mirrored] if mirror else []), *([plain] if ta else [])]
+    out.seconds = {run.label: list(run.seconds) for run in (teacher, *students, *extra)}
     return out
+
+
+def ceiling_model(evaluation: Evaluation) -> str | None:
+    """The row whose binarized IoU with the teacher is the teacher's self-agreement: PLAIN (plain vs augmented) for
+    an augmented teacher, else MIRRORED; None when neither was measured (`--no-mirror`)."""
+    for model in (PLAIN, MIRRORED):
+        if (model, TEACHER) in evaluation.results:
+            return model
+    return None
 
 
 def summaries(evaluation: Evaluation) -> list[dict[str, object]]:
     """Per (model, reference): one row per folder plus `all` (`cpsam.metrics.summarize_by_dataset`), with the model,
-    the reference, `count_rel_error_total` and the mean seconds per image of the model added."""
+    the reference, `count_rel_error_total` and the mean seconds per image of the model added, and, against the
+    teacher, `teacher_self_iou` (the binarized IoU of `ceiling_model` with the teacher on that folder) and
+    `iou_vs_ceiling` = binary_iou / teacher_self_iou (NaN without a ceiling; 1.0 is as faithful as the teacher
+    is to itself, above 1 more)."""
     rows = []
     for (model, reference), results in evaluation.results.items():
         for row in summarize_by_dataset(results):
@@ -300,11 +325,19 @@ def summaries(evaluation: Evaluation) -> list[dict[str, object]]:
             rows.append({"model": model, "reference": reference, **row,
                          "count_rel_error_total": abs(n_pred - n_true) / max(n_true, 1.0),
                          "seconds_per_image": float(np.mean(seconds))})
+    ceiling = ceiling_model(evaluation)
+    self_iou = {r["dataset"]: float(r["binary_iou"]) for r in rows  # type: ignore[arg-type]
+                if r["model"] == ceiling and r["reference"] == TEACHER}
+    for row in rows:
+        own = self_iou.get(row["dataset"], math.nan) if row["reference"] == TEACHER else math.nan
+        row["teacher_self_iou"] = own
+        row["iou_vs_ceiling"] = float(row["binary_iou"]) / own if own > 0 else math.nan  # type: ignore[arg-type]
     return rows
 
 
-SUMMARY_COLUMNS = ("model", "dataset", "n_images", "n_true", "n_pred", "binary_iou", "count_rel_error",
-                   "count_rel_error_total", "ap@0.5", "error_rate@0.5", "ap@0.75", "seconds_per_image")
+SUMMARY_COLUMNS = ("model", "dataset", "n_images", "n_true", "n_pred", "binary_iou", "teacher_self_iou",
+                   "iou_vs_ceiling", "count_rel_error", "count_rel_error_total", "ap@0.5", "error_rate@0.5", "ap@0.75",
+                   "seconds_per_image")
 
 
 def report_markdown(evaluation: Evaluation, teacher_spec: str, student_specs: Sequence[str]) -> str:
@@ -317,7 +350,11 @@ def report_markdown(evaluation: Evaluation, teacher_spec: str, student_specs: Se
              "benchmarks/bench_students.py).",
              f"`{MIRRORED}` (when present): the teacher on each image mirrored left-right, its masks mirrored back, "
              "against its own masks: how far the teacher agrees with itself under a symmetry of the task, the "
-             "scale to read the students' agreement against."]
+             f"scale to read the students' agreement against. `{PLAIN}` (an augmented teacher): the same teacher "
+             "without the flip augmentation, against the augmented one.",
+             f"Ceiling: `teacher_self_iou` is the binarized IoU of `{ceiling_model(evaluation) or 'none measured'}` "
+             "with the teacher on that folder; `iou_vs_ceiling` = binary_iou / teacher_self_iou (1.0: a student "
+             "as faithful to the teacher as the teacher is to itself)."]
     for reference, title in ((TEACHER, "Students vs the teacher's masks"), (GROUND_TRUTH, "Against ground truth")):
         rows = [r for r in summary if r["reference"] == reference]
         if rows:
@@ -347,7 +384,11 @@ def write_eval_report(out: Path, evaluation: Evaluation, teacher_spec: str, stud
         by_model.setdefault(str(row["model"]), []).append(row)
     points = [SpeedPoint(TEACHER, float(np.mean(evaluation.seconds.get(TEACHER) or [math.nan])), 1.0)]
     points += [SpeedPoint(model, float(rows[-1]["seconds_per_image"]), float(rows[-1]["binary_iou"]))  # type: ignore
-               for model, rows in by_model.items() if rows[-1]["dataset"] == ALL_DATASETS and model != MIRRORED]
+               for model, rows in by_model.items()
+               if rows[-1]["dataset"] == ALL_DATASETS and model not in (MIRRORED, PLAIN)]
+    overall = [r for r in vs_teacher if r["dataset"] == ALL_DATASETS]
+    ceiling = (float(overall[0]["teacher_self_iou"]), f"teacher's self-agreement ({ceiling_model(evaluation)})"  # type: ignore
+               ) if overall else None
     with io.atomic_paths(targets) as temps:
         write_csv(temps[0], evaluation.rows)
         write_csv(temps[1], summary)
@@ -355,7 +396,7 @@ def write_eval_report(out: Path, evaluation: Evaluation, teacher_spec: str, stud
         error_rate_bars(by_model, temps[3], metric="binary_iou",
                         title="binarized IoU of each student with the teacher (higher is better)")
         accuracy_speed_scatter(points, temps[4], accuracy_label="binarized IoU vs teacher",
-                               title="agreement with the teacher vs seconds per image")
+                               title="agreement with the teacher vs seconds per image", ceiling=ceiling)
     return targets
 
 
@@ -386,6 +427,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mirror", dest="mirror", action="store_false",
                         help=f"skip the teacher's agreement with itself on mirrored images ({MIRRORED}; one more "
                              "teacher run per image)")
+    parser.add_argument("--teacher-augment", action="store_true",
+                        help=f"the teacher segments with flip test-time augmentation (as `cpsam segment --augment`; "
+                             f"for students distilled with `cpsam distill cache --teacher-augment`); adds {PLAIN}, the "
+                             "teacher without it, whose agreement is then the ceiling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -403,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     evaluation = evaluate(items, teacher, students, diameter=args.diameter or None,
                           student_diameter=args.student_diameter, channels=args.channels, progress=not args.quiet,
-                          mirror=args.mirror)
+                          mirror=args.mirror, teacher_augment=args.teacher_augment)
     for problem in evaluation.problems:
         print(f"cpsam distill eval: skipped {problem}", file=sys.stderr)
     if not evaluation.rows:
@@ -416,7 +461,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for row in summaries(evaluation):
         if row["dataset"] == ALL_DATASETS:
-            print(f"{row['model']:>24} vs {row['reference']:7}: binarized IoU {row['binary_iou']:.3f}, "
+            vs = float(row["iou_vs_ceiling"])  # type: ignore[arg-type]
+            ceiling = f" ({vs:.2f} of the teacher's self-agreement)" if math.isfinite(vs) else ""
+            print(f"{row['model']:>24} vs {row['reference']:7}: binarized IoU {row['binary_iou']:.3f}{ceiling}, "
                   f"count error {row['count_rel_error']:.3f}, AP@0.5 {row['ap@0.5']:.3f}, "
                   f"{row['seconds_per_image']:.2f} s/image")
     print(f"cpsam distill eval: {len({(r['dataset'], r['name']) for r in evaluation.rows})} images -> {args.out}")

@@ -27,6 +27,8 @@ Returns masks (H, W) int32 labels 1..N (0 = background) and flows (3, H, W) floa
 Checked against `cpsam segment` on real images (tests/distill/test_distill_export.py). Only TorchScript is
 written: the tiling and the dynamics are loops over data-dependent sizes that ONNX graphs cannot hold,
 and the `onnx` package is not part of this project's environment.
+`--format bioimageio` wraps the same module into a BioImage.IO model package (distill/bioimageio_package.py).
+The module runs on the device of its input (tensors it makes are made there).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpsam import io
-from cpsam.cli_types import positive_int
+from cpsam.cli_types import non_negative_float, positive_int
 from cpsam.dynamics.torch_rules import flows_to_masks as flows_to_masks_torch
 from cpsam.models import resolve_model
 from cpsam.models.cpnet import CPnet
@@ -66,7 +68,7 @@ def _channels_first(image: Tensor, in_channels: int) -> Tensor:
     else:
         raise ValueError("expected a 2-D (H, W) or 3-D image")
     c = min(int(x.shape[0]), in_channels)
-    out = torch.zeros((in_channels, x.shape[1], x.shape[2]), dtype=torch.float32)
+    out = torch.zeros((in_channels, x.shape[1], x.shape[2]), dtype=torch.float32, device=x.device)
     out[:c] = x[:c]
     return out
 
@@ -84,20 +86,22 @@ def _normalize(x: Tensor) -> Tensor:
             sy = max(1, channel.shape[0] // subsample_step)
             sx = max(1, channel.shape[1] // subsample_step)
             sample = channel[::sy, ::sx]
-        q = torch.quantile(sample.reshape(-1), torch.tensor([0.01, 0.99], dtype=torch.float32))
+        q = torch.quantile(sample.reshape(-1), torch.tensor([0.01, 0.99], dtype=torch.float32, device=x.device))
         low, high = q[0], q[1]
         if float(high - low) > 1e-3:
             out[c] = (channel - low) / (high - low)
     return out
 
 
-def _linear_taps(src: int, dst: int, float32_coordinates: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """OpenCV INTER_LINEAR taps along one axis: (i0, i1 int64, w0, w1 float64) for `dst` outputs from `src`.
+def _linear_taps(src: int, dst: int, float32_coordinates: bool,
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """OpenCV INTER_LINEAR taps along one axis: (i0, i1 int64, w0, w1 float64, on `device`) for `dst` outputs
+    from `src`.
 
     Source coordinate (d + 0.5) * src / dst - 0.5 (rounded to float32 first on OpenCV's generic path),
     clamped at both ends to the edge pixel with weight 1.
     """
-    d = torch.arange(dst, dtype=torch.float64)
+    d = torch.arange(dst, dtype=torch.float64, device=device)
     f = (d + 0.5) * (1.0 / (dst / src)) - 0.5
     if float32_coordinates:
         f = f.to(torch.float32)
@@ -121,8 +125,8 @@ def _resize(x: Tensor, height: int, width: int) -> Tensor:
     if x.shape[1] == height and x.shape[2] == width:
         return x
     generic = x.shape[0] == 2
-    xi0, xi1, xw0, xw1 = _linear_taps(x.shape[2], width, generic)
-    yi0, yi1, yw0, yw1 = _linear_taps(x.shape[1], height, generic)
+    xi0, xi1, xw0, xw1 = _linear_taps(x.shape[2], width, generic, x.device)
+    yi0, yi1, yw0, yw1 = _linear_taps(x.shape[1], height, generic, x.device)
     if generic:
         t = x[:, :, xi0] * xw0.float() + x[:, :, xi1] * xw1.float()
         return t[:, yi0, :] * yw0.float()[:, None] + t[:, yi1, :] * yw1.float()[:, None]
@@ -155,20 +159,20 @@ def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     return starts
 
 
-def _taper(length: int) -> Tensor:
-    """The 1-D sigmoid taper (float64) of `cpsam.transforms.taper_1d`."""
+def _taper(length: int, device: torch.device) -> Tensor:
+    """The 1-D sigmoid taper (float64, on `device`) of `cpsam.transforms.taper_1d`."""
     size = max(224, length)
-    t = torch.arange(size, dtype=torch.float64)
+    t = torch.arange(size, dtype=torch.float64, device=device)
     dist = torch.abs(t - t.mean())
     full = 1.0 / (1.0 + torch.exp((dist - (size / 2 - 20)) / 7.5))
     start = size // 2 - length // 2
     return full[start : start + length]
 
 
-def _blend_weight(length: int, starts: list[int], tile_len: int) -> Tensor:
-    """Sum of the tiles' 1-D tapers along one axis (float64, `length`)."""
-    total = torch.zeros(length, dtype=torch.float64)
-    taper = _taper(tile_len)
+def _blend_weight(length: int, starts: list[int], tile_len: int, device: torch.device) -> Tensor:
+    """Sum of the tiles' 1-D tapers along one axis (float64, `length`, on `device`)."""
+    total = torch.zeros(length, dtype=torch.float64, device=device)
+    taper = _taper(tile_len, device)
     for s in starts:
         total[s : s + tile_len] = total[s : s + tile_len] + taper
     return total
@@ -234,7 +238,14 @@ class ExportedSegmenter(nn.Module):
     @torch.jit.export
     def flows(self, image: Tensor, diameter: float = 0.0) -> tuple[Tensor, float]:
         """(flows (3, H, W) float32 [dY, dX, cellprob logit] at the image's size, rescale factor)."""
-        x = _normalize(_channels_first(image, self.in_channels))
+        return self.flows_chw(_channels_first(image, self.in_channels), diameter)
+
+    @torch.jit.export
+    def flows_chw(self, image: Tensor, diameter: float = 0.0) -> tuple[Tensor, float]:
+        """`flows` of an image whose channels are already the network's: (in_channels, H, W) float32 (steps 2-5
+        of the module docstring; no guess of the channel axis). Runs on the image's device."""
+        x = _normalize(image.to(torch.float32))
+        device = x.device
         height, width = x.shape[1], x.shape[2]
         rescale = self.rescale_for(diameter)
         sh, sw = height, width
@@ -252,8 +263,8 @@ class ExportedSegmenter(nn.Module):
         ly, lx = x.shape[1], x.shape[2]
         ys, xs = _tile_starts(ly, tile, self.tile_overlap), _tile_starts(lx, tile, self.tile_overlap)
         th, tw = min(tile, ly), min(tile, lx)
-        taper = (_taper(th)[:, None] * _taper(tw)[None, :]).to(torch.float32)
-        accum = torch.zeros((3, ly, lx), dtype=torch.float32)
+        taper = (_taper(th, device)[:, None] * _taper(tw, device)[None, :]).to(torch.float32)
+        accum = torch.zeros((3, ly, lx), dtype=torch.float32, device=device)
         corners: list[tuple[int, int]] = []
         for y0 in ys:
             for x0 in xs:
@@ -266,8 +277,8 @@ class ExportedSegmenter(nn.Module):
                 for k in range(len(batch)):
                     y0, x0 = batch[k]
                     accum[:, y0 : y0 + th, x0 : x0 + tw] = accum[:, y0 : y0 + th, x0 : x0 + tw] + y[k]
-        wy = _blend_weight(ly, ys, th)[top : top + sh]
-        wx = _blend_weight(lx, xs, tw)[left : left + sw]
+        wy = _blend_weight(ly, ys, th, device)[top : top + sh]
+        wx = _blend_weight(lx, xs, tw, device)[left : left + sw]
         flows = accum[:, top : top + sh, left : left + sw]
         flows = (flows.double() / wy[None, :, None]).float()
         flows = (flows.double() / wx[None, None, :]).float()
@@ -284,12 +295,19 @@ class ExportedSegmenter(nn.Module):
         Returns masks (H, W) int32 (0 = background, 1..N) and flows (3, H, W) float32.
         """
         flows, rescale = self.flows(image, diameter)
+        masks = self.masks(flows, rescale, niter, cellprob_threshold, flow_threshold, min_size, max_size_fraction)
+        return masks, flows
+
+    @torch.jit.export
+    def masks(self, flows: Tensor, rescale: float, niter: int = 0, cellprob_threshold: float = 0.0,
+              flow_threshold: float = 0.4, min_size: int = 15, max_size_fraction: float = 0.4) -> Tensor:
+        """flows (3, H, W) of `flows` / `flows_chw` -> masks (H, W) int32 (step 6; niter 0: 200 / rescale)."""
         steps = niter if niter > 0 else self.default_niter(rescale)
         with torch.no_grad():
             masks = flows_to_masks_torch(flows[:2].contiguous(), flows[2].contiguous(), steps,
                                          cellprob_threshold, flow_threshold, min_size, max_size_fraction,
                                          self.mask_rules)
-        return masks.to(torch.int32), flows
+        return masks.to(torch.int32)
 
 
 def named_rules(name: str, tile_size: int) -> InferenceRules:
@@ -308,12 +326,12 @@ def network_stride(model: nn.Module) -> int:
     return int(getattr(model, "stride", 16))
 
 
-def export_model(model: nn.Module, out: str | Path, rules: InferenceRules | None = None, batch_size: int = 8) -> Path:
-    """Write `model` (a CPnet or FastNet; eval mode, CPU) as one TorchScript file `out` (atomically).
+def build_segmenter(model: nn.Module, rules: InferenceRules | None = None, batch_size: int = 8) -> ExportedSegmenter:
+    """`model` (a CPnet or FastNet with the cpsam model interface) as an `ExportedSegmenter` around its traced
+    network (CPU, float32, BatchNorm folded where the model can), not yet scripted.
 
     rules: the inference rules to reproduce (default: `rules_for(model)`, what `cpsam segment` uses).
-    Returns the written path. Raises ValueError for a model without the cpsam model interface and OSError
-    (naming `out`) when the file cannot be written, e.g. a full disk; no partial file is left.
+    Raises ValueError for a model without the cpsam model interface.
     """
     for attr in ("in_channels", "tile_size", "diam_mean", "diam_labels"):
         if not hasattr(model, attr):
@@ -327,15 +345,29 @@ def export_model(model: nn.Module, out: str | Path, rules: InferenceRules | None
     example = torch.zeros(CPU_SUB_BATCH, int(model.in_channels), tile, tile)
     with torch.no_grad():
         traced = torch.jit.trace(net, example, check_trace=False)
-    wrapper = ExportedSegmenter(traced, int(model.in_channels), tile, float(model.diam_mean.detach()[0]),
-                                float(model.diam_labels.detach()[0]), rules, stride, batch_size)
-    scripted = torch.jit.script(wrapper)
+    return ExportedSegmenter(traced, int(model.in_channels), tile, float(model.diam_mean.detach()[0]),
+                             float(model.diam_labels.detach()[0]), rules, stride, batch_size)
+
+
+def script_bytes(module: nn.Module) -> bytes:
+    """`torch.jit.script(module)` serialized (what `torch.jit.load` reads)."""
+    buffer = stdio.BytesIO()
+    torch.jit.save(torch.jit.script(module), buffer)
+    return bytes(buffer.getbuffer())
+
+
+def export_model(model: nn.Module, out: str | Path, rules: InferenceRules | None = None, batch_size: int = 8) -> Path:
+    """Write `model` (a CPnet or FastNet; eval mode, CPU) as one TorchScript file `out` (atomically).
+
+    rules: the inference rules to reproduce (default: `rules_for(model)`, what `cpsam segment` uses).
+    Returns the written path. Raises ValueError for a model without the cpsam model interface and OSError
+    (naming `out`) when the file cannot be written, e.g. a full disk; no partial file is left.
+    """
+    data = script_bytes(build_segmenter(model, rules, batch_size))
     # serialized in memory, then written by Python: TorchScript's own file writer aborts the process (C++
     # "terminate called") when the disk fills, where a Python write raises OSError and atomic_path cleans up
-    buffer = stdio.BytesIO()
-    torch.jit.save(scripted, buffer)
     with io.atomic_path(out) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
+        tmp.write_bytes(data)
     return Path(out)
 
 
@@ -345,40 +377,81 @@ def export_model(model: nn.Module, out: str | Path, rules: InferenceRules | None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `cpsam distill export`."""
     parser.add_argument("--model", required=True, help="model file, run folder or pretrained name (e.g. RUN/model.pt)")
-    parser.add_argument("--out", type=Path, required=True, help="the TorchScript file to write (e.g. student.pt)")
-    parser.add_argument("--format", choices=("torchscript",), default="torchscript",
-                        help="only TorchScript holds the tiling and the dynamics (see the module docstring)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="torchscript: the file to write (e.g. student.pt); bioimageio: a .zip file, or a folder "
+                             "for any other name (see distill/bioimageio_package.py)")
+    parser.add_argument("--format", choices=("torchscript", "bioimageio"), default="torchscript",
+                        help="torchscript (default): one file, image + diameter -> (masks, flows); bioimageio: a "
+                             "BioImage.IO model package (rdf.yaml, TorchScript weights raw image -> label image, "
+                             "test tensors, cover, citations, license)")
     parser.add_argument("--rules", choices=("auto", "cp3", "cp4"), default="auto",
                         help="inference rules: auto = what `cpsam segment` uses for this model (cp3 for a CPnet); "
                              "cp3 / cp4 = cellpose 3's / 4's tiling, rescaling and flow -> mask rules (a student "
                              "runs best under its teacher's: cp3 for cyto_0)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="tiles per network call inside the file")
+    parser.add_argument("--test-image", type=Path, default=None,
+                        help="bioimageio only (required there): a real image whose centre crop (<= 256 px a side) "
+                             "becomes the package's test input; the model must find cells in it")
+    parser.add_argument("--diameter", type=non_negative_float, default=0.0,
+                        help="bioimageio only: the cell diameter in px fixed inside the package (0: the model's own)")
+
+
+def _fail_usage(message: str) -> int:
+    print(f"cpsam distill export: {message}", file=sys.stderr)
+    return 2
 
 
 def run(args: argparse.Namespace) -> int:
-    """`cpsam distill export`; 0 written, 2 bad request (unreadable model, unwritable --out), 1 the write failed
-    (e.g. a full disk; no partial file is left)."""
+    """`cpsam distill export`; 0 written, 2 bad request (unreadable model or test image, unwritable --out), 1 the
+    write failed (e.g. a full disk; no partial file is left)."""
+    bioimageio = args.format == "bioimageio"
+    if bioimageio and args.test_image is None:
+        return _fail_usage("--format bioimageio needs --test-image IMAGE (a real image the model finds cells in)")
+    if not bioimageio and (args.test_image is not None or args.diameter):
+        return _fail_usage("--test-image and --diameter apply to --format bioimageio only")
     try:
-        io.check_output_file(args.out)
+        if bioimageio:
+            # the package module imports bioimageio.spec's schema only when it writes: cheap to import here
+            from distill.bioimageio_package import check_package_path
+
+            check_package_path(args.out)
+        else:
+            io.check_output_file(args.out)
     except io.OutputPathError as exc:
-        print(f"cpsam distill export: cannot write --out {exc}", file=sys.stderr)
-        return 2
+        return _fail_usage(f"cannot write --out {exc}")
+    image = None
+    if bioimageio:
+        try:
+            image = io.read_image(args.test_image)
+        except (OSError, ValueError) as exc:  # InputFileError names the file and the problem
+            return _fail_usage(f"--test-image {exc}")
     try:
         model = resolve_model(args.model, torch.device("cpu"))
     except (OSError, ValueError, RuntimeError) as exc:
-        print(f"cpsam distill export: cannot load --model {args.model}: {exc}", file=sys.stderr)
-        return 2
+        return _fail_usage(f"cannot load --model {args.model}: {exc}")
     rules = rules_for(model) if args.rules == "auto" else named_rules(args.rules, int(model.tile_size))
     try:
-        path = export_model(model, args.out, rules, batch_size=args.batch_size)
+        if bioimageio:
+            from distill.bioimageio_package import write_package  # same module as above
+
+            path, n_cells = write_package(model, args.out, image, source=str(args.model), rules=rules,
+                                          diameter=args.diameter, batch_size=args.batch_size)
+        else:
+            path = export_model(model, args.out, rules, batch_size=args.batch_size)
     except ValueError as exc:
-        print(f"cpsam distill export: {args.model}: {exc}", file=sys.stderr)
-        return 2
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fail_usage(f"{args.model}: {first}")
     except OSError as exc:
         what = io.describe_os_error(exc) if exc.filename else f"{args.out}: {io.describe_os_error(exc)}"
         print(f"cpsam distill export: cannot write --out {what}", file=sys.stderr)
         return 1
+    where = (f"rules {rules.mask_rules}, tile {rules.tile_size}, "
+             f"{'pad to tile' if rules.pad_to_tile else 'tiles shrink to small images'}")
+    if bioimageio:
+        kind = "zip file" if path.suffix.lower() == ".zip" else "folder"
+        print(f"cpsam distill export: {args.model} -> {path} (BioImage.IO model package, {kind}; {where}; "
+              f"test output {n_cells} cells)")
+        return 0
     size = path.stat().st_size / 2**20
-    print(f"cpsam distill export: {args.model} -> {path} ({size:.1f} MiB, TorchScript; rules {rules.mask_rules}, "
-          f"tile {rules.tile_size}, {'pad to tile' if rules.pad_to_tile else 'tiles shrink to small images'})")
+    print(f"cpsam distill export: {args.model} -> {path} ({size:.1f} MiB, TorchScript; {where})")
     return 0

@@ -110,6 +110,10 @@ class DistillObjective(Objective):
         except CacheError as exc:
             raise ConfigError(f"kd.cache: {exc}") from exc
         self.teacher_specs = list(kd.teacher) or (list(self.cache.teacher["specs"]) if self.cache else [])
+        if self.cache is not None and kd.teacher_augment and not self.cache.teacher_augment:
+            raise ConfigError(f"kd.teacher_augment=true, but kd.cache={kd.cache} holds the plain teacher's targets; "
+                              "rebuild it with `cpsam distill cache --teacher-augment`, or drop the option")
+        self.teacher_augment = bool(kd.teacher_augment or (self.cache is not None and self.cache.teacher_augment))
         if not self.teacher_specs:
             raise ConfigError("kd.teacher is empty: name the teacher (a pretrained name such as cyto_0, a model file "
                               "or a run folder), e.g. kd.teacher=[cyto_0]")
@@ -128,7 +132,7 @@ class DistillObjective(Objective):
         """The frozen teacher (loaded on first use), on `device` when given."""
         if self._teacher is None:
             try:
-                self._teacher = load_teacher(self.teacher_specs)
+                self._teacher = load_teacher(self.teacher_specs, augment=self.teacher_augment)
             except ValueError as exc:
                 raise ConfigError(f"kd.teacher: {exc}") from exc
         if device is not None and self._teacher_device != device:

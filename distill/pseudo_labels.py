@@ -119,6 +119,7 @@ def teacher_segmenter(teacher: Teacher, device: torch.device, batch_size: int = 
     """A function (image (C, H, W) or (H, W), diameter or None, **mask rules) -> SegmentResult with the teacher.
 
     No diameter: the size model's estimate (for an ensemble: the first member's, alone), else the teacher's own.
+    An augmented teacher (`teacher.augment`) segments with flip test-time augmentation (`cpsam segment --augment`).
     """
     segmenter = Segmenter(teacher.net, device=device, batch_size=batch_size, rules=teacher.rules,
                           size_model=teacher.size_model if len(teacher.members) == 1 else None)
@@ -130,7 +131,8 @@ def teacher_segmenter(teacher: Teacher, device: torch.device, batch_size: int = 
         axis = 0 if image.ndim == 3 else None
         if not diameter and estimator is not None:
             diameter = estimator.estimate_diameter(image, channel_axis=axis)[0]
-        return segmenter.segment([image], diameter=diameter or None, channel_axis=axis, **rules)[0]
+        return segmenter.segment([image], diameter=diameter or None, channel_axis=axis, augment=teacher.augment,
+                                 **rules)[0]
 
     return run
 

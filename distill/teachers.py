@@ -16,6 +16,13 @@ Feature maps by model kind (`feature_shapes` gives them without running the net)
 An ensemble (cellpose 2's `net_avg`) averages its members' raw outputs; its features are those of the first
 member (members' feature spaces are not aligned channel by channel, so averaging them would mean nothing).
 Teachers are frozen: eval mode, no gradients, float32.
+
+An augmented teacher (`augment=True`; `cpsam distill cache --teacher-augment`, kd.teacher_augment) averages
+over the four flips of each tile (none, Y, X, both: the patterns of `cpsam segment --augment`,
+`cpsam.transforms.flip_pattern`): every flipped tile's output is un-flipped with `cpsam.transforms.unflip_output`
+(flow components negated along flipped axes) and its feature maps are flipped back (no sign: a feature is not a
+vector) before the mean. The four flips form a group, so the result is flip-equivariant by construction:
+teaching a flipped tile gives the flipped (and, for flows, sign-corrected) result, up to float rounding.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpsam import transforms
 from cpsam.models import ModelSpecError, resolve_model
 from cpsam.models.cellpose_sam import CellposeSAM
 from cpsam.models.cpnet import CPnet
@@ -72,10 +80,11 @@ class Teacher:
         spec: what it was loaded from (recorded in caches and checkpoints).
     """
 
-    def __init__(self, model: nn.Module, spec: str = "<model>") -> None:
+    def __init__(self, model: nn.Module, spec: str = "<model>", augment: bool = False) -> None:
         self.model = _freeze(model)
         self.spec = str(spec)
         self.kind = model_kind(model)
+        self.augment = bool(augment)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -163,12 +172,27 @@ class Teacher:
 
     @torch.no_grad()
     def teach(self, x: Tensor, features: Sequence[str] | None = None) -> TeacherOutput:
-        """Run the teacher on a tile batch.
+        """Run the teacher on a tile batch (averaged over the four flips when `augment`; module docstring).
 
         x: (B, C, T, T) float, C >= in_channels (the first in_channels are used), on the teacher's device.
         features: names to return (None = all the model has; [] = none).
         Returns TeacherOutput: output (B, 3, T, T) float32 [dY, dX, cellprob logit], features float32 maps.
         """
+        if not self.augment:
+            return self._teach(x, features)
+        outputs: list[Tensor] = []
+        feats: dict[str, list[Tensor]] = {}
+        for row, col in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            flip_y, flip_x = transforms.flip_pattern(row, col)
+            dims = [d for d, f in ((-2, flip_y), (-1, flip_x)) if f]
+            taught = self._teach(torch.flip(x, dims) if dims else x, features)
+            outputs.append(transforms.unflip_output(taught.output, flip_y, flip_x))
+            for name, f in taught.features.items():
+                feats.setdefault(name, []).append(torch.flip(f, dims) if dims else f)
+        return TeacherOutput(torch.stack(outputs).mean(0), {n: torch.stack(v).mean(0) for n, v in feats.items()})
+
+    def _teach(self, x: Tensor, features: Sequence[str] | None = None) -> TeacherOutput:
+        """`teach` without the augmentation: one pass of the network."""
         x = self.check_input(x).to(self.device, torch.float32)
         m = self.model
         feats: dict[str, Tensor] = {}
@@ -285,17 +309,17 @@ class Ensemble(Teacher):
         self.model.to(device)
         return self
 
-    @torch.no_grad()
-    def teach(self, x: Tensor, features: Sequence[str] | None = None) -> TeacherOutput:
+    def _teach(self, x: Tensor, features: Sequence[str] | None = None) -> TeacherOutput:
         """Mean raw output of the members (B, 3, T, T) float32; the first member's features (see Teacher.teach)."""
         first = self._members[0].teach(x, features)
         outputs = [first.output] + [t.teach(x, []).output for t in self._members[1:]]
         return TeacherOutput(torch.stack(outputs).mean(0), first.features)
 
 
-def load_teacher(specs: str | Sequence[str], device: torch.device | str = "cpu") -> Teacher:
+def load_teacher(specs: str | Sequence[str], device: torch.device | str = "cpu", augment: bool = False) -> Teacher:
     """A Teacher from one spec, an Ensemble from several: what `cpsam segment --model` takes (pretrained names
-    such as cyto_0, official cpsam / classic Cellpose files, our model.pt files and run folders).
+    such as cyto_0, official cpsam / classic Cellpose files, our model.pt files and run folders); `augment`: the
+    flip-averaged teacher (module docstring; an ensemble averages the flips of its mean output).
 
     A classic model's size model beside its file is attached (cpsam.models.resolve_model). Raises TeacherError
     naming the spec when a model cannot be loaded.
@@ -310,4 +334,6 @@ def load_teacher(specs: str | Sequence[str], device: torch.device | str = "cpu")
         except ModelSpecError as exc:
             raise TeacherError(f"teacher {name}: cannot load it ({exc})") from exc
         teachers.append(Teacher(model, name))
-    return teachers[0] if len(teachers) == 1 else Ensemble(teachers)
+    teacher = teachers[0] if len(teachers) == 1 else Ensemble(teachers)
+    teacher.augment = bool(augment)
+    return teacher

@@ -35,6 +35,7 @@ from cpsam.cli import main
 from cpsam.io import atomic_path, outline_overlay, read_image, write_labels
 from data_prep.labels import relabel_consecutive
 from data_prep.synthetic import SyntheticConfig, synthesize
+from distill.evaluate import MIRRORED, PLAIN
 from eval.report import ALL_DATASETS, markdown_table
 from eval.samples import stardist_nuclei_sample
 
@@ -192,9 +193,11 @@ def _float(v: str | None) -> float:
 
 def study_table(summary_csv: Path) -> list[dict[str, object]]:
     """One row per model from `cpsam distill eval`'s summary.csv (folder 'all'): AP@0.5 and error rate against
-    the ground truth, binarized IoU, counts and relative count error against the teacher, seconds per image."""
+    the ground truth, binarized IoU, the teacher's self-agreement (its ceiling) and the binarized IoU as a fraction
+    of it, counts and relative count error against the teacher, seconds per image. The teacher's self-agreement
+    rows (MIRRORED, PLAIN) are read as the ceiling, not listed as models."""
     rows = [r for r in _read_csv(summary_csv) if r["dataset"] == ALL_DATASETS]
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    models = [m for m in dict.fromkeys(r["model"] for r in rows) if m not in (MIRRORED, PLAIN)]
     out = []
     for m in models:
         gt = next((r for r in rows if r["model"] == m and r["reference"] == "gt"), {})
@@ -203,6 +206,8 @@ def study_table(summary_csv: Path) -> list[dict[str, object]]:
             "model": m, "AP@0.5 (GT)": _float(gt.get("ap@0.5")),
             "error rate@0.5 (GT)": _float(gt.get("error_rate@0.5")),
             "binarized IoU (teacher)": _float(vt.get("binary_iou")) if vt else 1.0,
+            "teacher self-IoU": _float(vt.get("teacher_self_iou")) if vt else float("nan"),
+            "IoU / ceiling": _float(vt.get("iou_vs_ceiling")) if vt else float("nan"),
             "cells": int(_float(gt.get("n_pred"))) if gt else -1,
             "count error (teacher)": _float(vt.get("count_rel_error_total")) if vt else 0.0,
             "s / image": _float(gt.get("seconds_per_image") or vt.get("seconds_per_image")),
@@ -310,7 +315,7 @@ def run_study(out: Path, scale: StudyScale = StudyScale(), seed: int = 0) -> lis
     step("4 evaluate", ["distill", "eval", "--teacher", "cyto_0", "--student", str(runs / "finetuned" / "model.pt"),
                         *[a for s in STUDENTS for a in ("--student", str(runs / s / "model.pt"))],
                         "--images", str(data.heldout), "--gt", str(data.heldout_masks), "--out", str(report),
-                        "--no-mirror", "--quiet"])  # the study table has one row per model against ground truth
+                        "--quiet"])  # with the teacher's mirror agreement: the ceiling of the students' agreement
     rows = study_table(report / "summary.csv")
     # distill eval labels a model by its run folder's name
     names = {"teacher": "teacher cyto_0", "finetuned": "fine-tuned cyto_0", **{s: f"student {s}" for s in STUDENTS}}
@@ -336,7 +341,9 @@ def run_study(out: Path, scale: StudyScale = StudyScale(), seed: int = 0) -> lis
         f"(the students never see a mask), {n_held} held-out images for the table.",
         *[f"Note: {n}" for n in data.notes],
         "", markdown_table(rows, list(rows[0])), "",
-        "GT = the held-out images' manual masks; teacher = cyto_0's masks on the same images. Students run at the "
+        "GT = the held-out images' manual masks; teacher = cyto_0's masks on the same images. Teacher self-IoU = "
+        "the binarized IoU of cyto_0 on the mirrored images (masks mirrored back) with its own masks, the ceiling "
+        "of any student's agreement; IoU / ceiling = binarized IoU (teacher) / teacher self-IoU. Students run at the "
         "diameter the teacher's size model estimated for each image, so the teacher's seconds include that estimate "
         "(a second network pass) and the others' do not. Seconds per image: end to end in one process "
         "(indicative; `python -m benchmarks.bench_students` times each model in a fresh process).", "",

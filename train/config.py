@@ -173,6 +173,9 @@ class KDConfig:
     s x the teacher's (so `cpsam segment` shrinks images for it; flows come back at full size as the teacher's
     do). 0.5: cells of 15 px for a cyto teacher, 4x fewer pixels per image, and a shallow student's receptive
     field spans twice as many cell diameters.
+    `teacher_augment`: the teacher's outputs and features averaged over the four flips of each crop (flip-equivariant
+    targets; `cpsam distill --teacher-augment`); a cache records its own setting (`cpsam distill cache
+    --teacher-augment`) and a run with a cache follows it.
     """
 
     teacher: list[str] = field(default_factory=list)
@@ -194,6 +197,7 @@ class KDConfig:
     init_from_teacher: bool = False
     freeze_copied_bn: bool = True
     student_scale: float = 1.0
+    teacher_augment: bool = False
 
 
 @dataclass

@@ -91,12 +91,15 @@ def accuracy_speed_scatter(
     title: str | None = None,
     log_x: bool = True,
     dpi: int = 120,
+    ceiling: tuple[float, str] | None = None,
 ) -> Path:
     """Scatter of accuracy (y) against run time (x, log scale by default), each point labelled.
 
     Args:
         points: models to plot; `seconds_per_image` must be > 0 for a log axis.
         path: output PNG path.
+        ceiling: (accuracy, label) drawn as a dashed horizontal line (e.g. a teacher's self-agreement); a NaN
+            value draws nothing.
     Returns:
         The written path.
     """
@@ -108,6 +111,9 @@ def accuracy_speed_scatter(
         ax.annotate(p.name, (p.seconds_per_image, p.accuracy), textcoords="offset points", xytext=(6, 6), fontsize=8)
     if log_x and len(xs) and np.all(xs > 0):
         ax.set_xscale("log")
+    if ceiling is not None and np.isfinite(ceiling[0]):
+        ax.axhline(ceiling[0], color="grey", linestyle="--", linewidth=1, zorder=2, label=ceiling[1])
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel(speed_label)
     ax.set_ylabel(accuracy_label)
     ax.set_title(title or f"{accuracy_label} vs speed")

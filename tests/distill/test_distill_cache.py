@@ -257,3 +257,76 @@ def test_a_half_scale_student_sees_area_averaged_crops_and_targets(cache, tmp_pa
                        "data.num_workers=0", "log.tensorboard=false", "kd.student_scale=0.5"]) == 0
     assert float(load_model(run / "model.pt").diam_mean) == pytest.approx(15.0)
     assert (run / "model.pt_size.npy").is_file()
+
+
+def _flip(x: torch.Tensor, flip_y: bool, flip_x: bool, flows: bool = False) -> torch.Tensor:
+    """x (B, C, H, W) mirrored along Y and/or X; `flows`: also negate dY / dX (channels 0 / 1) along the flips."""
+    dims = [d for d, f in ((-2, flip_y), (-1, flip_x)) if f]
+    out = torch.flip(x, dims)
+    if flows:
+        out = out.clone()
+        if flip_y:
+            out[:, 0] = -out[:, 0]
+        if flip_x:
+            out[:, 1] = -out[:, 1]
+    return out
+
+
+def test_the_augmented_teacher_is_flip_equivariant_by_construction():
+    """A random CPnet is not flip-equivariant; averaged over the four flips it is: teaching the mirrored crop gives
+    the mirrored output (flows sign-corrected) and mirrored features, to float rounding."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 2, TILE, TILE)
+    plain, augmented = _teacher(), Teacher(tiny_cpnet(), "random-cpnet", augment=True)
+    for flip_y, flip_x in ((False, True), (True, False), (True, True)):
+        raw, raw_flipped = plain.teach(x), plain.teach(_flip(x, flip_y, flip_x))
+        assert (_flip(raw.output, flip_y, flip_x, flows=True) - raw_flipped.output).abs().max() > 1e-3
+        out, out_flipped = augmented.teach(x), augmented.teach(_flip(x, flip_y, flip_x))
+        scale = float(out.output.abs().max())
+        assert (_flip(out.output, flip_y, flip_x, flows=True) - out_flipped.output).abs().max() <= 1e-5 * scale
+        feat, feat_flipped = out.features["decoder"], out_flipped.features["decoder"]
+        assert (_flip(feat, flip_y, flip_x) - feat_flipped).abs().max() <= 1e-5 * float(feat.abs().max())
+    # it is the mean of the four un-flipped passes (the rule of `cpsam segment --augment`)
+    passes = [_flip(plain.teach(_flip(x, fy, fx)).output, fy, fx, flows=True)
+              for fy, fx in ((False, False), (False, True), (True, False), (True, True))]
+    assert torch.allclose(augmented.teach(x).output, torch.stack(passes).mean(0), atol=1e-6)
+
+
+def test_the_cache_records_an_augmented_teacher_and_a_resume_must_match(dataset, tmp_path):
+    out = tmp_path / "aug"
+    augmented = Teacher(tiny_cpnet(), "random-cpnet", augment=True)
+    build_cache(augmented, [str(dataset)], out, spec=_spec(), views=1, seed=5, progress=False)
+    c = TeacherCache(out)
+    assert c.teacher_augment and c.manifest["teacher_augment"] is True
+    assert verify_cache(c, augmented, 2).max_ulp_ratio <= 1.0  # the stored targets are the augmented teacher's
+    with pytest.raises(CacheError, match="built with --teacher-augment") as err:
+        build_cache(_teacher(), [str(dataset)], out, spec=_spec(), views=1, seed=5, progress=False)
+    assert len(str(err.value).splitlines()) == 1
+    # the online objective follows the cache; asking for an augmented teacher with a plain cache is refused
+    from train.config import load_config
+    from train.objective import objective_for
+
+    assert objective_for(load_config(None, ["objective=distill", f"kd.cache={out}"])).teacher_augment
+
+
+def test_an_augmented_run_cannot_train_from_a_plain_cache(cache):
+    from train.config import ConfigError, load_config
+    from train.objective import objective_for
+
+    assert not TeacherCache(cache).teacher_augment  # built before: a plain teacher, no teacher_augment needed
+    with pytest.raises(ConfigError, match="plain teacher"):
+        objective_for(load_config(None, ["objective=distill", f"kd.cache={cache}", "kd.teacher_augment=true"]))
+
+
+def test_cache_command_refuses_a_resume_with_the_other_setting_in_one_line(dataset, tmp_path):
+    from conftest import cli, line_with, no_traceback
+
+    teacher = save_tiny_cpnet(tmp_path / "teacher.pt")
+    argv = ["distill", "cache", "--teacher", teacher, "--images", dataset, "--out", tmp_path / "c", "--views", "1",
+            "--quiet", "data.tile_size=64"]
+    code, out, err = cli(*argv, "--teacher-augment")
+    assert code == 0, err
+    assert TeacherCache(tmp_path / "c").teacher_augment
+    code, out, err = cli(*argv)
+    assert code == 2 and line_with(err, "built with --teacher-augment", "rerun with it")
+    no_traceback(err)

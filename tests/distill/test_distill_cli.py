@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_image_path
+from conftest import save_tiny_cpnet, shared_image_path, write_shared_canonical
 
 from cpsam.cli import main as cpsam_main
 
@@ -76,7 +76,7 @@ def test_distill_a_folder_without_masks_end_to_end(images, tmp_path, capsys, cyt
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ([], "give --student and --out"),
+    ([], "give --out RUN"),
     (["--student", "nonet", "--out", "RUN"], "--student 'nonet' is not a registered model"),
     (["--student", "cpnet-1-32", "--out", "RUN", "kd.loss=l1"], "kd.loss must be one of"),
     (["--student", "cpnet-1-32", "--out", "RUN", "--teacher", "no_such_model"], "teacher no_such_model"),
@@ -91,3 +91,28 @@ def test_bad_requests_get_one_line(images, tmp_path, capsys, extra, message, cyt
     assert cpsam_main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_student_the_default_student_trains_with_its_recipe_under_given_keys(tmp_path, capsys):
+    """No --student: DEFAULT_STUDENT with DEFAULT_RECIPE, where the command's own key=value pairs win."""
+    from cpsam.models.loading import load_model
+    from distill.workflow import DEFAULT_RECIPE, DEFAULT_STUDENT, with_default_recipe
+    from train.config import load_config
+
+    assert with_default_recipe(["kd.alpha=1"]) == [*(o for o in DEFAULT_RECIPE if not o.startswith("kd.alpha=")),
+                                                   "kd.alpha=1"]
+    dataset = write_shared_canonical(tmp_path / "canon" / "real", [("bact_phase_neurips22", "neurips22_cell_00528",
+                                                                    "train")])
+    teacher = save_tiny_cpnet(tmp_path / "teacher.pt")
+    run = tmp_path / "run"
+    argv = ["distill", "--teacher", str(teacher), "--images", str(dataset), "--out", str(run), "--size-epochs", "0",
+            "--quiet", "schedule.epochs=1", "schedule.decay1_epochs=0", "schedule.decay2_epochs=0",
+            "schedule.warmup_epochs=0", "schedule.samples_per_epoch=2", "batch_size=2", "data.num_workers=0",
+            "data.tile_size=64", "log.tensorboard=false"]
+    assert cpsam_main(argv) == 0
+    assert f"student {DEFAULT_STUDENT} (the default)" in capsys.readouterr().out
+    cfg = load_config(run / "config.yaml")
+    assert cfg.model.name == DEFAULT_STUDENT
+    assert cfg.kd.alpha == pytest.approx(0.05) and cfg.kd.gt_weight == 1.0 and cfg.schedule.kind == "paper"
+    assert cfg.schedule.epochs == 1 and cfg.schedule.samples_per_epoch == 2  # the command's keys win
+    assert type(load_model(run / "model.pt")).__name__ == "FastNet"

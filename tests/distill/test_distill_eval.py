@@ -13,6 +13,7 @@ from cpsam import io
 from distill.evaluate import (
     GROUND_TRUTH,
     MIRRORED,
+    PLAIN,
     REPORT_FILES,
     TEACHER,
     EvalImage,
@@ -32,13 +33,15 @@ class FixedSegmenter:
         self.masks = list(masks)
         self.diameter = diameter
         self.asked: list[float | None] = []
+        self.augmented: list[bool] = []
         self.images: list[np.ndarray] = []
         self.rules = SimpleNamespace(mask_rules="cp3")
 
-    def segment(self, images, diameter=None, channels=None, compute_masks=True):
+    def segment(self, images, diameter=None, channels=None, compute_masks=True, augment=False):
         if not compute_masks:  # the warm-up call
             return [SimpleNamespace(masks=np.zeros((0, 0), np.uint16), diameter=0.0)]
         self.asked.append(diameter)
+        self.augmented.append(augment)
         self.images.append(np.asarray(images[0]))
         return [SimpleNamespace(masks=self.masks.pop(0), diameter=self.diameter if diameter is None else diameter)]
 
@@ -74,7 +77,7 @@ def test_scores_on_a_constructed_case(tmp_path):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and {r["reference"] for r in rows} == {TEACHER, GROUND_TRUTH}
     text = paths[2].read_text()
-    assert "| student | all | 1 | 4 | 5 | 0.7368 | 0.2500 |" in text
+    assert "| student | all | 1 | 4 | 5 | 0.7368 | nan | nan | 0.2500 |" in text  # no ceiling without the mirror
 
 
 def test_mirror_width_finds_the_width_axis():
@@ -109,7 +112,36 @@ def test_the_teachers_agreement_with_its_mirror_image(tmp_path):
     assert not any(r["model"] == MIRRORED and r["reference"] == GROUND_TRUTH for r in ev.rows)
     assert len(t_run.seconds) == 1 and len(ev.seconds[MIRRORED]) == 1  # the teacher's own time is not mixed in
     text = write_eval_report(tmp_path / "report", ev, "teacher.pt", ["student.pt"])[2].read_text()
-    assert f"| {MIRRORED} | all | 1 | 4 | 3 | 0.7500 |" in text
+    assert f"| {MIRRORED} | all | 1 | 4 | 3 | 0.7500 | 0.7500 | 1.0000 |" in text
+    # the ceiling: a student equal to the teacher is 1 / 0.75 of the teacher's agreement with its mirror image
+    summary = {(r["model"], r["reference"], r["dataset"]): r for r in summaries(ev)}
+    for dataset in ("toy", "all"):
+        row = summary[("student", TEACHER, dataset)]
+        assert row["teacher_self_iou"] == pytest.approx(0.75) and row["iou_vs_ceiling"] == pytest.approx(1 / 0.75)
+    assert np.isnan(summary[("student", GROUND_TRUTH, "all")]["iou_vs_ceiling"])
+    assert "| student | all | 1 | 4 | 4 | 1.0000 | 0.7500 | 1.3333 |" in text
+
+
+def test_an_augmented_teachers_ceiling_is_its_agreement_with_itself_unaugmented(tmp_path):
+    """--teacher-augment: the teacher segments with augment=True (and so does its mirrored run); the same teacher
+    without it (teacher-plain, at the teacher's diameter) is scored against it and becomes the ceiling. Here the
+    plain run loses one of 4 squares (IoU 0.75) and the mirrored one none; a student that loses two is at 0.5,
+    2/3 of the ceiling."""
+    teacher, lost_one = label_squares(), label_squares(boxes=((5, 5), (5, 35), (35, 5)))
+    mirrored = np.ascontiguousarray(teacher[:, ::-1])
+    item = EvalImage("toy", "a", tmp_path / "a.tif")
+    io.write_tiff(item.image, np.zeros((60, 60), np.uint8))
+    t_run = ModelRun(TEACHER, FixedSegmenter([teacher, mirrored, lost_one], diameter=31.0))  # type: ignore[arg-type]
+    s_run = ModelRun("student", FixedSegmenter([label_squares(boxes=((5, 5), (5, 35)))]))  # type: ignore[arg-type]
+    ev = evaluate([item], t_run, [s_run], progress=False, mirror=True, teacher_augment=True)
+    assert t_run.segmenter.augmented == [True, True, False] and s_run.segmenter.augmented == [False]
+    assert t_run.segmenter.asked == [None, 31.0, 31.0]
+    summary = {(r["model"], r["reference"], r["dataset"]): r for r in summaries(ev)}
+    assert summary[(MIRRORED, TEACHER, "all")]["binary_iou"] == 1.0
+    assert summary[(PLAIN, TEACHER, "all")]["binary_iou"] == pytest.approx(0.75)
+    row = summary[("student", TEACHER, "all")]
+    assert row["teacher_self_iou"] == pytest.approx(0.75) and row["iou_vs_ceiling"] == pytest.approx(0.5 / 0.75)
+    assert set(ev.seconds) == {TEACHER, "student", MIRRORED, PLAIN}
 
 
 def test_count_error_total_differs_from_the_per_image_mean(tmp_path):
@@ -187,6 +219,9 @@ def test_cli_end_to_end_with_cyto0_and_a_student(tmp_path, capsys, cyto0_file):
     # on by default: cyto_0 against itself on the mirrored crop (high but, on real cells, not exactly 1)
     assert 0.7 < float(summary[(MIRRORED, TEACHER, "all")]["binary_iou"]) <= 1.0
     assert (MIRRORED, GROUND_TRUTH, "all") not in summary
+    ceiling = float(summary[(MIRRORED, TEACHER, "all")]["binary_iou"])
+    assert float(same["teacher_self_iou"]) == pytest.approx(ceiling)
+    assert float(same["iou_vs_ceiling"]) == pytest.approx(1.0 / ceiling)
     assert float(summary[("teacher", GROUND_TRUTH, "all")]["ap@0.5"]) > 0.0
     printed = capsys.readouterr().out
     assert "runA" in printed and "binarized IoU" in printed

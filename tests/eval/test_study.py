@@ -36,6 +36,24 @@ def test_distill_overrides_compress_the_paper_schedule():
     assert cfg.kd.alpha == pytest.approx(0.05) and cfg.kd.gt_weight == 1.0
 
 
+def test_study_table_reads_the_ceiling_and_leaves_the_self_agreement_rows_out(tmp_path):
+    from cpsam.report.tables import write_csv
+    from distill.evaluate import MIRRORED
+
+    def row(model, reference, iou, self_iou, ap):
+        return {"model": model, "reference": reference, "dataset": "all", "binary_iou": iou, "ap@0.5": ap,
+                "teacher_self_iou": self_iou, "iou_vs_ceiling": iou / self_iou if self_iou else "nan",
+                "error_rate@0.5": 0.1, "n_pred": 10, "count_rel_error_total": 0.0, "seconds_per_image": 1.0}
+
+    write_csv(tmp_path / "summary.csv", [row("teacher", "gt", 0.7, None, 0.8), row(MIRRORED, "teacher", 0.8, 0.8, 0.0),
+                                         row("s1", "teacher", 0.6, 0.8, 0.0), row("s1", "gt", 0.5, None, 0.7)])
+    rows = study.study_table(tmp_path / "summary.csv")
+    assert [r["model"] for r in rows] == ["teacher", "s1"]
+    s1 = rows[1]
+    assert s1["teacher self-IoU"] == pytest.approx(0.8) and s1["IoU / ceiling"] == pytest.approx(0.75)
+    assert s1["AP@0.5 (GT)"] == pytest.approx(0.7) and np.isnan(rows[0]["IoU / ceiling"])
+
+
 @pytest.mark.slow
 def test_study_runs_end_to_end_at_toy_scale(tmp_path):
     shared_path("data", "fluo_nuclei_ctc_N2DL-HeLa")
