@@ -37,7 +37,7 @@ import numpy as np
 from cpsam import io, shard
 from cpsam.cli_types import finite_float, non_negative_float, non_negative_int, positive_int, torch_device
 from cpsam.segment import ImageError, Segmenter, SegmentResult
-from cpsam.segment_summary import SummaryRow, write_summary
+from cpsam.segment_summary import SummaryRow, merge_rows, write_summary
 from cpsam.transforms import to_channels_last
 
 OUTPUT_SUFFIXES = ("_masks", "_outlines", "_seg", "_flows", "_cp_masks")
@@ -233,6 +233,7 @@ class _Run:
     n_done: int = 0
     n_cells: int = 0
     mark: float = field(default_factory=time.perf_counter)  # end of the previous image
+    summary: list[SummaryRow] = field(default_factory=list)  # rank 0 at the end: the rows of every rank
 
     def note(self, message: str) -> None:
         """One line on stderr that does not break the progress bar."""
@@ -317,8 +318,13 @@ def _segment_all(files: list[Path], segmenter: Segmenter, args: argparse.Namespa
         run.done(path, result)
 
 
-def _prepare_inputs(args: argparse.Namespace) -> tuple[InputListing, list[Path]] | int:
-    """List the inputs and check --output; returns (listing, files to segment) or an exit code."""
+def _prepare_inputs(args: argparse.Namespace, share: tuple[int, int] | None = None
+                    ) -> tuple[InputListing, list[Path]] | int:
+    """List the inputs and check --output; returns (listing, files to segment) or an exit code.
+
+    share=(rank, world_size): only that rank's `shard.shard_files` share of the images is cleaned of stale
+    temporary files, checked by --skip-existing and returned (ranks that plan on their own, without a group).
+    """
     try:
         listing = list_inputs(args.input)
     except FileNotFoundError as exc:
@@ -332,12 +338,13 @@ def _prepare_inputs(args: argparse.Namespace) -> tuple[InputListing, list[Path]]
     except io.OutputPathError as exc:
         print(f"cpsam segment: --output {exc}", file=sys.stderr)
         return 2
-    remove_stale_temps(args.output, listing.images)
-    files = listing.images
+    images = listing.images if share is None else shard.shard_files(listing.images, share[1])[share[0]]
+    remove_stale_temps(args.output, images)
+    files = images
     if args.skip_existing:
         files = [p for p in files if not is_complete(args.output, p)]
-        if len(files) < len(listing.images):
-            print(f"cpsam segment: --skip-existing: {len(listing.images) - len(files)} of {len(listing.images)} "
+        if len(files) < len(images):
+            print(f"cpsam segment: --skip-existing: {len(images) - len(files)} of {len(images)} "
                   "images already have a complete output set", file=sys.stderr)
     return listing, files
 
@@ -353,26 +360,40 @@ class _Plan:
     shares: list[list[Path]] = field(default_factory=list)
 
 
-def _make_plan(args: argparse.Namespace, world_size: int) -> _Plan:
-    prepared = _prepare_inputs(args)
+def _make_plan(args: argparse.Namespace, world_size: int, own_rank: int | None = None) -> _Plan:
+    """The whole run's plan (made by rank 0 of a group), or with `own_rank` the plan of that rank alone: its
+    share of the listing (the same split for every rank), cleaned and --skip-existing-checked by itself."""
+    prepared = _prepare_inputs(args, None if own_rank is None else (own_rank, world_size))
     if isinstance(prepared, int):
         return _Plan(code=prepared)
     listing, files = prepared
     todo = set(files)
-    return _Plan(listing=listing, skipped=[p for p in listing.images if p not in todo],
-                 shares=shard.shard_files(files, world_size))
+    if own_rank is None:
+        mine, shares = listing.images, shard.shard_files(files, world_size)
+    else:
+        mine = shard.shard_files(listing.images, world_size)[own_rank]
+        shares = [files if r == own_rank else [] for r in range(world_size)]
+    return _Plan(listing=listing, skipped=[p for p in mine if p not in todo], shares=shares)
 
 
-def _run(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankContext | None = None) -> int:
+def _run(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankContext | None = None,
+         group: bool = True) -> int:
+    """One rank's run. `ctx` None: the launcher's placement (environment). group=False: a rank of a split
+    without torch.distributed (e.g. a job array): it plans its own share and writes no summary.csv."""
     ctx = ctx or shard.RankContext.from_env()
+    if not group:
+        return _run_rank(args, run_holder, ctx, alone=True)
     with shard.process_group(ctx):
         return _run_rank(args, run_holder, ctx)
 
 
-def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankContext) -> int:
+def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankContext, alone: bool = False) -> int:
     # rank 0 lists, cleans stale temporary files and checks --skip-existing while the others wait here, so no
     # rank removes a temporary file another rank is writing and every rank sees the same file list
-    plan = shard.broadcast_from_main(ctx, _make_plan(args, ctx.world_size) if ctx.is_main else None)
+    if alone:
+        plan = _make_plan(args, ctx.world_size, own_rank=ctx.rank)
+    else:
+        plan = shard.broadcast_from_main(ctx, _make_plan(args, ctx.world_size) if ctx.is_main else None)
     if plan.code is not None:
         return plan.code
     assert plan.listing is not None
@@ -381,11 +402,11 @@ def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankC
     device = ctx.device(args.device)
     run = _Run(progress=shard.RankProgress(ctx, total, unit="image", desc="cpsam segment"), rank=ctx.rank)
     run_holder.append(run)
-    if ctx.is_main:
+    if ctx.is_main:  # the folder's bad and ignored entries: reported once, by rank 0
         _report_listing(plan.listing, run)
-        run.rows += [SummaryRow(p.name, "skipped-existing", rank=ctx.rank) for p in plan.skipped]
         if ctx.distributed:
-            run.note(f"{ctx.world_size} processes, {total} images to segment, {len(files)} on rank 0")
+            run.note(f"{ctx.world_size} processes, {total} images to segment, {len(files)} on rank {ctx.rank}")
+    run.rows += [SummaryRow(p.name, "skipped-existing", rank=ctx.rank) for p in plan.skipped]
     start = time.perf_counter()
     stopped = ""
     if files:
@@ -410,9 +431,11 @@ def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankC
     seconds = time.perf_counter() - start
     parts = shard.gather_to_main(ctx, (run.rows, run.n_done, run.n_cells, len(run.failures), stopped))
     run.progress.close()
-    if parts is not None:  # rank 0
+    if parts is not None:  # rank 0 (or a rank alone)
+        run.summary = merge_rows(part[0] for part in parts)
         try:
-            write_summary(args.output, [row for part in parts for row in part[0]])
+            if not (alone and ctx.distributed):  # a rank alone knows only its share
+                write_summary(args.output, run.summary)
         except OSError as exc:
             run.note(f"cannot write {args.output / 'summary.csv'} ({io.describe_os_error(exc)})")
             run.failures.append("summary.csv")

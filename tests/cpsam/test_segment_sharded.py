@@ -234,3 +234,31 @@ def test_sigkill_of_one_rank_then_resume_with_skip_existing(reference: Path, cro
     assert skipped == {f"{stem}.tif" for stem in complete}
     assert {r.status for r in rows if r.file not in skipped} == {"ok"}
     assert {r.rank for r in rows if r.status == "ok"} <= {0, 1}
+
+
+def test_segment_files_split_without_a_group_equals_one_process(reference: Path, crops: Path, cyto0_file: Path,
+                                                                tmp_path: Path) -> None:
+    """The Python API as two tasks of a job array (rank 0 then rank 1 of 2, no torch.distributed): each does
+    its share only, writes no summary.csv, and the merged rows and outputs equal the one-process run."""
+    import torch
+
+    from cpsam.segment_files import segment_files
+
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference (one thread per process)
+    try:
+        parts = [segment_files(cyto0_file, crops, out, rank=r, world_size=2, diameter=17.0, device="cpu")
+                 for r in (0, 1)]
+    finally:
+        torch.set_num_threads(threads)
+    files = sorted(crops.iterdir())
+    assert [[r.file for r in part] for part in parts] == [[p.name for p in s] for s in shard_files(files, 2)]
+    assert all(r.rank == k and r.status == "ok" for k, part in enumerate(parts) for r in part)
+    assert not (out / "summary.csv").exists()
+    write_summary(out, [r for part in parts for r in part])
+    _same_outputs(out, reference, crops)
+    with pytest.raises(ValueError, match="unknown option 'diameters'"):
+        segment_files(cyto0_file, crops, out, diameters=17)
+    with pytest.raises(ValueError, match="both rank and world_size"):
+        segment_files(cyto0_file, crops, out, rank=1)
