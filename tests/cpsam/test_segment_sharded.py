@@ -11,16 +11,21 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import psutil
 import pytest
 import tifffile
+import torch
 from conftest import REPO_ROOT, no_temp_files, shared_path
 
 from cpsam import io
+from cpsam.metrics import score_image
 from cpsam.segment_cli import OUTPUT_FILES
+from cpsam.segment_files import segment_files
 from cpsam.segment_summary import COLUMNS, SummaryRow, merge_rows, read_summary, write_summary
 from cpsam.shard import RankContext, balanced_shares, image_pixels, shard_files
+from distill.evaluate import EvalImage, Evaluation, merge_evaluations
 
 HELA = "fluo_nuclei_ctc_N2DL-HeLa"
 # (height, width) crops of the four HeLa images: six small images of unequal size, about 3 s each with cyto_0
@@ -56,8 +61,6 @@ def test_balanced_shares_edge_cases() -> None:
 
 
 def test_image_pixels_reads_headers(tmp_path: Path) -> None:
-    import cv2
-
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((2, 30, 40), np.uint16))
     np.save(tmp_path / "b.npy", np.zeros((50, 60), np.float32))
     cv2.imwrite(str(tmp_path / "c.png"), np.zeros((70, 80, 3), np.uint8))
@@ -74,8 +77,6 @@ def test_image_pixels_reads_headers(tmp_path: Path) -> None:
 
 
 def test_rank_context_from_env_and_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     assert RankContext.from_env() == RankContext(0, 1, 0)
@@ -240,10 +241,6 @@ def test_segment_files_split_without_a_group_equals_one_process(reference: Path,
                                                                 tmp_path: Path) -> None:
     """The Python API as two tasks of a job array (rank 0 then rank 1 of 2, no torch.distributed): each does
     its share only, writes no summary.csv, and the merged rows and outputs equal the one-process run."""
-    import torch
-
-    from cpsam.segment_files import segment_files
-
     out = tmp_path / "out"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the reference (one thread per process)
@@ -262,3 +259,50 @@ def test_segment_files_split_without_a_group_equals_one_process(reference: Path,
         segment_files(cyto0_file, crops, out, diameters=17)
     with pytest.raises(ValueError, match="both rank and world_size"):
         segment_files(cyto0_file, crops, out, rank=1)
+
+
+@pytest.mark.slow  # about 95 s on the shared 2-core machine (two runs, median diameters from the masks)
+def test_eval_paper_on_two_ranks_equals_one_process(cyto0_file: Path, tmp_path: Path) -> None:
+    """`cpsam eval paper` shares the split: 2 torchrun ranks write the per-image table of one process."""
+    data = tmp_path / "hela"
+    data.mkdir()
+    for k, image_path in enumerate(sorted(shared_path("data", HELA).glob("*_img.tif"))):
+        h, w = CROPS[k]
+        crop = (slice(40 * k, 40 * k + h), slice(60 * k, 60 * k + w))
+        tifffile.imwrite(data / f"c{k}_img.tif", tifffile.imread(image_path)[crop])
+        masks = tifffile.imread(image_path.with_name(image_path.name.replace("_img", "_masks")))[crop]
+        io.write_labels(data / f"c{k}_masks.tif", masks)
+    tables = []
+    for launcher, out in (([sys.executable], tmp_path / "one"), (_torchrun(29537), tmp_path / "two")):
+        cmd = [*launcher, "-m", "cpsam", "eval", "paper", "--model", str(cyto0_file), "--data", str(data),
+               "--out", str(out), "--quiet"]
+        proc = subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        tables.append((out / "paper_images.csv").read_text())
+        assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    assert tables[0] == tables[1]
+    assert len(tables[0].splitlines()) == 1 + 4
+
+
+def test_distill_eval_merge_restores_the_one_process_order() -> None:
+    """`cpsam distill eval` on N ranks: merging the ranks' Evaluations gives the one-process order."""
+    items = [EvalImage("d", f"i{k}", Path(f"i{k}.tif")) for k in range(5)]
+    truth = np.zeros((8, 8), np.uint16)
+    truth[2:6, 2:6] = 1
+
+    def part(indices: list[int]) -> Evaluation:
+        ev = Evaluation(seconds={"s": [0.1 * k for k in indices]}, problems=[f"p{k}" for k in indices if k == 3])
+        for k in indices:
+            for model in ("s", "s2"):
+                pred = np.roll(truth, k, axis=1)
+                scores = score_image(truth, pred)
+                ev.rows.append({"dataset": "d", "name": f"i{k}", "model": model, "reference": "teacher", "k": k})
+                ev.results.setdefault((model, "teacher"), []).append(("d", scores))
+        return ev
+
+    one = part([0, 1, 2, 3, 4])
+    merged = merge_evaluations(items, [part([1, 3]), part([0, 2, 4])])
+    assert merged.rows == one.rows
+    for key in one.results:
+        assert [s.as_row() for _, s in merged.results[key]] == [s.as_row() for _, s in one.results[key]]
+    assert sorted(merged.seconds["s"]) == sorted(one.seconds["s"]) and merged.problems == ["p3"]
