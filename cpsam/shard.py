@@ -202,6 +202,8 @@ class RankProgress:
     own count. One process: a plain tqdm bar. `write` prints a line without breaking the bar on any rank.
     """
 
+    _made = 0  # bars with a shared counter made by this process
+
     def __init__(self, ctx: RankContext, total: int, **tqdm_kwargs: Any) -> None:
         self.ctx = ctx
         self.n = 0
@@ -209,11 +211,18 @@ class RankProgress:
         self._store: dist.Store | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._key = ""
         if _grouped(ctx) and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-            self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                        is_master=False, timeout=datetime.timedelta(seconds=60))
-            # one key per launch attempt: a restarted elastic group starts from zero
-            self._key = f"cpsam-segment-progress/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            try:
+                self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                            is_master=False, timeout=datetime.timedelta(seconds=60))
+            except (RuntimeError, ValueError, OSError) as exc:  # no store to reach: rank 0 counts its own share
+                self.write(f"rank {ctx.rank}: no shared progress counter ({exc}); the bar shows rank 0's share")
+        if self._store is not None:
+            # one key per bar (every rank makes its bars in the same order) and per launch attempt: a restarted
+            # elastic group starts from zero
+            RankProgress._made += 1
+            self._key = f"cpsam-progress/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{RankProgress._made}"
             if ctx.is_main and total:
                 self._thread = threading.Thread(target=self._poll, daemon=True)
                 self._thread.start()
