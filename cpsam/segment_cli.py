@@ -406,7 +406,8 @@ def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankC
         _report_listing(plan.listing, run)
         if ctx.distributed:
             run.note(f"{ctx.world_size} processes, {total} images to segment, {len(files)} on rank {ctx.rank}")
-    run.rows += [SummaryRow(p.name, "skipped-existing", rank=ctx.rank) for p in plan.skipped]
+    if ctx.is_main or alone:  # the planner's rows: in a group, rank 0's
+        run.rows += [SummaryRow(p.name, "skipped-existing", rank=ctx.rank) for p in plan.skipped]
     start = time.perf_counter()
     stopped = ""
     if files:
