@@ -3,6 +3,7 @@ identity with one process, and a SIGKILLed rank resumed with --skip-existing."""
 
 from __future__ import annotations
 
+import csv
 import filecmp
 import os
 import signal
@@ -261,7 +262,7 @@ def test_segment_files_split_without_a_group_equals_one_process(reference: Path,
         segment_files(cyto0_file, crops, out, rank=1)
 
 
-@pytest.mark.slow  # about 95 s on the shared 2-core machine (two runs, median diameters from the masks)
+@pytest.mark.slow  # 50-95 s on the shared 2-core machine (two runs, median diameters from the masks)
 def test_eval_paper_on_two_ranks_equals_one_process(cyto0_file: Path, tmp_path: Path) -> None:
     """`cpsam eval paper` shares the split: 2 torchrun ranks write the per-image table of one process."""
     data = tmp_path / "hela"
@@ -306,3 +307,21 @@ def test_distill_eval_merge_restores_the_one_process_order() -> None:
     for key in one.results:
         assert [s.as_row() for _, s in merged.results[key]] == [s.as_row() for _, s in one.results[key]]
     assert sorted(merged.seconds["s"]) == sorted(one.seconds["s"]) and merged.problems == ["p3"]
+
+
+@pytest.mark.slow  # about 2 minutes on the shared 2-core machine (two runs of teacher + student + mirror)
+def test_distill_eval_on_two_ranks_equals_one_process(crops: Path, cyto0_file: Path, tmp_path: Path) -> None:
+    """`cpsam distill eval` on 2 torchrun ranks writes the one-process per-image and summary tables (seconds
+    aside: each rank times its own share)."""
+    tables = []
+    for launcher, out in (([sys.executable], tmp_path / "one"), (_torchrun(29539), tmp_path / "two")):
+        cmd = [*launcher, "-m", "cpsam", "distill", "eval", "--teacher", str(cyto0_file), "--student",
+               str(cyto0_file), "--images", str(crops), "--out", str(out), "--diameter", "17", "--quiet",
+               "--device", "cpu"]
+        proc = subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count(f"{len(CROPS)} images -> {out}") == 1  # rank 0 alone reports
+        tables.append([[{k: v for k, v in row.items() if not k.startswith("seconds")}
+                        for row in csv.DictReader((out / name).open())] for name in ("per_image.csv", "summary.csv")])
+    assert tables[0] == tables[1]
+    assert len(tables[0][0]) == 2 * len(CROPS)  # student and teacher-mirrored per image
