@@ -535,9 +535,15 @@ class Segmenter:
         if compute_masks:
             from cpsam.dynamics import flows_to_masks  # numba (~1 s) only once masks are asked for
 
+            threads = torch.get_num_threads()
             masks = flows_to_masks(
                 dP, cellprob, niter=state.niter, device=self.masks_device, rules=self.rules.mask_rules, **mask_kwargs
             )
+            # numba's OpenMP threading layer shares torch's OpenMP runtime and sets its own thread count there;
+            # CPU kernels round differently with the thread count, so the next image's network would depend on
+            # whether this one ran parallel dynamics (and N processes with OMP_NUM_THREADS=1 would oversubscribe)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         else:
             masks = np.zeros((0, 0), np.uint16)
         style = None

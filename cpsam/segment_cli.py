@@ -8,8 +8,17 @@ Unreadable, empty or malformed files, dangling links, FIFOs and images whose nam
 --output are reported one per line and skipped; files that look like outputs of an image beside them
 are listed and left alone. Every file is written atomically; an interrupted set (Ctrl-C, SIGTERM, a
 full disk) is removed, and --skip-existing resumes a folder run where it stopped.
-Exit code: 0 all done, 1 some file failed, 2 usage error (bad option, unusable --input/--output/--model),
-130 Ctrl-C, 143 SIGTERM (128 + the signal number).
+At the end OUT/summary.csv lists every image once (cpsam.segment_summary).
+
+Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each process (rank) segments a disjoint, pixel-balanced
+share of the files on its own device (cpsam.shard): rank 0 lists the folder, removes stale temporary files
+and applies --skip-existing before any rank writes, then hands out the shares; rank 0 draws one progress bar
+over all ranks, merges the ranks' rows into summary.csv and prints the totals. Each image is segmented on its
+own (its tiles never share a network call with another image's), so its outputs do not depend on which
+images a rank got: N processes write the same bytes as one (with the same device type and threads per
+process: CPU kernels round differently with the thread count).
+Exit code (per rank; the launcher fails when a rank does): 0 all done, 1 some file failed, 2 usage error (bad
+option, unusable --input/--output/--model), 130 Ctrl-C, 143 SIGTERM (128 + the signal number).
 """
 
 from __future__ import annotations
@@ -24,12 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from cpsam import io
+from cpsam import io, shard
 from cpsam.cli_types import finite_float, non_negative_float, non_negative_int, positive_int, torch_device
 from cpsam.segment import ImageError, Segmenter, SegmentResult
+from cpsam.segment_summary import SummaryRow, merge_rows, write_summary
 from cpsam.transforms import channels_ignored, to_channels_last
 
 OUTPUT_SUFFIXES = ("_masks", "_outlines", "_seg", "_flows", "_cp_masks")
@@ -214,23 +222,42 @@ class _StopRun(Exception):
 
 @dataclass
 class _Run:
-    """Counters and messages of one `cpsam segment` run."""
+    """Counters, messages and summary rows of one `cpsam segment` run (of this rank)."""
 
-    progress: tqdm
+    progress: shard.RankProgress
+    rank: int = 0
     failures: list[str] = field(default_factory=list)
+    rows: list[SummaryRow] = field(default_factory=list)
     n_done: int = 0
     n_cells: int = 0
+    mark: float = field(default_factory=time.perf_counter)  # end of the previous image
+    summary: list[SummaryRow] = field(default_factory=list)  # rank 0 at the end: the rows of every rank
 
     def note(self, message: str) -> None:
         """One line on stderr that does not break the progress bar."""
         self.progress.write(f"cpsam segment: {message}", file=sys.stderr)
 
+    def _seconds(self) -> float:
+        now = time.perf_counter()
+        seconds, self.mark = now - self.mark, now
+        return seconds
+
     def fail(self, path: Path, problem: str, *, counted: bool = True) -> None:
         """Report one skipped input (one line naming it and the problem)."""
         self.failures.append(f"{path}: {problem}")
         self.note(f"skipped {path}: {problem}")
+        self.rows.append(SummaryRow(path.name, "failed", seconds=self._seconds() if counted else None,
+                                    rank=self.rank))
         if counted:
             self.progress.update()
+
+    def done(self, path: Path, result: SegmentResult) -> None:
+        """Count one image whose outputs are written."""
+        self.n_done += 1
+        self.n_cells += result.n_cells
+        self.rows.append(SummaryRow(path.name, "ok", cells=result.n_cells, diameter=float(result.diameter),
+                                    seconds=self._seconds(), rank=self.rank))
+        self.progress.update()
 
 
 def _report_listing(listing: InputListing, run: _Run) -> None:
@@ -259,13 +286,20 @@ def _segment_all(files: list[Path], segmenter: Segmenter, args: argparse.Namespa
             in_flight.append((path, image))
             yield image
 
-    results = segmenter.iter_segment(
-        readable_images(), diameter=args.diameter or None, channels=args.channels,
-        channel_axis=args.channel_axis, augment=args.augment, niter=args.niter,
-        flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
-        min_size=args.min_size, skip_errors=True,
-    )
-    for result in results:
+    def one_by_one() -> Iterator[SegmentResult | ImageError]:
+        # one image per iter_segment call: an image's tiles never share a network call with another image's,
+        # because CPU (oneDNN) and GPU (cuDNN) kernels round differently with the batch size, and an image's
+        # outputs must not depend on its neighbours (a sharded run writes the bytes of a single-process one)
+        for image in readable_images():
+            yield from segmenter.iter_segment(
+                [image], diameter=args.diameter or None, channels=args.channels,
+                channel_axis=args.channel_axis, augment=args.augment, niter=args.niter,
+                flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
+                min_size=args.min_size, skip_errors=True,
+            )
+
+    run.mark = time.perf_counter()
+    for result in one_by_one():
         path, image = in_flight.popleft()
         if isinstance(result, ImageError):
             run.fail(path, str(result))
@@ -279,13 +313,16 @@ def _segment_all(files: list[Path], segmenter: Segmenter, args: argparse.Namespa
             if io.is_storage_error(exc):
                 raise _StopRun(io.describe_os_error(exc)) from exc
             continue
-        run.n_done += 1
-        run.n_cells += result.n_cells
-        run.progress.update()
+        run.done(path, result)
 
 
-def _prepare_inputs(args: argparse.Namespace) -> tuple[InputListing, list[Path]] | int:
-    """List the inputs and check --output; returns (listing, files to segment) or an exit code."""
+def _prepare_inputs(args: argparse.Namespace, share: tuple[int, int] | None = None
+                    ) -> tuple[InputListing, list[Path]] | int:
+    """List the inputs and check --output; returns (listing, files to segment) or an exit code.
+
+    share=(rank, world_size): only that rank's `shard.shard_files` share of the images is cleaned of stale
+    temporary files, checked by --skip-existing and returned (ranks that plan on their own, without a group).
+    """
     try:
         listing = list_inputs(args.input)
     except FileNotFoundError as exc:
@@ -299,26 +336,76 @@ def _prepare_inputs(args: argparse.Namespace) -> tuple[InputListing, list[Path]]
     except io.OutputPathError as exc:
         print(f"cpsam segment: --output {exc}", file=sys.stderr)
         return 2
-    remove_stale_temps(args.output, listing.images)
-    files = listing.images
+    images = listing.images if share is None else shard.shard_files(listing.images, share[1])[share[0]]
+    remove_stale_temps(args.output, images)
+    files = images
     if args.skip_existing:
         files = [p for p in files if not is_complete(args.output, p)]
-        if len(files) < len(listing.images):
-            print(f"cpsam segment: --skip-existing: {len(listing.images) - len(files)} of {len(listing.images)} "
+        if len(files) < len(images):
+            print(f"cpsam segment: --skip-existing: {len(images) - len(files)} of {len(images)} "
                   "images already have a complete output set", file=sys.stderr)
     return listing, files
 
 
-def _run(args: argparse.Namespace, run_holder: list[_Run]) -> int:
-    prepared = _prepare_inputs(args)
+@dataclass
+class _Plan:
+    """What rank 0 decided before any rank writes: the listing, the images --skip-existing leaves out and
+    each rank's share of the rest (or the exit code of a usage error, the same for every rank)."""
+
+    code: int | None = None
+    listing: InputListing | None = None
+    skipped: list[Path] = field(default_factory=list)
+    shares: list[list[Path]] = field(default_factory=list)
+
+
+def _make_plan(args: argparse.Namespace, world_size: int, own_rank: int | None = None) -> _Plan:
+    """The whole run's plan (made by rank 0 of a group), or with `own_rank` the plan of that rank alone: its
+    share of the listing (the same split for every rank), cleaned and --skip-existing-checked by itself."""
+    prepared = _prepare_inputs(args, None if own_rank is None else (own_rank, world_size))
     if isinstance(prepared, int):
-        return prepared
+        return _Plan(code=prepared)
     listing, files = prepared
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = _Run(progress=tqdm(total=len(files), unit="image", desc="cpsam segment", file=sys.stderr,
-                             disable=not files))
+    todo = set(files)
+    if own_rank is None:
+        mine, shares = listing.images, shard.shard_files(files, world_size)
+    else:
+        mine = shard.shard_files(listing.images, world_size)[own_rank]
+        shares = [files if r == own_rank else [] for r in range(world_size)]
+    return _Plan(listing=listing, skipped=[p for p in mine if p not in todo], shares=shares)
+
+
+def _run(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankContext | None = None,
+         group: bool = True) -> int:
+    """One rank's run. `ctx` None: the launcher's placement (environment). group=False: a rank of a split
+    without torch.distributed (e.g. a job array): it plans its own share and writes no summary.csv."""
+    ctx = ctx or shard.RankContext.from_env()
+    if not group:
+        return _run_rank(args, run_holder, ctx, alone=True)
+    with shard.process_group(ctx):
+        return _run_rank(args, run_holder, ctx)
+
+
+def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankContext, alone: bool = False) -> int:
+    # rank 0 lists, cleans stale temporary files and checks --skip-existing while the others wait here, so no
+    # rank removes a temporary file another rank is writing and every rank sees the same file list
+    if alone:
+        plan = _make_plan(args, ctx.world_size, own_rank=ctx.rank)
+    else:
+        plan = shard.broadcast_from_main(ctx, _make_plan(args, ctx.world_size) if ctx.is_main else None)
+    if plan.code is not None:
+        return plan.code
+    assert plan.listing is not None
+    files = plan.shares[ctx.rank]
+    total = sum(len(share) for share in plan.shares)
+    device = ctx.device(args.device)
+    run = _Run(progress=shard.RankProgress(ctx, total, unit="image", desc="cpsam segment"), rank=ctx.rank)
     run_holder.append(run)
-    _report_listing(listing, run)
+    if ctx.is_main:  # the folder's bad and ignored entries: reported once, by rank 0
+        _report_listing(plan.listing, run)
+        if ctx.distributed:
+            run.note(f"{ctx.world_size} processes, {total} images to segment, {len(files)} on rank {ctx.rank}")
+    if ctx.is_main or alone:  # the planner's rows: in a group, rank 0's
+        run.rows += [SummaryRow(p.name, "skipped-existing", rank=ctx.rank) for p in plan.skipped]
     start = time.perf_counter()
     stopped = ""
     if files:
@@ -336,12 +423,29 @@ def _run(args: argparse.Namespace, run_holder: list[_Run]) -> int:
         try:
             _segment_all(files, segmenter, args, run)
         except _StopRun as exc:
-            stopped = f"; stopped early, {len(files) - run.progress.n} images not attempted: {exc}"
-    run.progress.close()
+            attempted = {row.file for row in run.rows}
+            left = [p for p in files if p.name not in attempted]
+            run.rows += [SummaryRow(p.name, "not-attempted", rank=ctx.rank) for p in left]
+            stopped = f"; stopped early, {len(left)} images not attempted: {exc}"
     seconds = time.perf_counter() - start
-    print(f"cpsam segment: {run.n_done} images, {run.n_cells} cells, {seconds:.1f} s"
-          f" ({run.n_done / seconds if seconds > 0 else 0:.2f} images/s), {len(run.failures)} failed"
-          f" -> {os.fspath(args.output)}{stopped}")
+    parts = shard.gather_to_main(ctx, (run.rows, run.n_done, run.n_cells, len(run.failures), stopped))
+    run.progress.close()
+    if parts is not None:  # rank 0 (or a rank alone)
+        run.summary = merge_rows(part[0] for part in parts)
+        try:
+            if not (alone and ctx.distributed):  # a rank alone knows only its share
+                write_summary(args.output, run.summary)
+        except OSError as exc:
+            run.note(f"cannot write {args.output / 'summary.csv'} ({io.describe_os_error(exc)})")
+            run.failures.append("summary.csv")
+        n_done, n_cells = sum(p[1] for p in parts), sum(p[2] for p in parts)
+        n_failed = sum(p[3] for p in parts)
+        stopped = "".join(p[4] for p in parts)
+        print(f"cpsam segment: {n_done} images, {n_cells} cells, {seconds:.1f} s"
+              f" ({n_done / seconds if seconds > 0 else 0:.2f} images/s), {n_failed} failed"
+              f" -> {os.fspath(args.output)}{stopped}")
+    # the summary is complete before any rank exits: a launcher stops the others when one rank exits with 1
+    shard.barrier(ctx)
     return 1 if run.failures else 0
 
 

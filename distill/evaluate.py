@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cpsam import io, pairing
+from cpsam import io, pairing, shard
 from cpsam.cli_types import non_negative_float, non_negative_int, positive_int, torch_device
 from cpsam.metrics import ALL_DATASETS, DEFAULT_THRESHOLDS, ImageScores, score_image, summarize_by_dataset
 from cpsam.models import ModelSpecError, resolve_model
@@ -311,6 +311,29 @@ def ceiling_model(evaluation: Evaluation) -> str | None:
     return None
 
 
+def merge_evaluations(items: Sequence[EvalImage], parts: Sequence[Evaluation]) -> Evaluation:
+    """One Evaluation from the ranks' Evaluations of disjoint shares of `items`, in the order of `items` (the
+    order one process gives): rows and each (model, reference)'s results sorted by their image's position,
+    seconds and problems concatenated in rank order."""
+    position = {(it.dataset, it.name): k for k, it in enumerate(items)}
+    out = Evaluation()
+    keyed_rows: list[tuple[int, dict[str, object]]] = []
+    keyed_results: dict[tuple[str, str], list[tuple[int, tuple[str, ImageScores]]]] = {}
+    for part in parts:
+        # a rank appends one row and one results entry per (model, reference) and image, in the same order
+        for key, entries in part.results.items():
+            rows = [r for r in part.rows if (r["model"], r["reference"]) == key]
+            keyed_results.setdefault(key, []).extend(
+                (position[(str(r["dataset"]), str(r["name"]))], e) for r, e in zip(rows, entries, strict=True))
+        keyed_rows += [(position[(str(r["dataset"]), str(r["name"]))], r) for r in part.rows]
+        for model, seconds in part.seconds.items():
+            out.seconds.setdefault(model, []).extend(seconds)
+        out.problems += part.problems
+    out.rows = [r for _, r in sorted(keyed_rows, key=lambda kr: kr[0])]  # stable: a row's image keeps its order
+    out.results = {key: [e for _, e in sorted(v, key=lambda kv: kv[0])] for key, v in keyed_results.items()}
+    return out
+
+
 def summaries(evaluation: Evaluation) -> list[dict[str, object]]:
     """Per (model, reference): one row per folder plus `all` (`cpsam.metrics.summarize_by_dataset`), with the model,
     the reference, `count_rel_error_total` and the mean seconds per image of the model added, and, against the
@@ -435,8 +458,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`cpsam distill eval`; returns the exit code (module docstring)."""
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`cpsam distill eval`; returns the exit code (module docstring). Under `torchrun` / `accelerate launch`
+    each rank evaluates its `cpsam.shard` share of the images on its own device and rank 0 merges the ranks'
+    results (`merge_evaluations`) and writes the report."""
+    ctx = shard.RankContext.from_env()
+    with shard.process_group(ctx):
+        code = _run(args, ctx)
+        shard.barrier(ctx)  # the report is written before any rank exits (a launcher stops the rest)
+    return code
+
+
+def _run(args: argparse.Namespace, ctx: shard.RankContext) -> int:
+    device = ctx.device(args.device)
     try:
         items = list_eval_images(args.images, args.gt, args.split)
         if not items:
@@ -446,9 +479,15 @@ def run(args: argparse.Namespace) -> int:
     except (EvalError, io.OutputPathError) as exc:
         print(f"cpsam distill eval: {exc}", file=sys.stderr)
         return 2
-    evaluation = evaluate(items, teacher, students, diameter=args.diameter or None,
-                          student_diameter=args.student_diameter, channels=args.channels, progress=not args.quiet,
-                          mirror=args.mirror, teacher_augment=args.teacher_augment)
+    share = shard.balanced_shares([shard.image_pixels(it.image) for it in items], ctx.world_size)[ctx.rank]
+    evaluation = evaluate([items[k] for k in share], teacher, students, diameter=args.diameter or None,
+                          student_diameter=args.student_diameter, channels=args.channels,
+                          progress=not args.quiet and ctx.is_main, mirror=args.mirror,
+                          teacher_augment=args.teacher_augment)
+    parts = shard.gather_to_main(ctx, evaluation)
+    if parts is None:  # not rank 0: rank 0 reports
+        return 1 if evaluation.problems else 0
+    evaluation = merge_evaluations(items, parts)
     for problem in evaluation.problems:
         print(f"cpsam distill eval: skipped {problem}", file=sys.stderr)
     if not evaluation.rows:

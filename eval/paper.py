@@ -16,6 +16,10 @@ Conventions (recipe §2, §5; PAPER/benchmarks.py):
 - human-consensus bound (figures.py 255-283): the error rate of a second annotator's masks against the
   first's, averaged over the images that have both, halved.
 
+Under `torchrun` / `accelerate launch` the images are split between the ranks (`cpsam.shard`: disjoint,
+balanced by pixel count), each on its own device; rank 0 gathers the rows and writes the outputs, which are
+those of one process.
+
 Outputs in OUT: paper_images.csv (per image), paper_table.csv and paper_table.md (dataset rows + mean),
 paper_error_rate.png (bars per dataset; the consensus bound as a line when given).
 """
@@ -28,8 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from cpsam import shard
 from cpsam.io import atomic_path, read_image
 from cpsam.metrics import score_image
 from cpsam.size import median_diameter
@@ -67,11 +71,13 @@ def consensus_error(first: Sequence[np.ndarray], second: Sequence[np.ndarray]) -
 
 
 def evaluate(model, datasets: Sequence[tuple[str, Sequence]], device=None, progress: bool = True,
-             channels: Sequence[int] | None = None) -> list[dict]:
+             channels: Sequence[int] | None = None, ctx: shard.RankContext | None = None) -> list[dict]:
     """Segment and score every image; `datasets` = [(name, [eval.invariance.LabelledImage-like with raw
     `image` (C, H, W) and `masks`])]. One row per image: dataset, image, ap50, ap75, ap90, err50, niter,
     diameter (px the image was segmented at). `channels`: cellpose-3 channels for classic models (CP-SAM ignores
-    them: it gets the paper's placement)."""
+    them: it gets the paper's placement). `ctx`: a rank of a multi-process run (a started process group): it
+    segments its `cpsam.shard.balanced_shares` share of the images; rank 0 returns every row in the
+    one-process order, the other ranks an empty list."""
     # torch and the models load when the benchmark runs, not for `cpsam eval paper --help`
     import torch
 
@@ -81,26 +87,29 @@ def evaluate(model, datasets: Sequence[tuple[str, Sequence]], device=None, progr
     segmenter = Segmenter(model, device=device or torch.device("cpu"))
     cpsam_model = isinstance(model, CellposeSAM)
     has_size = getattr(model, "size_model", None) is not None
-    rows = []
-    total = sum(len(items) for _, items in datasets)
-    bar = tqdm(total=total, desc="paper eval", disable=not progress, dynamic_ncols=True)
-    for name, items in datasets:
+    ctx = ctx or shard.RankContext()
+    flat = [(name, item) for name, items in datasets for item in items]
+    mine = shard.balanced_shares([np.asarray(item.image).size for _, item in flat], ctx.world_size)[ctx.rank]
+    rows: list[tuple[int, dict]] = []
+    bar = shard.RankProgress(ctx, len(flat) if progress else 0, desc="paper eval", dynamic_ncols=True)
+    for index in mine:
+        name, item = flat[index]
         niter = niter_for(name)
-        for item in items:
-            chans = None
-            if cpsam_model:
-                image, diameter = paper_channels(item.image), None
-            else:
-                image, chans = np.asarray(item.image, np.float32), channels
-                diameter = None if has_size else median_diameter(item.masks)
-            result = segmenter.segment([image], diameter=diameter, channel_axis=0, niter=niter, channels=chans)[0]
-            s = score_image(item.masks, result.masks, thresholds=THRESHOLDS)
-            rows.append({"dataset": name, "image": item.name, "ap50": s.at(0.5).ap, "ap75": s.at(0.75).ap,
-                         "ap90": s.at(0.9).ap, "err50": s.at(0.5).error_rate, "niter": result.niter,
-                         "diameter": result.diameter})
-            bar.update(1)
+        chans = None
+        if cpsam_model:
+            image, diameter = paper_channels(item.image), None
+        else:
+            image, chans = np.asarray(item.image, np.float32), channels
+            diameter = None if has_size else median_diameter(item.masks)
+        result = segmenter.segment([image], diameter=diameter, channel_axis=0, niter=niter, channels=chans)[0]
+        s = score_image(item.masks, result.masks, thresholds=THRESHOLDS)
+        rows.append((index, {"dataset": name, "image": item.name, "ap50": s.at(0.5).ap, "ap75": s.at(0.75).ap,
+                             "ap90": s.at(0.9).ap, "err50": s.at(0.5).error_rate, "niter": result.niter,
+                             "diameter": result.diameter}))
+        bar.update(1)
+    parts = shard.gather_to_main(ctx, rows)
     bar.close()
-    return rows
+    return [row for _, row in sorted((r for part in parts for r in part), key=lambda r: r[0])] if parts else []
 
 
 def table(rows: Sequence[dict]) -> list[dict]:
@@ -174,20 +183,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate and write the tables; returns the exit code (1 with one line on bad input)."""
+    """Evaluate and write the tables; returns the exit code (1 with one line on bad input). Under a launcher
+    (WORLD_SIZE > 1) every rank segments its share and rank 0 writes the outputs."""
+    ctx = shard.RankContext.from_env()
+    with shard.process_group(ctx):
+        code = _run(args, ctx)
+        shard.barrier(ctx)  # rank 0's files are written before any rank exits (a launcher stops the rest)
+    return code
+
+
+def _run(args: argparse.Namespace, ctx: shard.RankContext) -> int:
     # torch and the models load when the benchmark runs, not for `cpsam eval paper --help`
     import torch
 
     from cpsam.models import resolve_model
 
+    # one process keeps the CPU as before; each rank of a launched run takes its own device (cuda:LOCAL_RANK)
+    device = ctx.device() if ctx.distributed else torch.device("cpu")
     try:
         datasets = find_datasets(list(args.data), args.max_per_folder)
-        model = resolve_model(args.model, torch.device("cpu"))
+        model = resolve_model(args.model, device)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"cpsam eval paper: {exc}", file=sys.stderr)
         return 1
     model.eval()
-    rows = evaluate(model, datasets, progress=not args.quiet, channels=args.channels)
+    rows = evaluate(model, datasets, device=device, progress=not args.quiet, channels=args.channels, ctx=ctx)
+    if not ctx.is_main:
+        return 0
     summary = table(rows)
     bound = None
     if args.second_annotator is not None:

@@ -13,6 +13,7 @@ from conftest import shared_image_path, shared_masks_path, shared_path
 
 from cpsam import io
 from cpsam.cli import main
+from cpsam.segment_summary import read_summary
 
 HELA = "fluo_nuclei_ctc_N2DL-HeLa"  # ../shared/data's folder of HeLa nuclei (4 images)
 
@@ -58,7 +59,9 @@ def test_bad_files_are_reported_and_leave_nothing(tmp_path: Path, cyto0_cache: P
         line = next(line for line in captured.err.splitlines() if f"skipped {inputs / name}:" in line)
         assert words in line, line
     assert "0 images, 0 cells" in captured.out and f"{len(expected)} failed" in captured.out
-    assert list(out.iterdir()) == []  # no partial or temporary file
+    assert [p.name for p in out.iterdir()] == ["summary.csv"]  # no partial or temporary file
+    rows = read_summary(out / "summary.csv")
+    assert sorted(r.file for r in rows) == sorted(expected) and {r.status for r in rows} == {"failed"}
 
 
 def test_usage_errors_exit_2(tmp_path: Path, cyto0_cache: Path, capsys) -> None:
@@ -99,7 +102,12 @@ def test_cli_segments_real_phase_images_and_skips_bad_ones(tmp_path: Path, cyto0
     assert code == 1 and "skipped" in captured.err and "zero_bytes.tif" in captured.err
     manual = io.read_labels(shared_masks_path("phase_usiigaci_3t3", name))
     check_outputs(out, name, manual, 0.8)
-    assert sorted(p.name for p in out.iterdir()) == [f"{name}_masks.tif", f"{name}_outlines.png", f"{name}_seg.npy"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{name}_masks.tif", f"{name}_outlines.png",
+                                                            f"{name}_seg.npy", "summary.csv"])
+    rows = {r.file: r for r in read_summary(out / "summary.csv")}
+    assert rows["zero_bytes.tif"].status == "failed" and rows[f"{name}.tif"].status == "ok"
+    assert rows[f"{name}.tif"].cells == int(io.read_labels(out / f"{name}_masks.tif").max())
+    assert rows[f"{name}.tif"].diameter == 60.0
     assert "1 images" in captured.out and "1 failed" in captured.out
 
 
