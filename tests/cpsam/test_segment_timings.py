@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,9 @@ import pytest
 import torch
 from conftest import read_shared_image
 
+from benchmarks.bench_students import STAGES as BENCH_STAGES
+from benchmarks.bench_students import time_image
+from cpsam.io import read_labels, write_tiff
 from cpsam.models import resolve_model
 from cpsam.segment import Segmenter
 
@@ -49,3 +51,19 @@ def test_stage_timings_add_up_to_the_call_and_change_nothing(cyto0_file: Path) -
     assert sum(timings.values()) > 0.85 * total
     seg.timings = None
     seg.segment([image], diameter=20.0)
+
+
+def test_bench_students_stages_cover_read_to_write(cyto0_file: Path, tmp_path: Path) -> None:
+    """benchmarks.bench_students times read -> Segmenter stages -> write; their sum is the call's wall time."""
+    image = read_shared_image("bact_phase_neurips22", "neurips22_cell_00528")[:120, :120]
+    src = write_tiff(tmp_path / "img_0.tif", image)
+    seg = Segmenter(resolve_model(str(cyto0_file)), batch_size=2, timings={})
+    time_image(seg, src, 20.0, tmp_path / "m.tif")  # warm-up
+    start = time.perf_counter()
+    parts, masks = time_image(seg, src, 20.0, tmp_path / "m.tif")
+    total = time.perf_counter() - start
+    assert tuple(parts) == BENCH_STAGES and set(BENCH_STAGES) == STAGES | {"read", "write"}
+    assert all(v > 0 for v in parts.values()), parts
+    assert 0.85 * total - 0.005 <= sum(parts.values()) <= total, (parts, total)
+    np.testing.assert_array_equal(read_labels(tmp_path / "m.tif"), masks)
+    assert masks.max() > 0
