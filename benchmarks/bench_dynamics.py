@@ -1,4 +1,4 @@
-"""Benchmark cpsam.dynamics against cellpose.dynamics (same inputs, same process, CPU).
+"""Benchmark cpsam.dynamics against cellpose.dynamics (same inputs, CPU), each side in a fresh process.
 
 Builds 512x512 and 2048x2048 label images by tiling real annotated masks from ../shared/data
 (each tile renumbered so ids stay unique), then times both directions:
@@ -6,21 +6,27 @@ Builds 512x512 and 2048x2048 label images by tiling real annotated masks from ..
 * masks -> flows: `cpsam.dynamics.masks_to_flows` vs `cellpose.dynamics.masks_to_flows_gpu`
   (the function `labels_to_flows` runs, on the CPU device);
 * flows -> masks: `cpsam.dynamics.flows_to_masks` vs `cellpose.dynamics.resize_and_compute_masks`
-  on dP = 5 x unit flows and cellprob = +-5 (recipe 2.7), niter 200, flow-error QC on.
+  on dP = 5 x cellpose's unit flows and cellprob = +-5 (recipe 2.7), niter 200, flow-error QC on.
 
-Agreement printed: cosine similarity of the flows inside objects, fraction of bit-identical
-pixels; AP@0.5 of our masks against cellpose's and against the label image, object counts.
-Our times are warm (median of --repeats runs after one warm-up call); the first call in the
-process (numba cache load, or compile on a fresh machine) is printed separately.
+Each side runs in its own fresh Python process (cellpose first: it writes the flows both sides
+then turn into masks), one warm-up call, then the median of --repeats timed calls. Printed:
+wall and CPU seconds, the ratios, whether our masks are identical to cellpose's (labels
+included) and our flows bit-identical; where our flows -> masks spends its time (per stage);
+the floor, one numba pass that reads the flow field once; and the first-call cost of our kernels
+in a fresh process twice: with an empty numba cache (compile, as on a new machine) and with the
+cache that compile wrote (load).
 
-    python -m benchmarks.bench_dynamics [--sizes 512 2048] [--repeats 3] [--threads 1]
+    python -m benchmarks.bench_dynamics [--sizes 512 2048] [--repeats 3] [--ref-repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,119 +65,175 @@ def tiled_labels(size: int, tile: int = 256, seed: int = 0) -> np.ndarray:
     return out
 
 
-CPU_TIMES: dict[int, float] = {}  # id(result) -> CPU seconds of the call that made it
-
-
-def timed(fn, *args, **kw):
-    """(result, wall seconds); the process CPU seconds (all threads) go to CPU_TIMES."""
+def timed(fn, *args, **kw) -> tuple[object, float, float]:
+    """(result, wall seconds, process CPU seconds of all threads)."""
     t, c = time.perf_counter(), time.process_time()
     r = fn(*args, **kw)
-    CPU_TIMES[id(r)] = time.process_time() - c
-    return r, time.perf_counter() - t
+    return r, time.perf_counter() - t, time.process_time() - c
 
 
-def warm_median(repeats: int, fn, *args, **kw):
-    times, cpus = [], []
-    for _ in range(repeats):
-        r, dt = timed(fn, *args, **kw)
-        times.append(dt)
-        cpus.append(CPU_TIMES[id(r)])
-    CPU_TIMES[id(r)] = float(np.median(cpus))
-    return r, float(np.median(times))
+def median_of(repeats: int, fn, *args, **kw) -> tuple[object, float, float]:
+    """Result and median wall / CPU seconds of `repeats` calls."""
+    runs = [timed(fn, *args, **kw) for _ in range(max(1, repeats))]
+    return runs[-1][0], float(np.median([r[1] for r in runs])), float(np.median([r[2] for r in runs]))
 
 
-def cpu_of(result) -> float:
-    return CPU_TIMES[id(result)]
+def _read_field_once(dP: np.ndarray) -> float:
+    """The floor of flows -> masks: one numba pass that reads every value of the flow field."""
+    # imported in the process that runs this measurement only (each side starts fresh)
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def total(a):
+        s = 0.0
+        for i in prange(a.shape[1]):
+            for j in range(a.shape[2]):
+                s += abs(a[0, i, j]) + abs(a[1, i, j])
+        return s
+
+    total(dP[:, :8, :8])
+    return median_of(5, total, dP)[1]
+
+
+def _stages(dP: np.ndarray, cellprob: np.ndarray, repeats: int) -> dict[str, float]:
+    """Median wall seconds of each stage of `cpsam.dynamics.flows_to_masks` (default arguments)."""
+    # imported in the process that runs this measurement only (each side starts fresh)
+    from cpsam import dynamics as ours
+
+    runs: dict[str, list[float]] = {}
+    for _ in range(max(1, repeats)):
+        fg, t_fg, _ = timed(np.greater, cellprob, 0.0)
+        pos, t_int, _ = timed(ours.follow_flows, dP, fg, 200)
+        masks, t_seed, _ = timed(ours.get_masks, pos, fg)
+        err, t_qc, _ = timed(ours.flow_error, masks, dP)
+        masks = ours.fastremap.mask(masks, 1 + np.nonzero(err > 0.4)[0])
+        ours.fastremap.renumber(masks, in_place=True)
+        _, t_fill, _ = timed(ours.fill_holes_and_remove_small_masks, masks.astype(np.uint16), 15)
+        for k, v in (("foreground", t_fg), ("Euler integration", t_int), ("seeds + growth", t_seed),
+                     ("flow-error QC", t_qc), ("fill holes + small masks", t_fill)):
+            runs.setdefault(k, []).append(v)
+    return {k: float(np.median(v)) for k, v in runs.items()}
+
+
+def worker(side: str, work: Path, sizes: list[int], repeats: int) -> None:
+    """One side in this (fresh) process; times and outputs go to WORK/SIDE.json and .npy files."""
+    res: dict[str, object] = {"threads": None}
+    if side == "cellpose":
+        # imported in the process that runs this measurement only (each side starts fresh)
+        import torch
+        from cellpose import dynamics as cpd
+
+        cpu = torch.device("cpu")
+        res["threads"] = torch.get_num_threads()
+        small = np.load(work / "lab_64.npy").astype(np.int64)
+        cpd.resize_and_compute_masks(5 * cpd.masks_to_flows_gpu(small, device=cpu)[0].astype(np.float32),
+                                     np.where(small > 0, 5.0, -5.0).astype(np.float32), niter=200, device=cpu)
+        for size in sizes:
+            lab = np.load(work / f"lab_{size}.npy").astype(np.int64)
+            out, res[f"m2f_{size}"], res[f"m2f_{size}_cpu"] = median_of(repeats, cpd.masks_to_flows_gpu, lab,
+                                                                          device=cpu)
+            mu = out[0].astype(np.float32)
+            np.save(work / f"cellpose_flows_{size}.npy", mu)
+            dP, cp = (5.0 * mu).astype(np.float32), np.where(lab > 0, 5.0, -5.0).astype(np.float32)
+            masks, res[f"f2m_{size}"], res[f"f2m_{size}_cpu"] = median_of(
+                repeats, cpd.resize_and_compute_masks, dP, cp, niter=200, device=cpu)
+            np.save(work / f"cellpose_masks_{size}.npy", masks)
+    elif side in ("ours", "first"):
+        import numba
+
+        from cpsam import dynamics as ours
+
+        res["threads"] = numba.get_num_threads()
+        small = np.load(work / "lab_64.npy")
+        _, res["first_m2f"], _ = timed(ours.masks_to_flows, small)
+        _, res["first_f2m"], _ = timed(ours.flows_to_masks, 5 * ours.masks_to_flows(small),
+                                       np.where(small > 0, 5.0, -5.0).astype(np.float32))
+        for size in sizes if side == "ours" else []:
+            lab = np.load(work / f"lab_{size}.npy")
+            mu, res[f"m2f_{size}"], res[f"m2f_{size}_cpu"] = median_of(repeats, ours.masks_to_flows, lab)
+            np.save(work / f"ours_flows_{size}.npy", mu)
+            dP = (5.0 * np.load(work / f"cellpose_flows_{size}.npy")).astype(np.float32)
+            cp = np.where(lab > 0, 5.0, -5.0).astype(np.float32)
+            for tag, exact in (("f2m_", True), ("fast_", False)):
+                masks, res[f"{tag}{size}"], res[f"{tag}{size}_cpu"] = median_of(
+                    repeats, ours.flows_to_masks, dP, cp, niter=200, exact=exact)
+                np.save(work / f"ours_{tag}masks_{size}.npy", masks)
+            res[f"stages_{size}"] = _stages(dP, cp, repeats)
+            res[f"floor_{size}"] = _read_field_once(dP)
+    (work / f"{side}.json").write_text(json.dumps(res))
+
+
+def _run(side: str, work: Path, sizes: list[int], repeats: int, env: dict[str, str] | None = None) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_dynamics", "--worker", side, "--work", str(work),
+           "--repeats", str(repeats), "--sizes", *map(str, sizes)]
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, **(env or {})})
+    return json.loads((work / f"{side}.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="threads for both torch (cellpose) and numba (ours); 0 = library defaults")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls of ours (median)")
+    ap.add_argument("--ref-repeats", type=int, default=3, help="timed calls of cellpose (median)")
+    ap.add_argument("--worker", choices=["cellpose", "ours", "first"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.work, args.sizes, args.repeats)
+        return 0
 
-    # imported in the process that runs this measurement only (each side starts fresh)
-    import torch
-    from cellpose import dynamics as cpd
+    # imported here: the parent only compares outputs
     from cellpose import metrics
 
-    from cpsam import dynamics as ours
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus (machine shared)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_dynamics_") as tmp:
+        work = Path(tmp)
+        for size in [64, *args.sizes]:
+            np.save(work / f"lab_{size}.npy", tiled_labels(size))
+        # first calls: an empty numba cache (compile, as on a new machine), then the cache it wrote
+        cache = {"NUMBA_CACHE_DIR": str(work / "numba_cache")}
+        cold = _run("first", work, args.sizes, 1, cache)
+        warm = _run("first", work, args.sizes, 1, cache)
+        ref = _run("cellpose", work, args.sizes, args.ref_repeats)
+        ours = _run("ours", work, args.sizes, args.repeats)
+        print(f"\nthreads: cellpose (torch) {ref['threads']}, ours (numba) {ours['threads']}; "
+              f"median of {args.ref_repeats} (cellpose) / {args.repeats} (ours) calls after one warm-up, each "
+              "side in a fresh process")
+        print(f"first call in a fresh process, empty numba cache (compile): masks->flows {cold['first_m2f']:.2f} s,"
+              f" flows->masks {cold['first_f2m']:.2f} s; with the cache (load): masks->flows "
+              f"{warm['first_m2f']:.2f} s, flows->masks {warm['first_f2m']:.2f} s\n")
+        print("| image | objects | direction | cellpose wall s (CPU s) | cpsam wall s (CPU s) | speed-up wall (CPU) "
+              "| agreement |")
+        print("|---|---|---|---|---|---|---|")
 
-    cpu = torch.device("cpu")
-    if args.threads > 0:
-        # imported in the process that runs this measurement only (each side starts fresh)
-        import numba
+        def cells(key: str, mine: str) -> str:
+            tr, cr, tm, cm = ref[key], ref[key + "_cpu"], ours[mine], ours[mine + "_cpu"]
+            return f"{tr:.2f} ({cr:.1f}) | {tm:.3f} ({cm:.2f}) | {tr / tm:.1f}x ({cr / cm:.1f}x)"
 
-        torch.set_num_threads(args.threads)
-        numba.set_num_threads(args.threads)
-    # first calls in this process: numba loads its on-disk cache (or compiles on a fresh machine)
-    small = tiled_labels(64)
-    _, t_first_m2f = timed(ours.masks_to_flows, small)
-    _, t_first_f2m = timed(ours.flows_to_masks, 5 * ours.masks_to_flows(small), np.where(small > 0, 5.0, -5.0))
-    print(f"load average at start: {os.getloadavg()[0]:.1f}")
-    print(f"first call in process (numba cache load/compile): masks->flows {t_first_m2f:.2f} s, "
-          f"flows->masks {t_first_f2m:.2f} s; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
-
-    rows = []
-    for size in args.sizes:
-        lab = tiled_labels(size)
-        n_obj = int(lab.max())
-        inside = lab > 0
-        # masks -> flows
-        ref_out, t_ref_m2f = timed(cpd.masks_to_flows_gpu, lab.astype(np.int64), device=cpu)
-        c_ref_m2f = cpu_of(ref_out)
-        ref_mu = ref_out[0].astype(np.float32)
-        mu, t_m2f = warm_median(args.repeats, ours.masks_to_flows, lab)
-        c_m2f = cpu_of(mu)
-        # cosine per object pixel; pixels where both flows are exactly zero (one-pixel objects,
-        # symmetric spots) count as agreeing
-        na, nb = np.linalg.norm(mu, axis=0), np.linalg.norm(ref_mu, axis=0)
-        both0 = (na == 0) & (nb == 0)
-        cos = np.where(both0, 1.0, (mu * ref_mu).sum(0) / np.maximum(na * nb, 1e-30))[inside]
-        same = float(np.all(mu == ref_mu, axis=0)[inside].mean())
-        # flows -> masks on the same (cellpose-made) flows
-        dP = (5.0 * ref_mu).astype(np.float32)
-        cellprob = np.where(inside, 5.0, -5.0).astype(np.float32)
-        ref_masks, t_ref_f2m = timed(cpd.resize_and_compute_masks, dP, cellprob, niter=200, device=cpu)
-        c_ref_f2m = cpu_of(ref_masks)
-        masks, t_f2m = warm_median(args.repeats, ours.flows_to_masks, dP, cellprob, niter=200, exact=False)
-        c_f2m = cpu_of(masks)
-        masks_x, t_f2m_x = warm_median(args.repeats, ours.flows_to_masks, dP, cellprob, niter=200, exact=True)
-        c_f2m_x = cpu_of(masks_x)
-        ap_fast_exact = float(metrics.average_precision([masks_x], [masks])[0][0, 0])
-        ap_ref = float(metrics.average_precision([ref_masks], [masks])[0][0, 0])
-        ap_gt = float(metrics.average_precision([lab], [masks])[0][0, 0])
-        ap_gt_ref = float(metrics.average_precision([lab], [ref_masks])[0][0, 0])
-        rows.append(dict(size=size, n=n_obj, fg=float(inside.mean()), t_ref_m2f=t_ref_m2f, t_m2f=t_m2f,
-                         cos_min=float(cos.min()), cos_mean=float(cos.mean()), same=same,
-                         t_ref_f2m=t_ref_f2m, t_f2m=t_f2m, n_ref=int(ref_masks.max()), n_ours=int(masks.max()),
-                         identical=bool(np.array_equal(ref_masks, masks)), ap_ref=ap_ref, ap_gt=ap_gt,
-                         ap_gt_ref=ap_gt_ref, t_f2m_x=t_f2m_x, n_x=int(masks_x.max()),
-                         identical_x=bool(np.array_equal(ref_masks, masks_x)), ap_fast_exact=ap_fast_exact,
-                         c_ref_m2f=c_ref_m2f, c_m2f=c_m2f, c_ref_f2m=c_ref_f2m, c_f2m=c_f2m, c_f2m_x=c_f2m_x))
-        print(f"done {size}x{size}", flush=True)
-
-    print()
-    print("| image | objects | direction | cellpose wall s (CPU s) | cpsam wall s (CPU s) | speed-up wall (CPU) "
-          "| agreement |")
-    print("|---|---|---|---|---|---|---|")
-
-    def cells(r, ref, mine):
-        tr, cr, tm, cm = r["t_" + ref], r["c_" + ref], r["t_" + mine], r["c_" + mine]
-        return f"{tr:.2f} ({cr:.1f}) | {tm:.3f} ({cm:.2f}) | {tr / tm:.0f}x ({cr / cm:.0f}x)"
-
-    for r in rows:
-        img = f"{r['size']}x{r['size']}"
-        print(f"| {img} | {r['n']} | masks -> flows | {cells(r, 'ref_m2f', 'm2f')} | cosine in objects min "
-              f"{r['cos_min']:.6f} mean {r['cos_mean']:.6f}; bit-identical pixels {100 * r['same']:.2f} % |")
-        print(f"| {img} | {r['n']} | flows -> masks (exact=False) | {cells(r, 'ref_f2m', 'f2m')} | AP@0.5 vs "
-              f"cellpose {r['ap_ref']:.4f}; objects {r['n_ours']} vs {r['n_ref']}; masks identical: "
-              f"{r['identical']}; AP@0.5 vs labels ours {r['ap_gt']:.4f} / cellpose {r['ap_gt_ref']:.4f} |")
-        print(f"| {img} | {r['n']} | flows -> masks (default, exact) | {cells(r, 'ref_f2m', 'f2m_x')} | masks "
-              f"identical to cellpose: {r['identical_x']}; objects {r['n_x']}; AP@0.5 exact=False vs exact "
-              f"{r['ap_fast_exact']:.4f} |")
+        stages = []
+        for size in args.sizes:
+            lab = np.load(work / f"lab_{size}.npy")
+            n, img = int(lab.max()), f"{size}x{size}"
+            inside = lab > 0
+            same = float(np.all(np.load(work / f"ours_flows_{size}.npy") == np.load(
+                work / f"cellpose_flows_{size}.npy"), axis=0)[inside].mean())
+            ref_m = np.load(work / f"cellpose_masks_{size}.npy")
+            exact_m = np.load(work / f"ours_f2m_masks_{size}.npy")
+            fast_m = np.load(work / f"ours_fast_masks_{size}.npy")
+            ap_fast = float(metrics.average_precision([ref_m], [fast_m])[0][0, 0])
+            print(f"| {img} | {n} | masks -> flows | {cells(f'm2f_{size}', f'm2f_{size}')} | bit-identical pixels "
+                  f"{100 * same:.2f} % |")
+            print(f"| {img} | {n} | flows -> masks (default, exact) | {cells(f'f2m_{size}', f'f2m_{size}')} | "
+                  f"masks identical to cellpose: {bool(np.array_equal(ref_m, exact_m))}; objects {int(exact_m.max())} "
+                  f"vs {int(ref_m.max())} |")
+            print(f"| {img} | {n} | flows -> masks (exact=False) | {cells(f'f2m_{size}', f'fast_{size}')} | "
+                  f"AP@0.5 vs cellpose {ap_fast:.4f}; objects {int(fast_m.max())} |")
+            stages.append((img, int(inside.sum()), ours[f"stages_{size}"], ours[f"f2m_{size}"], ours[f"floor_{size}"]))
+        print("\nwhere our flows -> masks (exact) spends its wall time, median per stage:\n")
+        for img, nfg, st, total, floor in stages:
+            parts = ", ".join(f"{k} {v:.3f} s" for k, v in st.items())
+            print(f"- {img} ({nfg} foreground pixels): {parts}; whole call {total:.3f} s; floor (one numba pass "
+                  f"reading the flow field) {floor:.4f} s = {total / floor:.0f}x below the whole call")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus (machine shared)")
     return 0
 

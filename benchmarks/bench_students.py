@@ -1,4 +1,4 @@
-"""Students against their teachers: end-to-end seconds per image (preprocessing / network / masks),
+"""Students against their teachers: end-to-end seconds per image and per stage (read ... write),
 peak memory, parameters and FLOPs, for CP-SAM ViT-L, cyto_0 and every student, on the same images.
 
     python -m benchmarks.bench_students                                  # 3 real 512-px crops, diameter 20
@@ -8,10 +8,12 @@ peak memory, parameters and FLOPs, for CP-SAM ViT-L, cyto_0 and every student, o
 Every model runs in its own fresh process (`python -m benchmarks.bench_students --child ...`): it is built or
 loaded (not timed), segments every image once as a warm-up (not timed: the first call on each tile
 shape builds its oneDNN kernels), then `--rounds` timed passes; the median per image is reported.
-One pass times, per image, `Segmenter.segment(compute_masks=False)` split by forward hooks into the
-network (every model call) and preprocessing (channels, percentile normalization, rescaling,
-padding, tiling, blending and resizing the flows back: the rest of that call), then the flow -> mask
-dynamics (`cpsam.dynamics.flows_to_masks` with the Segmenter's rules, what `segment` runs last).
+One pass times, per image, every stage a user waits for: reading the image file (`cpsam.io.read_image`
+of a TIFF the parent wrote), then `Segmenter.segment` split by its `timings` collector into normalize
+(channels, percentile normalization), resize (rescaling and padding the input, resizing the flows
+back), network (every model call), tiles (cutting, batching, taper blending) and masks (the flow ->
+mask dynamics, `cpsam.dynamics.flows_to_masks` with the Segmenter's rules), then writing the masks
+(`cpsam.io.write_labels`, TIFF). "bound by" names the stage that takes longest.
 Masks of random-weight models (the ViT-L, students without a checkpoint) are not meaningful and their
 dynamics cost depends on their noise, so their "masks" time is the teacher's on the same image (the
 dynamics cost depends on the image, not on the network that made the flows); trained checkpoints use
@@ -49,6 +51,7 @@ from torch import nn
 
 from benchmarks.bench_model import peak_rss_bytes, reset_peak_rss, rss_bytes
 from benchmarks.bench_segment import SHARED, bench_images
+from cpsam.io import write_tiff
 from cpsam.segment import Segmenter, tiles_per_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,72 +110,64 @@ def flops_per_tile(model: nn.Module) -> int:
     return int(counter.get_total_flops())
 
 
-class NetworkTimer:
-    """Forward pre/post hooks on a module that add up the wall time of every call (seconds)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.seconds = 0.0
-        self._start = 0.0
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
-
-    def _pre(self, *_: object) -> None:
-        self._start = time.perf_counter()
-
-    def _post(self, *_: object) -> None:
-        self.seconds += time.perf_counter() - self._start
+# the stages of one image, in pipeline order ("normalize" .. "masks": `Segmenter`'s timings collector)
+STAGES = ("read", "normalize", "resize", "network", "tiles", "masks", "write")
 
 
-def time_image(seg: Segmenter, timer: NetworkTimer, image: np.ndarray, diameter: float
-               ) -> tuple[dict[str, float], np.ndarray, tuple[np.ndarray, np.ndarray, int]]:
-    """One timed segmentation: ({preprocessing, network, masks} seconds, masks, (dP, cellprob, niter))."""
+def time_image(seg: Segmenter, path: Path, diameter: float, out: Path) -> tuple[dict[str, float], np.ndarray]:
+    """Read, segment and write one image: ({stage: seconds}, masks)."""
     # imported in the process that runs this measurement only (each side starts fresh)
-    from cpsam.dynamics import flows_to_masks
+    from cpsam.io import read_image, write_labels
 
-    timer.seconds = 0.0
+    assert seg.timings is not None
+    seg.timings.clear()
     start = time.perf_counter()
-    result = seg.segment([image], diameter=diameter, compute_masks=False)[0]
-    flows_s = time.perf_counter() - start
+    image = read_image(path)
+    read_s = time.perf_counter() - start
+    masks = seg.segment([image], diameter=diameter)[0].masks
     start = time.perf_counter()
-    masks = flows_to_masks(result.dP, result.cellprob, niter=result.niter, rules=seg.rules.mask_rules)
-    masks_s = time.perf_counter() - start
-    parts = {"preprocessing": flows_s - timer.seconds, "network": timer.seconds, "masks": masks_s}
-    return parts, masks, (result.dP, result.cellprob, result.niter)
+    write_labels(out, masks)
+    parts = {"read": read_s, **seg.timings, "write": time.perf_counter() - start}
+    return {k: parts.get(k, 0.0) for k in STAGES}, masks
 
 
-def run_child(spec: str, images_npz: Path, diameter: float, rounds: int, teacher_diam_mean: float,
+def run_child(spec: str, images_dir: Path, diameter: float, rounds: int, teacher_diam_mean: float,
               fuse: bool, batch_size: int, masks_out: Path) -> dict:
     """Inside a fresh process: build `spec`, warm up, time `rounds` passes, measure memory; save masks."""
-    with np.load(images_npz) as data:
-        images = [data[k] for k in sorted(data.files, key=lambda k: int(k.split("_")[1]))]
+    # imported in the process that runs this measurement only (each side starts fresh)
+    from cpsam.io import read_image
+
+    paths = sorted(images_dir.glob("img_*.tif"), key=lambda p: int(p.stem.split("_")[1]))
+    images = [read_image(p) for p in paths]
+    written = masks_out.with_suffix(".d")
+    written.mkdir(exist_ok=True)
+    outs = [written / f"masks_{k}.tif" for k in range(len(paths))]
     model, trained = build_model(spec, teacher_diam_mean, fuse)
-    seg = Segmenter(model, device="cpu", batch_size=batch_size)
-    timer = NetworkTimer(seg.model)
+    seg = Segmenter(model, device="cpu", batch_size=batch_size, timings={})
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     tile_flops = flops_per_tile(model)
     rescale = seg.rescale_for(diameter)
     tiles = [tiles_per_image(image.shape[:2], rescale, seg.rules) for image in images]
-    for image in images:  # warm-up, not timed
-        time_image(seg, timer, image, diameter)
+    for path, out in zip(paths, outs, strict=True):  # warm-up, not timed
+        time_image(seg, path, diameter, out)
     per_round: list[list[dict[str, float]]] = []
     masks: list[np.ndarray] = []
     for _ in range(rounds):
         parts = []
         masks = []
-        for image in images:
-            p, m, _ = time_image(seg, timer, image, diameter)
+        for path, out in zip(paths, outs, strict=True):
+            p, m = time_image(seg, path, diameter, out)
             parts.append(p)
             masks.append(m)
         per_round.append(parts)
     largest = int(np.argmax([image.size for image in images]))
     reset_peak_rss()
     base = rss_bytes()
-    time_image(seg, timer, images[largest], diameter)
+    time_image(seg, paths[largest], diameter, outs[largest])
     peak = peak_rss_bytes() - base
     np.savez_compressed(masks_out, *masks)
-    median = {key: [statistics.median(r[i][key] for r in per_round) for i in range(len(images))]
-              for key in ("preprocessing", "network", "masks")}
+    median = {key: [statistics.median(r[i][key] for r in per_round) for i in range(len(images))] for key in STAGES}
     return {
         "spec": spec, "trained": trained, "class": type(model).__name__, "params": n_params,
         "weight_bytes": weight_bytes, "flops_per_tile": tile_flops, "tiles": tiles, "rescale": rescale,
@@ -181,9 +176,9 @@ def run_child(spec: str, images_npz: Path, diameter: float, rounds: int, teacher
     }
 
 
-def measure(spec: str, images_npz: Path, args: argparse.Namespace, masks_out: Path, rounds: int) -> dict:
+def measure(spec: str, images_dir: Path, args: argparse.Namespace, masks_out: Path, rounds: int) -> dict:
     """`run_child` in a fresh subprocess; returns its JSON result (raises RuntimeError with its stderr)."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_students", "--child", spec, "--images-npz", str(images_npz),
+    cmd = [sys.executable, "-m", "benchmarks.bench_students", "--child", spec, "--images-dir", str(images_dir),
            "--diameter", str(args.diameter), "--rounds", str(rounds), "--masks-out", str(masks_out),
            "--teacher-diam-mean", str(args.teacher_diam_mean), "--batch-size", str(args.batch_size)]
     if args.no_fuse:
@@ -208,12 +203,19 @@ def agreement(teacher_masks: Sequence[np.ndarray], masks: Sequence[np.ndarray]) 
     return float(np.mean([s.binary_iou for s in scores])), float(np.mean([s.at(0.5).ap for s in scores]))
 
 
+def stage_seconds(result: dict, teacher: dict) -> dict[str, list[float]]:
+    """Seconds per stage and image; a random-weight model's masks time is the teacher's (docstring)."""
+    sec = dict(result["seconds"])
+    if not (result["trained"] or result is teacher):
+        sec["masks"] = teacher["seconds"]["masks"][: len(sec["network"])]
+    return sec
+
+
 def total_seconds(result: dict, teacher: dict, n_images: int | None = None) -> list[float]:
-    """End-to-end seconds per image; a random-weight model's masks time is the teacher's (docstring)."""
-    sec = result["seconds"]
-    masks = sec["masks"] if result["trained"] or result is teacher else teacher["seconds"]["masks"]
+    """End-to-end seconds per image (the sum of its stages)."""
+    sec = stage_seconds(result, teacher)
     n = len(sec["network"]) if n_images is None else n_images
-    return [sec["preprocessing"][i] + sec["network"][i] + masks[i] for i in range(n)]
+    return [sum(sec[k][i] for k in STAGES) for i in range(n)]
 
 
 def vit_speedup(vit: dict | None, result: dict, teacher: dict) -> float:
@@ -232,12 +234,12 @@ def print_table(results: dict[str, dict], teacher: dict, vit: dict | None,
         n = len(r["seconds"]["network"])
         total = float(np.mean(total_seconds(r, teacher)))
         teacher_total = float(np.mean(total_seconds(teacher, teacher, n)))
-        masks = r["seconds"]["masks"] if r["trained"] or r is teacher else teacher["seconds"]["masks"]
+        sec = stage_seconds(r, teacher)
+        stages = {f"{k}_s": float(np.mean(sec[k][:n])) for k in STAGES}
         row = {
             "model": label, "images": n, "params_M": r["params"] / 1e6,
             "gflops_per_image": r["flops_per_tile"] * float(np.mean(r["tiles"][:n])) / 1e9,
-            "pre_s": float(np.mean(r["seconds"]["preprocessing"])), "net_s": float(np.mean(r["seconds"]["network"])),
-            "masks_s": float(np.mean(masks[:n])), "total_s": total,
+            **stages, "total_s": total, "bound_by": max(STAGES, key=lambda k: stages[f"{k}_s"]),
             "x_cyto0": teacher_total / total,
             "x_vitl": vit_speedup(vit, r, teacher),
             "peak_MiB": (r["peak_bytes"] + r["weight_bytes"]) / 2**20,
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=Path("bench_students.png"))
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--images-npz", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--images-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--masks-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
             numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-        print(json.dumps(run_child(args.child, args.images_npz, args.diameter, args.rounds, args.teacher_diam_mean,
+        print(json.dumps(run_child(args.child, args.images_dir, args.diameter, args.rounds, args.teacher_diam_mean,
                                    not args.no_fuse, args.batch_size, args.masks_out)))
         return 0
 
@@ -316,29 +318,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(images)} images ({', '.join(n for n, _ in images)}), crop {args.crop}, diameter {args.diameter}, "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        npz = Path(tmp) / "images.npz"
-        np.savez(npz, *[image for _, image in images])
+        images_dir, vit_dir = Path(tmp) / "images", Path(tmp) / "vit_images"  # TIFFs that each child reads
+        images_dir.mkdir()
+        vit_dir.mkdir()
+        for k, (_, image) in enumerate(images):
+            write_tiff(images_dir / f"img_{k}.tif", image)
+            if k < args.vit_images:
+                write_tiff(vit_dir / f"img_{k}.tif", image)
         specs: list[tuple[str, str, int]] = [("cyto_0", args.teacher, args.rounds)]
-        if args.vit_images > 0:
-            vit_npz = Path(tmp) / "vit.npz"
-            np.savez(vit_npz, *[image for _, image in images[: args.vit_images]])
         specs += [(name, name, args.rounds) for name in students]
         specs += [(f"{Path(p).parent.name}/{Path(p).name}", p, args.rounds) for p in args.student_checkpoint]
         results: dict[str, dict] = {}
         masks: dict[str, list[np.ndarray]] = {}
         for label, spec, rounds in specs:
             out = Path(tmp) / f"masks{len(results)}.npz"
-            results[label] = measure(spec, npz, args, out, rounds)
+            results[label] = measure(spec, images_dir, args, out, rounds)
             with np.load(out) as data:
                 masks[label] = [data[k] for k in sorted(data.files, key=lambda k: int(k.split("_")[1]))]
             r = results[label]
-            print(f"  {label:28s} net {np.mean(r['seconds']['network']):7.3f} s  pre "
-                  f"{np.mean(r['seconds']['preprocessing']):6.3f} s  masks {np.mean(r['seconds']['masks']):6.3f} s"
+            print(f"  {label:28s} " + "  ".join(f"{k} {np.mean(r['seconds'][k]):.3f} s" for k in STAGES) +
                   f"  ({r['class']}, {r['params'] / 1e6:.2f} M params, load {os.getloadavg()[0]:.1f})", flush=True)
         vit = None
         if args.vit_images > 0:
             out = Path(tmp) / "masks_vit.npz"
-            vit = results["CP-SAM ViT-L (random)"] = measure(VIT_L, vit_npz, args, out, 1)
+            vit = results["CP-SAM ViT-L (random)"] = measure(VIT_L, vit_dir, args, out, 1)
             print(f"  CP-SAM ViT-L: net {np.mean(vit['seconds']['network']):.1f} s per image", flush=True)
     teacher = results["cyto_0"]
     scores = {label: agreement(masks["cyto_0"], masks[label]) for label, r in results.items()

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,6 +208,14 @@ class Segmenter:
         size_model: a `cpsam.size.SizeModel` used when no diameter is given (default: the model's
             `size_model` attribute, which `pretrained("cyto_0")` and the model loaders set when a
             size file is found beside the weights). Only models with a style vector (CPnet) use it.
+        timings: optional collector of wall seconds per stage (benchmarks.bench_students passes
+            one); each stage's seconds are added to its key over every call: "normalize" (image
+            checks, channels, percentile normalization), "resize" (rescaling and padding the
+            input, resizing the flows back), "network" (the model calls), "tiles" (cutting,
+            batching, taper blending and accumulating tiles, normalizing the blend) and "masks"
+            (`cpsam.dynamics.flows_to_masks`). Outputs do not depend on it; the public attribute
+            `timings` may be replaced or set to None later. On a GPU the network's kernels run
+            asynchronously: their time shows up in "tiles", where the outputs are copied back.
     """
 
     def __init__(
@@ -218,7 +228,9 @@ class Segmenter:
         rules: InferenceRules | None = None,
         masks_device: str | torch.device | None = None,
         size_model: SizeModel | None = None,
+        timings: dict[str, float] | None = None,
     ) -> None:
+        self.timings = timings
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if device is None:
@@ -243,6 +255,18 @@ class Segmenter:
                 f"{self.style_channels or 'no'} style vector"
             )
         self.size_model = size_model
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        """Add the wall seconds of the block to `timings[name]` (nothing without a collector)."""
+        if self.timings is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------------ public API
     def segment(
@@ -397,30 +421,32 @@ class Segmenter:
         niter: int | None,
     ) -> _InFlight:
         """Channels -> normalize -> rescale -> pad; plan the tile grid of one image."""
-        image = check_image(image)
-        try:
-            hwc = transforms.to_channels_last(image, channel_axis)
-            x = transforms.select_channels(hwc, channels, self.in_channels)
-        except ValueError as exc:
-            raise ImageError(str(exc)) from exc
-        height, width = x.shape[:2]
-        x = transforms.normalize_percentile(x, inplace=True)  # x is already a fresh float32 copy
-        rescale = self.rescale_for(diameter)
-        scaled = (height, width)
-        if rescale != 1.0:
+        with self._stage("normalize"):
+            image = check_image(image)
             try:
-                scaled = transforms.scaled_shape(height, width, rescale)
+                hwc = transforms.to_channels_last(image, channel_axis)
+                x = transforms.select_channels(hwc, channels, self.in_channels)
             except ValueError as exc:
                 raise ImageError(str(exc)) from exc
-            x = transforms.resize_image(x, *scaled)
-        tile = self.rules.tile_size
-        pads = transforms.get_pad_yx(*scaled, tile_size=tile if self.rules.pad_to_tile else None)
-        ly, lx = scaled[0] + pads[0] + pads[1], scaled[1] + pads[2] + pads[3]
-        # Augmentation tiles need at least one full tile: pad the bottom/right, crop it off later.
-        extra_y, extra_x = (max(0, tile - ly), max(0, tile - lx)) if augment else (0, 0)
-        chw = np.zeros((x.shape[2], ly + extra_y, lx + extra_x), np.float32)
-        chw[:, pads[0] : pads[0] + scaled[0], pads[2] : pads[2] + scaled[1]] = x.transpose(2, 0, 1)
-        del x
+            height, width = x.shape[:2]
+            x = transforms.normalize_percentile(x, inplace=True)  # x is already a fresh float32 copy
+        with self._stage("resize"):
+            rescale = self.rescale_for(diameter)
+            scaled = (height, width)
+            if rescale != 1.0:
+                try:
+                    scaled = transforms.scaled_shape(height, width, rescale)
+                except ValueError as exc:
+                    raise ImageError(str(exc)) from exc
+                x = transforms.resize_image(x, *scaled)
+            tile = self.rules.tile_size
+            pads = transforms.get_pad_yx(*scaled, tile_size=tile if self.rules.pad_to_tile else None)
+            ly, lx = scaled[0] + pads[0] + pads[1], scaled[1] + pads[2] + pads[3]
+            # Augmentation tiles need at least one full tile: pad the bottom/right, crop it off later.
+            extra_y, extra_x = (max(0, tile - ly), max(0, tile - lx)) if augment else (0, 0)
+            chw = np.zeros((x.shape[2], ly + extra_y, lx + extra_x), np.float32)
+            chw[:, pads[0] : pads[0] + scaled[0], pads[2] : pads[2] + scaled[1]] = x.transpose(2, 0, 1)
+            del x
         ystarts = transforms.tile_starts(ly, tile, self.tile_overlap, augment)
         xstarts = transforms.tile_starts(lx, tile, self.tile_overlap, augment)
         tile_hw = (min(tile, chw.shape[1]), min(tile, chw.shape[2]))
@@ -488,9 +514,17 @@ class Segmenter:
     @torch.inference_mode()
     def _forward_batch(self, batch: list[tuple[_InFlight, np.ndarray, int, int, bool, bool]]) -> None:
         """Run one batch of same-size tiles; add taper-weighted outputs into their images' accumulators."""
-        x = torch.from_numpy(np.stack([item[1] for item in batch])).to(self.device, self.dtype)
-        outputs = [self.model(part)[:2] for part in (x.split(CPU_SUB_BATCH) if x.device.type == "cpu" else [x])]
-        y = torch.cat([out[0][:, :3].float() for out in outputs])
+        with self._stage("tiles"):
+            x = torch.from_numpy(np.stack([item[1] for item in batch])).to(self.device, self.dtype)
+        with self._stage("network"):
+            outputs = [self.model(part)[:2] for part in (x.split(CPU_SUB_BATCH) if x.device.type == "cpu" else [x])]
+            y = torch.cat([out[0][:, :3].float() for out in outputs])
+        with self._stage("tiles"):
+            self._accumulate(batch, outputs, y)
+
+    def _accumulate(self, batch: list[tuple[_InFlight, np.ndarray, int, int, bool, bool]],
+                    outputs: list[tuple[torch.Tensor, ...]], y: torch.Tensor) -> None:
+        """Sum the tiles' styles; unflip, taper and add the outputs `y` (B, 3, h, w) into the accumulators."""
         if self.style_channels:
             styles = torch.cat([out[1].float() for out in outputs]).cpu().numpy()
             for k, item in enumerate(batch):
@@ -515,30 +549,34 @@ class Segmenter:
         accum = state.accum
         assert accum is not None
         state.accum = None
-        th, tw = state.tile_hw
-        wy = transforms.blend_weight_1d(accum.shape[1], state.ystarts, th)
-        wx = transforms.blend_weight_1d(accum.shape[2], state.xstarts, tw)
-        top, _, left, _ = state.pads
-        flows = accum[:, top : top + state.scaled[0], left : left + state.scaled[1]]
-        # Divide by the separable weight sum one axis at a time: no full-size weight image.
-        flows /= wy[top : top + state.scaled[0], None]
-        flows /= wx[None, left : left + state.scaled[1]]
-        del accum
+        with self._stage("tiles"):
+            th, tw = state.tile_hw
+            wy = transforms.blend_weight_1d(accum.shape[1], state.ystarts, th)
+            wx = transforms.blend_weight_1d(accum.shape[2], state.xstarts, tw)
+            top, _, left, _ = state.pads
+            flows = accum[:, top : top + state.scaled[0], left : left + state.scaled[1]]
+            # Divide by the separable weight sum one axis at a time: no full-size weight image.
+            flows /= wy[top : top + state.scaled[0], None]
+            flows /= wx[None, left : left + state.scaled[1]]
+            del accum
         if state.scaled != state.shape:
-            # One channel at a time (bounded memory); equal to cellpose's 3-channel resize to
-            # float rounding (tests compare to 1e-5).
-            resized = np.empty((3, *state.shape), np.float32)
-            for c in range(3):
-                resized[c] = transforms.resize_image(np.ascontiguousarray(flows[c]), *state.shape)
-            flows = resized
+            with self._stage("resize"):
+                # One channel at a time (bounded memory); equal to cellpose's 3-channel resize to
+                # float rounding (tests compare to 1e-5).
+                resized = np.empty((3, *state.shape), np.float32)
+                for c in range(3):
+                    resized[c] = transforms.resize_image(np.ascontiguousarray(flows[c]), *state.shape)
+                flows = resized
         dP, cellprob = flows[:2], flows[2]
         if compute_masks:
             from cpsam.dynamics import flows_to_masks  # numba (~1 s) only once masks are asked for
 
             threads = torch.get_num_threads()
-            masks = flows_to_masks(
-                dP, cellprob, niter=state.niter, device=self.masks_device, rules=self.rules.mask_rules, **mask_kwargs
-            )
+            with self._stage("masks"):
+                masks = flows_to_masks(
+                    dP, cellprob, niter=state.niter, device=self.masks_device, rules=self.rules.mask_rules,
+                    **mask_kwargs
+                )
             # numba's OpenMP threading layer shares torch's OpenMP runtime and sets its own thread count there;
             # CPU kernels round differently with the thread count, so the next image's network would depend on
             # whether this one ran parallel dynamics (and N processes with OMP_NUM_THREADS=1 would oversubscribe)

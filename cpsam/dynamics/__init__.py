@@ -281,10 +281,9 @@ def flow_error(
         err = torch_rules.flow_errors(torch.from_numpy(lab.astype(np.int64)).to(dev),
                                       torch.from_numpy(np.asarray(dP, np.float32)).to(dev), n, rules == "cp3")
         return err.double().cpu().numpy()
-    mu = _unit_flows(lab, n, None, rules)
     if rules == "cp3":
-        return masks_cp3.mask_errors(lab, mu, dP, n)
-    return masks_cp4.mask_errors(lab, mu, dP, n)
+        return masks_cp3.mask_errors(lab, _unit_flows(lab, n, None, rules), dP, n)
+    return flows_numba.flow_errors(lab, n, dP)
 
 
 def _finish(

@@ -210,6 +210,50 @@ def _flows_parallel(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
     return _unit_gradient(lab, heat)
 
 
+@njit(cache=True, parallel=True)
+def _flow_errors_parallel(lab: np.ndarray, n: int, dP: np.ndarray) -> np.ndarray:
+    box, src, n_iter, heat = _prepare(lab, n, -1)
+    order = np.argsort(-(box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]))
+    for t in prange(n):
+        _diffuse_label(lab, order[t], box, src, n_iter, heat)
+    err = np.zeros(n, np.float64)
+    five = np.float32(5.0)
+    for t in prange(n):
+        k = order[t]
+        if box[k, 1] <= 0:
+            continue
+        s = 0.0
+        c = 0
+        for i in range(box[k, 0], box[k, 1]):
+            for j in range(box[k, 2], box[k, 3]):
+                if lab[i, j] == k + 1:
+                    # the unit gradient of `_unit_gradient`, then cellpose's squared error
+                    dy = heat[i + 2, j + 1] - heat[i, j + 1]
+                    dx = heat[i + 1, j + 2] - heat[i + 1, j]
+                    nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
+                    ey = dy / nrm - np.float64(dP[0, i, j] / five)
+                    ex = dx / nrm - np.float64(dP[1, i, j] / five)
+                    s += ey * ey + ex * ex
+                    c += 1
+        err[k] = s / c
+    return err
+
+
+def flow_errors(lab: np.ndarray, n: int, dP: np.ndarray) -> np.ndarray:
+    """(n,) float64 mean over each mask's pixels of sum_c (mu_c - dP_c / 5)^2, mu the unit flows of
+    int32 labels 1..n (`flows_numba`), dP (2, H, W) float32 flows at 5x scale; 0 for an absent label.
+
+    The flow-error QC of cellpose 4 (`dynamics.flow_error`) fused with `flows_numba`: the heat of
+    all objects is diffused once (objects in parallel), then each object's error is summed from
+    the heat where its pixels lie (objects in parallel, each in row-major order, so the result
+    does not depend on threads); no (2, H, W) flow array or per-row sums are built.
+    """
+    lab = np.ascontiguousarray(lab, dtype=np.int32)
+    if n == 0:
+        return np.zeros(0, np.float64)
+    return _flow_errors_parallel(lab, int(n), np.ascontiguousarray(dP, dtype=np.float32))
+
+
 def flows_numba(lab: np.ndarray, n: int, n_iter: int | None = None, parallel: bool = True) -> np.ndarray:
     """Unit flows (2, H, W) float64 of int32 labels 1..n (an absent label is skipped; numba, CPU).
 

@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from cpsam.dynamics.flows_numba import _bboxes, diffuse_crop  # shared with the cellpose 4 flow kernels
-from cpsam.dynamics.masks_cp4 import _HISTORY, cycle_position, error_kernel_inputs, settled
+from cpsam.dynamics.masks_cp4 import _HISTORY, cycle_position, settled
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -213,6 +213,13 @@ def unit_flows(lab: np.ndarray, n: int) -> np.ndarray:
     Labels may have gaps (an absent label is skipped); each object is independent of the others.
     """
     return _flows_parallel(np.ascontiguousarray(lab, dtype=np.int32), int(n))
+
+
+def error_kernel_inputs(masks: np.ndarray, mu: np.ndarray, dP: np.ndarray, n: int) -> tuple:
+    """The flow-error kernel's arguments: contiguous int64 masks, float64 re-diffused unit flows
+    `mu`, float32 network flows `dP`, and the label count."""
+    return (np.ascontiguousarray(masks, dtype=np.int64), np.ascontiguousarray(mu, dtype=np.float64),
+            np.ascontiguousarray(dP, dtype=np.float32), int(n))
 
 
 @njit(cache=True, nogil=True)

@@ -1,10 +1,10 @@
-"""Flows -> labels under the cellpose 4 rules: Euler integration, histogram seeding, flow errors (numba).
+"""Flows -> labels under the cellpose 4 rules: Euler integration and histogram seeding (numba).
 
 Kernels behind `cpsam.dynamics` rules="cp4" on the CPU (the public API is there); the same rules
 in torch ops are `cpsam.dynamics.torch_rules`. Inputs: dP (2, H, W) float32 flows at 5x scale,
 fg (H, W) bool; positions (2, N) int32 [y, x] of the N foreground pixels in row-major order.
 
-Rules copied from cellpose 4.2.1.1 `dynamics` (`steps_interp`, `get_masks_torch`, `flow_error`;
+Rules copied from cellpose 4.2.1.1 `dynamics` (`steps_interp`, `get_masks_torch`;
 recipe section 2.5, pitfall 11):
 * Euler steps on normalised coordinates p = 2 * pixel / (L - 1) - 1, the field scaled by
   2 / (L - 1), sampled bilinearly as `torch.nn.functional.grid_sample(align_corners=False,
@@ -28,7 +28,9 @@ import numpy as np
 import torch  # torch's own CPU argsort orders seeds with equal counts as cellpose
 from numba import njit, prange
 
-_HISTORY = 16  # longest cycle detected (positions remembered per trajectory)
+_HISTORY = 16  # longest cycle detected (positions remembered per trajectory) by `_integrate_range`
+_RING = 32  # the same for `_integrate_lanes`, which tests for cycles every `_ROUND` steps
+_ROUND = 16
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -85,15 +87,17 @@ def settled(d, d1, d2, settle, fy, fx):
 def cycle_position(hy, hx, t, niter, py, px):
     """Exact early stop on a cycle: (found, y, x at step niter).
 
-    hy, hx: ring buffers (_HISTORY,) of the positions at steps t - _HISTORY .. t - 1; (py, px): the
-    position at step t. If it equals the one k steps back (2 <= k <= min(t, _HISTORY)), the
-    trajectory is periodic with period k from step t - k, so p_niter = p_{t-k + (niter-t+k) % k}.
+    hy, hx: ring buffers (m,) holding the position of step s at slot s % m for steps t - m .. t - 1
+    (m = `_HISTORY` in the one-trajectory kernels); (py, px): the position at step t. If it equals
+    the one k steps back (2 <= k <= min(t, m)), the trajectory is periodic with period k from step
+    t - k, so p_niter = p_{t-k + (niter-t+k) % k}.
     """
-    for k in range(2, min(t, _HISTORY) + 1):
-        j = (t - k) % _HISTORY
+    m = hy.shape[0]
+    for k in range(2, min(t, m) + 1):
+        j = (t - k) % m
         if hy[j] == py and hx[j] == px:
             r = (t - k) + (niter - t + k) % k
-            return True, hy[r % _HISTORY], hx[r % _HISTORY]
+            return True, hy[r % m], hx[r % m]
     return False, py, px
 
 
@@ -151,32 +155,151 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y, s
         out[1, n] = np.int32(fx)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _step(field, px, py, half_w, half_h):
+    """One Euler step from normalised (px, py), clamped to [-1, 1] per axis (float32)."""
+    one = np.float32(1.0)
+    vx, vy = _sample(field, px, py, half_w, half_h)
+    return min(max(px + vx, -one), one), min(max(py + vy, -one), one)
+
+
+@njit(cache=True, nogil=True)
+def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
+    """Exact integration of trajectories start..stop, four at a time; same positions as
+    `_integrate_range` with settle = 0.
+
+    One step is a chain of dependent float32 operations and loads (about 60-80 cycles of latency,
+    little work), so one trajectory at a time leaves the core idle. Four independent trajectories
+    (lanes) advance in lockstep, `_ROUND` steps per round, so the CPU overlaps their chains. A
+    lane starts at a round boundary, so its step count t is a multiple of `_ROUND` after each
+    round, and then the exact cycle test (`cycle_position`, periods up to `_RING`) runs; a fixed
+    point is a cycle of every period, so the same test finds it. Stopping at a different step
+    than `_integrate_range` does not change the final position, which the cycle determines.
+    A finished lane takes the next trajectory. Every trajectory is a function of its own start
+    only: results do not depend on lanes, chunks or threads.
+    """
+    half_w = np.float32(field.shape[1] - 2) / np.float32(2.0)
+    half_h = np.float32(field.shape[0] - 2) / np.float32(2.0)
+    one = np.float32(1.0)
+    two = np.float32(2.0)
+    half = np.float32(0.5)
+    px = np.zeros(4, np.float32)
+    py = np.zeros(4, np.float32)
+    t_lane = np.full(4, niter, np.int64)  # steps done; niter for an idle lane
+    todo = np.zeros(4, np.int64)  # steps of this round
+    idx = np.full(4, -1, np.int64)  # trajectory of each lane, -1 idle
+    hx = np.zeros((4, _RING), np.float32)
+    hy = np.zeros((4, _RING), np.float32)
+    nxt = start
+    active = 0
+    for k in range(4):
+        if nxt < stop:
+            idx[k] = nxt
+            px[k] = np.float32(xs[nxt]) / scale_x * two - one
+            py[k] = np.float32(ys[nxt]) / scale_y * two - one
+            t_lane[k] = 0
+            nxt += 1
+            active += 1
+    while active > 0:
+        for k in range(4):
+            todo[k] = min(_ROUND, niter - t_lane[k])
+        x0, y0, x1, y1 = px[0], py[0], px[1], py[1]
+        x2, y2, x3, y3 = px[2], py[2], px[3], py[3]
+        n0, n1, n2, n3 = todo[0], todo[1], todo[2], todo[3]
+        b0, b1, b2, b3 = t_lane[0], t_lane[1], t_lane[2], t_lane[3]
+        for s in range(_ROUND):  # the four chains are independent: the CPU overlaps them
+            if s < n0:
+                j = (b0 + s) % _RING
+                hx[0, j] = x0
+                hy[0, j] = y0
+                x0, y0 = _step(field, x0, y0, half_w, half_h)
+            if s < n1:
+                j = (b1 + s) % _RING
+                hx[1, j] = x1
+                hy[1, j] = y1
+                x1, y1 = _step(field, x1, y1, half_w, half_h)
+            if s < n2:
+                j = (b2 + s) % _RING
+                hx[2, j] = x2
+                hy[2, j] = y2
+                x2, y2 = _step(field, x2, y2, half_w, half_h)
+            if s < n3:
+                j = (b3 + s) % _RING
+                hx[3, j] = x3
+                hy[3, j] = y3
+                x3, y3 = _step(field, x3, y3, half_w, half_h)
+        px[0], py[0], px[1], py[1] = x0, y0, x1, y1
+        px[2], py[2], px[3], py[3] = x2, y2, x3, y3
+        for k in range(4):
+            if idx[k] < 0:
+                continue
+            t = t_lane[k] + todo[k]
+            t_lane[k] = t
+            # a short (last) round ends at t == niter and needs no test
+            found, fy, fx = cycle_position(hy[k], hx[k], t, niter, py[k], px[k]) if todo[k] == _ROUND \
+                else (False, py[k], px[k])
+            if found or t >= niter:
+                n = idx[k]
+                out[0, n] = np.int32((fy + one) * half * scale_y)
+                out[1, n] = np.int32((fx + one) * half * scale_x)
+                if nxt < stop:
+                    idx[k] = nxt
+                    px[k] = np.float32(xs[nxt]) / scale_x * two - one
+                    py[k] = np.float32(ys[nxt]) / scale_y * two - one
+                    t_lane[k] = 0
+                    nxt += 1
+                else:
+                    idx[k] = -1
+                    t_lane[k] = niter
+                    active -= 1
+
+
 @njit(cache=True, parallel=True)
 def _integrate_parallel(field, ys, xs, niter, scale_x, scale_y, nchunks, settle):
     out = np.empty((2, ys.shape[0]), np.int32)
     n = ys.shape[0]
     step = (n + nchunks - 1) // nchunks
     for c in prange(nchunks):
-        _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y, settle)
+        if settle > 0.0:
+            _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y, settle)
+        else:
+            _integrate_lanes(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y)
     return out
 
 
 @njit(cache=True, nogil=True)
 def _integrate_serial(field, ys, xs, niter, scale_x, scale_y, settle):
     out = np.empty((2, ys.shape[0]), np.int32)
-    _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y, settle)
+    if settle > 0.0:
+        _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y, settle)
+    else:
+        _integrate_lanes(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y)
     return out
 
 
-def normalised_field(dP: np.ndarray, fg: np.ndarray) -> np.ndarray:
-    """(H+2, W+2, 2) float32 [x, y] field, zero border: dP * fg / 5 scaled by 2 / (L - 1)."""
+@njit(cache=True, nogil=True)
+def _field(dP, fg, sx, sy):
     h, w = fg.shape
-    d = dP.astype(np.float32, copy=False) * fg / np.float32(5.0)
     field = np.zeros((h + 2, w + 2, 2), np.float32)
-    # the reference multiplies a float32 tensor by a Python float: the factor is rounded to float32
-    field[1:-1, 1:-1, 0] = d[1] * np.float32(2.0 / max(w - 1, 1))
-    field[1:-1, 1:-1, 1] = d[0] * np.float32(2.0 / max(h - 1, 1))
+    five = np.float32(5.0)
+    for i in range(h):
+        for j in range(w):
+            f = np.float32(1.0) if fg[i, j] else np.float32(0.0)
+            field[i + 1, j + 1, 0] = dP[1, i, j] * f / five * sx
+            field[i + 1, j + 1, 1] = dP[0, i, j] * f / five * sy
     return field
+
+
+def normalised_field(dP: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """(H+2, W+2, 2) float32 [x, y] field, zero border: dP * fg / 5 scaled by 2 / (L - 1).
+
+    The float32 operations and their order are those of the reference (numpy or torch): flows
+    times the 0/1 mask, divided by 5, times the factor rounded to float32 (the reference
+    multiplies a float32 tensor by a Python float).
+    """
+    h, w = fg.shape
+    return _field(np.ascontiguousarray(dP, dtype=np.float32), np.ascontiguousarray(fg, dtype=np.bool_),
+                  np.float32(2.0 / max(w - 1, 1)), np.float32(2.0 / max(h - 1, 1)))
 
 
 def integrate_numba(
@@ -289,39 +412,3 @@ def labels_from_positions(pos: np.ndarray, shape: tuple[int, int]) -> tuple[np.n
     # torch's own unstable sort, not a stable one: it fixes the order of equal counts as cellpose
     order = torch.argsort(torch.from_numpy(counts)).numpy().astype(np.int64)
     return _grow_seeds(pos, hist, sy, sx, order), len(counts)
-
-
-@njit(cache=True, parallel=True)
-def _mask_errors(masks, mu, dP, n):
-    """Per-mask mean of sum_c (mu_c - dP_c / 5)^2 (float64), masks 1..n."""
-    h, w = masks.shape
-    rows_s = np.zeros((h, n + 1), np.float64)
-    rows_c = np.zeros((h, n + 1), np.int64)
-    five = np.float32(5.0)
-    for i in prange(h):
-        for j in range(w):
-            m = masks[i, j]
-            if m > 0:
-                ey = mu[0, i, j] - np.float64(dP[0, i, j] / five)
-                ex = mu[1, i, j] - np.float64(dP[1, i, j] / five)
-                rows_s[i, m] += ey * ey + ex * ex
-                rows_c[i, m] += 1
-    s = rows_s.sum(axis=0)
-    c = rows_c.sum(axis=0)
-    err = np.zeros(n, np.float64)
-    for k in range(n):
-        if c[k + 1] > 0:
-            err[k] = s[k + 1] / c[k + 1]
-    return err
-
-
-def error_kernel_inputs(masks: np.ndarray, mu: np.ndarray, dP: np.ndarray, n: int) -> tuple:
-    """The flow-error kernels' arguments (cp3 and cp4): contiguous int64 masks, float64 re-diffused unit flows
-    `mu`, float32 network flows `dP`, and the label count."""
-    return (np.ascontiguousarray(masks, dtype=np.int64), np.ascontiguousarray(mu, dtype=np.float64),
-            np.ascontiguousarray(dP, dtype=np.float32), int(n))
-
-
-def mask_errors(masks: np.ndarray, mu: np.ndarray, dP: np.ndarray, n: int) -> np.ndarray:
-    """(n,) float64 mean squared flow error of masks 1..n (see `cpsam.dynamics.flow_error`)."""
-    return _mask_errors(*error_kernel_inputs(masks, mu, dP, n))
