@@ -254,7 +254,7 @@ def test_blockwise_matches_in_memory_on_a_small_mosaic(cyto0_path: Path, tmp_pat
     assert ap >= 0.97, ap
     assert abs(int(labels.max()) - int(mem.max())) <= max(1, 0.02 * mem.max())
     split, crossing = seam_splits(truth, mem, labels, 192)
-    assert crossing > 5 and split == 0
+    assert crossing >= 3 and split == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), labels)
     assert not (tmp_path / "out.zarr" / "blocks").exists()
     with pytest.raises(OutputExistsError, match="finished"):
@@ -281,8 +281,8 @@ def test_killed_run_resumes_from_the_blocks_done(cyto0_path: Path, tmp_path: Pat
     done: list[str] = []
     while time.time() < deadline and proc.poll() is None:
         blocks = out / "blocks"
-        done = [p.name for p in blocks.iterdir() if (p / ".zattrs").exists() and "done" in (p / ".zattrs").read_text()] \
-            if blocks.exists() else []
+        markers = [p / ".zattrs" for p in blocks.iterdir()] if blocks.exists() else []
+        done = [m.parent.name for m in markers if m.exists() and "done" in m.read_text()]
         if done:
             break
         time.sleep(0.2)
