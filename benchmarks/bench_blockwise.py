@@ -209,10 +209,12 @@ def main(argv: list[str] | None = None) -> None:
                        max(1, int(mem.max())), seam_crossing=crossing, seam_splits=split,
                        memory_ratio=blk_rss / mem_rss)
         del mem, blk, truth
+        report(numbers, args.json)
         if args.workers_scaling:
             one_s, one_rss = run_blockwise(args.model, tmp / "mosaic.tif", tmp / "blk1.zarr", args.block_size, 1,
                                            args.diameter, env)
             numbers.update(blockwise_1_worker_s=one_s, blockwise_1_worker_peak_mib=one_rss / 2**20)
+            report(numbers, args.json)
         image, _ = build_mosaic(larger, seed=1)
         tifffile.imwrite(tmp / "larger.tif", image, tile=(256, 256), bigtiff=True)
         del image
@@ -220,10 +222,16 @@ def main(argv: list[str] | None = None) -> None:
                                        args.workers, args.diameter, env)
         numbers.update(larger_blockwise_s=big_s, larger_blockwise_peak_mib=big_rss / 2**20,
                        memory_flatness=big_rss / blk_rss)
+    report(numbers, args.json)
+
+
+def report(numbers: dict[str, object], path: Path | None) -> None:
+    """Print the numbers so far (one per line) and write them to `path` as JSON."""
     for key, value in numbers.items():
-        print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}")
-    if args.json is not None:
-        args.json.write_text(json.dumps(numbers, indent=1))
+        print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}", flush=True)
+    print(flush=True)
+    if path is not None:
+        path.write_text(json.dumps(numbers, indent=1))
 
 
 if __name__ == "__main__":
