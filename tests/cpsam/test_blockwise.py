@@ -349,3 +349,23 @@ def test_cli_blockwise_with_worker_processes_on_a_1024_mosaic(cyto0_path: Path, 
     assert abs(int(labels.max()) - int(mem.max())) <= 0.01 * mem.max()
     split, crossing = seam_splits(truth, mem, labels, 512)
     assert crossing > 10 and split == 0
+
+
+def test_existing_scheduler_and_estimated_diameter(cyto0_path: Path, cyto0_net, cyto_size_model,
+                                                    tmp_path: Path) -> None:
+    """A loaded network (sent to the workers), --dask-scheduler ADDRESS (here an in-process cluster's) and
+    --diameter 0: the size model's estimate on the central crop, recorded in the output's attributes."""
+    from distributed import LocalCluster
+
+    cyto0_net.size_model = cyto_size_model
+
+    image, _ = build_mosaic(256, seed=2)
+    zarr.create_array(str(tmp_path / "m.zarr"), data=image, chunks=(128, 128))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        result = segment_blockwise(cyto0_net, tmp_path / "m.zarr", tmp_path / "out.zarr", block_size=256,
+                                   diameter=0, scheduler_address=cluster.scheduler_address, progress=False)
+    assert result.diameter_source == "size model (central crop)"
+    assert 10 < result.diameter < 30, result.diameter
+    attrs = zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["cpsam_blockwise"]
+    assert attrs["complete"] and attrs["n_objects"] == result.n_objects > 10
+    assert attrs["diameter"] == result.diameter
