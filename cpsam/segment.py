@@ -284,6 +284,7 @@ class Segmenter:
         min_size: int = 15,
         max_size_fraction: float = 0.4,
         estimate_diameters: bool = True,
+        normalization: Sequence[tuple[float, float] | None] | None = None,
     ) -> list[SegmentResult]:
         """Segment a list of images (or one image); returns one SegmentResult per image, in order.
 
@@ -303,6 +304,10 @@ class Segmenter:
             flow_threshold, cellprob_threshold, min_size, max_size_fraction: passed to
                 `cpsam.dynamics.flows_to_masks`.
             estimate_diameters: False ignores the size model (None then means the model's own).
+            normalization: per network input channel, the (low, high) intensities that map to 0 / 1 (None
+                for a channel without contrast), used instead of each image's own 1st / 99th percentiles
+                (`transforms.normalize_with_bounds`). `cpsam.blockwise` passes the whole image's bounds
+                so that each block is scaled as the in-memory run scales the whole image.
         Raises ImageError for an unusable image.
         """
         if isinstance(images, np.ndarray):  # one image (a stack is not split: pass a list)
@@ -312,7 +317,7 @@ class Segmenter:
                 images, diameter=diameter, channels=channels, channel_axis=channel_axis, augment=augment,
                 compute_masks=compute_masks, niter=niter, flow_threshold=flow_threshold,
                 cellprob_threshold=cellprob_threshold, min_size=min_size, max_size_fraction=max_size_fraction,
-                estimate_diameters=estimate_diameters,
+                estimate_diameters=estimate_diameters, normalization=normalization,
             )
         )
 
@@ -332,6 +337,7 @@ class Segmenter:
         max_size_fraction: float = 0.4,
         skip_errors: bool = False,
         estimate_diameters: bool = True,
+        normalization: Sequence[tuple[float, float] | None] | None = None,
     ) -> Iterator[SegmentResult | ImageError]:
         """Like `segment` but lazy: consumes `images` as tiles are needed, yields results in order.
 
@@ -358,7 +364,7 @@ class Segmenter:
                             image, channels=channels, channel_axis=channel_axis, augment=augment
                         )
                         source = "size model"
-                    state = self._prepare(index, image, diam, channels, channel_axis, augment, niter)
+                    state = self._prepare(index, image, diam, channels, channel_axis, augment, niter, normalization)
                     state.diameter_source, state.diameter_style = source, diam_style
                     yield state
                 except ImageError as exc:
@@ -419,6 +425,7 @@ class Segmenter:
         channel_axis: int | None,
         augment: bool,
         niter: int | None,
+        normalization: Sequence[tuple[float, float] | None] | None = None,
     ) -> _InFlight:
         """Channels -> normalize -> rescale -> pad; plan the tile grid of one image."""
         with self._stage("normalize"):
@@ -429,7 +436,14 @@ class Segmenter:
             except ValueError as exc:
                 raise ImageError(str(exc)) from exc
             height, width = x.shape[:2]
-            x = transforms.normalize_percentile(x, inplace=True)  # x is already a fresh float32 copy
+            # x is already a fresh float32 copy
+            if normalization is None:
+                x = transforms.normalize_percentile(x, inplace=True)
+            else:
+                try:
+                    x = transforms.normalize_with_bounds(x, normalization, inplace=True)
+                except ValueError as exc:
+                    raise ImageError(str(exc)) from exc
         with self._stage("resize"):
             rescale = self.rescale_for(diameter)
             scaled = (height, width)

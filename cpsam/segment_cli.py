@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cpsam import io, shard
+from cpsam.blockwise.cli import add_blockwise_arguments, run_blockwise, wants_blockwise
 from cpsam.cli_types import finite_float, non_negative_float, non_negative_int, positive_int, torch_device
 from cpsam.segment import ImageError, Segmenter, SegmentResult
 from cpsam.segment_summary import SummaryRow, merge_rows, write_summary
@@ -74,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-existing", action="store_true",
                         help="leave out images whose output set (masks, _seg.npy, outlines) is complete and "
                              "not older than the image: a rerun continues where a killed run stopped")
+    add_blockwise_arguments(parser)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -451,6 +453,8 @@ def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankC
 
 def run(args: argparse.Namespace) -> int:
     """Segment every input image; returns the process exit code (see the module docstring)."""
+    if wants_blockwise(args):  # one image larger than memory: cpsam.blockwise
+        return run_blockwise(args)
     holder: list[_Run] = []
     with io.terminate_as_interrupt():
         try:

@@ -109,11 +109,18 @@ def percentile_bounds(
     Above 224**3 pixels the percentiles are taken on a strided subsample (step dim // 224 per
     axis), as cellpose does, so that huge images are normalized in bounded time.
     """
-    sample = channel
-    if channel.size > PERCENTILE_SUBSAMPLE_ABOVE:
-        steps = tuple(max(1, n // PERCENTILE_SUBSAMPLE_STEP) for n in channel.shape)
-        sample = channel[tuple(slice(None, None, s) for s in steps)]
+    steps = percentile_steps(channel.shape)
+    sample = channel[tuple(slice(None, None, s) for s in steps)] if steps != (1,) * channel.ndim else channel
     return np.percentile(sample, lower), np.percentile(sample, upper)
+
+
+def percentile_steps(shape: Sequence[int]) -> tuple[int, ...]:
+    """The stride per axis of the pixels `percentile_bounds` takes its percentiles from: all ones up to
+    224**3 pixels, else dim // 224 per axis (cellpose's subsample). Streamed readers
+    (`cpsam.blockwise.percentiles`) gather exactly these pixels."""
+    if math.prod(shape) <= PERCENTILE_SUBSAMPLE_ABOVE:
+        return (1,) * len(shape)
+    return tuple(max(1, n // PERCENTILE_SUBSAMPLE_STEP) for n in shape)
 
 
 def normalize_percentile(
@@ -129,12 +136,31 @@ def normalize_percentile(
     if image.ndim != 3:
         raise ValueError(f"normalize_percentile expects (H, W, C), got shape {image.shape}")
     out = image if inplace and image.dtype == np.float32 else image.astype(np.float32, copy=True)
-    for c in range(out.shape[-1]):
+    bounds = [None if np.ptp(out[..., c]) <= 0 else percentile_bounds(out[..., c], lower, upper)
+              for c in range(out.shape[-1])]
+    return normalize_with_bounds(out, bounds, inplace=True)
+
+
+
+def normalize_with_bounds(
+    image: np.ndarray, bounds: Sequence[tuple[np.floating, np.floating] | None], inplace: bool = False
+) -> np.ndarray:
+    """Scale each channel c of an (H, W, C) image by given (low, high) = bounds[c]: (x - low) / (high - low),
+    float32; a channel whose bounds are None (no contrast) or whose range is <= 1e-3 becomes all zeros.
+
+    `normalize_percentile` is this with the image's own 1st/99th percentiles; blockwise segmentation passes
+    the whole image's bounds so that every block is scaled as the whole image would be. Bounds should be
+    numpy float32 scalars (as `percentile_bounds` returns for float32 channels) for cellpose's rounding.
+    """
+    if image.ndim != 3 or len(bounds) != image.shape[-1]:
+        raise ValueError(f"normalize_with_bounds: {len(bounds)} channel bounds for an image of shape {image.shape}")
+    out = image if inplace and image.dtype == np.float32 else image.astype(np.float32, copy=True)
+    for c, bound in enumerate(bounds):
         channel = out[..., c]
-        if np.ptp(channel) <= 0:
+        if bound is None:
             channel[...] = 0
             continue
-        low, high = percentile_bounds(channel, lower, upper)
+        low, high = bound
         if high - low > 1e-3:
             # float32 scalars: the same rounding as cellpose (subtract, then divide).
             channel -= low
