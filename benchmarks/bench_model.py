@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = ("cellpose-fp32", "cellpose-bf16", "ours-math-fp32", "ours-sdpa-fp32", "ours-math-bf16", "ours-sdpa-bf16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONFIGS = ("cellpose-fp32", "cellpose-bf16", "ours-math-fp32", "ours-sdpa-fp32", "ours-math-bf16", "ours-sdpa-bf16",
+           "ours-sdpa-int8")
+# int8: fp32 model whose nn.Linear layers (most of the ViT's time) are dynamically quantized (CPU only)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 def make_reference_weights(path: Path, seed: int = 0) -> None:
@@ -64,7 +66,11 @@ def build(config: str, weights: Path, device: str) -> torch.nn.Module:
         from cpsam.models import load_model
 
         model = load_model(weights, attention=rest[0])
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if rest[-1] == "int8":
+        # torch's own dynamic quantization: int8 weights, activations quantized per call (x86 fbgemm / onednn)
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
 
 
 def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
