@@ -141,7 +141,6 @@ def normalize_percentile(
     return normalize_with_bounds(out, bounds, inplace=True)
 
 
-
 def normalize_with_bounds(
     image: np.ndarray, bounds: Sequence[tuple[np.floating, np.floating] | None], inplace: bool = False
 ) -> np.ndarray:
