@@ -152,10 +152,16 @@ def check_image(image: np.ndarray) -> np.ndarray:
             f"unsupported dimensionality: shape {image.shape} "
             "(expected 2-D H x W, or 3-D H x W x C / C x H x W)"
         )
+    check_finite(image)
+    return image
+
+
+def check_finite(image: np.ndarray) -> None:
+    """Raise ImageError for a float image with NaN or Inf pixels (one of them turns the percentile normalization,
+    and so every output, into NaN)."""
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         n_bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
         raise ImageError(f"image contains {n_bad} NaN/Inf pixel values")
-    return image
 
 
 @dataclass(eq=False)

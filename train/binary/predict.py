@@ -23,7 +23,7 @@ from torch import nn
 from cpsam import transforms
 from cpsam.cli_types import INFERENCE_TILE_STRIDE, TILE_SIZE_LIMITS, size_problem
 from cpsam.models.loading import CheckpointError, load_model, read_checkpoint
-from cpsam.segment import ImageError
+from cpsam.segment import check_finite  # the NaN/Inf rule of `cpsam segment`
 from data_prep.labels import split_components
 from train.augment import normalize_image, to_model_channels
 from train.binary.loading_codes import LoadingCode, parse_loading_code
@@ -41,14 +41,6 @@ def network_input(image: np.ndarray, code: LoadingCode) -> np.ndarray:
     needed = max(code.n_sources, chw.shape[0] if code.uses_all_channels else 0, 1)
     chw = to_model_channels(chw, max(needed, chw.shape[0]))
     return code.apply(normalize_image(chw))[0]
-
-
-def check_finite(image: np.ndarray) -> None:
-    """Raise cpsam.segment.ImageError (a ValueError) for an image with NaN or Inf pixels: one of them turns the
-    percentile normalization, and so every probability, into NaN (as `cpsam segment` refuses them)."""
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        n_bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
-        raise ImageError(f"image contains {n_bad} NaN/Inf pixel values")
 
 
 def _tile_side(length: int, tile: int) -> int:
