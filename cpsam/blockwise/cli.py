@@ -12,7 +12,9 @@ model not loadable); 1 a data / IO error while running; 130 / 143 interrupted (r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from cpsam import io
 from cpsam.blockwise.blocks import BlockSizeError
@@ -61,6 +63,14 @@ def run_blockwise(args: argparse.Namespace) -> int:
         return _usage("give --workers or --dask-scheduler, not both")
     if args.skip_existing:
         return _usage("--skip-existing does not apply to --blockwise (repeating the command resumes it)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same OUT.zarr
+        return _usage("--blockwise runs on dask workers, not under torchrun / accelerate launch; run one process "
+                      "with --workers N or --dask-scheduler ADDRESS")
+    if args.bigtiff is not None:  # refused now, not after the whole segmentation
+        try:
+            io.check_output_dir(Path(args.bigtiff).parent)
+        except io.OutputPathError as exc:
+            return _usage(f"--bigtiff {exc}")
     if args.input.is_dir() and args.input.suffix.lower() != ".zarr" and not any(
             (args.input / n).exists() for n in ("zarr.json", ".zarray", ".zgroup")):
         return _usage(f"--input {args.input}: --blockwise takes one image (a zarr folder or a TIFF), not a folder")
@@ -91,6 +101,20 @@ def run_blockwise(args: argparse.Namespace) -> int:
         print(f"{PREFIX}: interrupted by {io.interrupt_name(exc)}; the blocks done are kept in {args.output} "
               "(repeat the command to resume)", file=sys.stderr)
         return io.interrupt_exit_code(exc)
+    except OSError as exc:  # a full disk, lost permissions, a scheduler that cannot be reached
+        where = f"--dask-scheduler {args.dask_scheduler}: " if args.dask_scheduler and not exc.filename else ""
+        print(f"{PREFIX}: {where}{io.describe_os_error(exc)}; the blocks done are kept in {args.output} (repeat "
+              "the command to resume)", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # imported here: dask.distributed loads only for blockwise runs (CLI start-up time)
+        from distributed import KilledWorker
+
+        if not isinstance(exc, KilledWorker):
+            raise
+        print(f"{PREFIX}: a dask worker died while segmenting ({exc}); likely out of memory: a smaller --block-size "
+              f"or fewer --workers; the blocks done are kept in {args.output} (repeat to resume)", file=sys.stderr)
+        return 1
     print(f"{PREFIX}: {result.shape[0]}x{result.shape[1]} image, {result.n_blocks} blocks "
           f"({result.blocks_reused} resumed), {result.n_objects} cells, diameter {result.diameter:.1f} px, "
           f"{result.seconds:.1f} s -> {args.output}")

@@ -328,6 +328,27 @@ def test_cli_errors(tmp_path: Path, cyto0_path: Path) -> None:
     assert not (tmp_path / "o.zarr").exists()
 
 
+def test_cli_refusals_before_and_failures_while_running(tmp_path: Path, cyto0_path: Path, monkeypatch) -> None:
+    """Under a launcher (every rank would write one OUT.zarr) and a --bigtiff nobody can write: refused up front
+    (exit 2, nothing written); an unreachable scheduler: one line, exit 1."""
+    tifffile.imwrite(tmp_path / "m.tif", build_mosaic(256, seed=1)[0])
+    base = ["segment", "--model", cyto0_path, "--blockwise", "--input", tmp_path / "m.tif", "--diameter", "17"]
+    (tmp_path / "a_file").write_bytes(b"x")
+    code, out, err = cli(*base, "--output", tmp_path / "o.zarr", "--bigtiff", tmp_path / "a_file" / "l.tif")
+    assert code == 2 and "--bigtiff" in line_with(err, "a_file"), err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = cli(*base, "--output", tmp_path / "o.zarr")
+    assert code == 2 and "--workers" in line_with(err, "not under torchrun"), err
+    monkeypatch.delenv("WORLD_SIZE")
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):  # the command runs in this process
+        code, out, err = cli(*base, "--output", tmp_path / "o.zarr", "--dask-scheduler", "tcp://127.0.0.1:1")
+    assert code == 1 and "tcp://127.0.0.1:1" in line_with(err, "--dask-scheduler", "resume"), err
+    no_traceback(out, err)
+    assert not (tmp_path / "o.zarr").exists()
+
+
 @pytest.mark.slow
 def test_cli_blockwise_with_worker_processes_on_a_1024_mosaic(cyto0_path: Path, tmp_path: Path) -> None:
     """The 1024 x 1024 proof: 2 worker processes through the CLI, against the in-memory run of the same mosaic."""
