@@ -368,8 +368,8 @@ def _make_plan(args: argparse.Namespace, world_size: int, own_rank: int | None =
         return _Plan(code=prepared)
     listing, files = prepared
     todo = set(files)
-    if own_rank is None:
-        mine, shares = listing.images, shard.shard_files(files, world_size)
+    if own_rank is None:  # one process: no split, so no file header is read for the sizes
+        mine, shares = listing.images, [files] if world_size == 1 else shard.shard_files(files, world_size)
     else:
         mine = shard.shard_files(listing.images, world_size)[own_rank]
         shares = [files if r == own_rank else [] for r in range(world_size)]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from cpsam import io, segment_cli
+from cpsam.blockwise.cli import BLOCKWISE_ONLY
 from cpsam.segment_summary import SummaryRow
 from cpsam.shard import RankContext
 
@@ -66,6 +67,9 @@ def segment_files(
     args = parser.parse_args(["--model", os.fspath(model), "--input", os.fspath(input),
                               "--output", os.fspath(output)])
     for name, value in options.items():
+        if name in ("blockwise", *BLOCKWISE_ONLY):
+            raise ValueError(f"segment_files: {name!r} is an option of one image larger than memory: use "
+                             "cpsam.blockwise.segment_blockwise")
         if name in ("model", "input", "output") or not hasattr(args, name):
             raise ValueError(f"segment_files: unknown option {name!r}")
         setattr(args, name, value)

@@ -479,7 +479,8 @@ def _run(args: argparse.Namespace, ctx: shard.RankContext) -> int:
     except (EvalError, io.OutputPathError) as exc:
         print(f"cpsam distill eval: {exc}", file=sys.stderr)
         return 2
-    share = shard.balanced_shares([shard.image_pixels(it.image) for it in items], ctx.world_size)[ctx.rank]
+    share = (range(len(items)) if ctx.world_size == 1  # one process: no header read for the sizes
+             else shard.balanced_shares([shard.image_pixels(it.image) for it in items], ctx.world_size)[ctx.rank])
     evaluation = evaluate([items[k] for k in share], teacher, students, diameter=args.diameter or None,
                           student_diameter=args.student_diameter, channels=args.channels,
                           progress=not args.quiet and ctx.is_main, mirror=args.mirror,

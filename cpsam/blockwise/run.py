@@ -430,9 +430,9 @@ def _run(client: Any, handle: Any, src: ImageSource, out: Path, request: dict[st
     bar.close()
     if bigtiff is not None:
         write_bigtiff(group["labels"], Path(bigtiff))
-    shutil.rmtree(out / "blocks", ignore_errors=True)
     state = {**dict(group.attrs)[ATTRS_KEY], "complete": True, "n_objects": n_objects}
-    group.attrs[ATTRS_KEY] = state
+    group.attrs[ATTRS_KEY] = state  # first: a kill before the clean-up below leaves a finished output, not a lost one
+    shutil.rmtree(out / "blocks", ignore_errors=True)
     return BlockwiseResult(output=out, shape=src.shape, n_objects=n_objects, diameter=diameter,
                            diameter_source=diameter_source, n_blocks=len(blocks), blocks_reused=reused,
                            seconds=time.perf_counter() - start, normalization=normalization)

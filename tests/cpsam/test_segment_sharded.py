@@ -260,6 +260,8 @@ def test_segment_files_split_without_a_group_equals_one_process(reference: Path,
         segment_files(cyto0_file, crops, out, diameters=17)
     with pytest.raises(ValueError, match="both rank and world_size"):
         segment_files(cyto0_file, crops, out, rank=1)
+    with pytest.raises(ValueError, match="segment_blockwise"):  # never silently segmented as a folder
+        segment_files(cyto0_file, crops, out, blockwise=True, block_size=2048)
 
 
 @pytest.mark.slow  # 50-95 s on the shared 2-core machine (two runs, median diameters from the masks)
