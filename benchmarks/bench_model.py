@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}")
+    if not args.device.startswith("cpu") and any(c.endswith("-int8") for c in configs):
+        # torch's dynamic quantization has CPU kernels only
+        print(f"int8 configurations left out: they run on the CPU only (device {args.device})")
+        configs = [c for c in configs if not c.endswith("-int8")]
     if "cellpose-fp32" not in configs:
         configs.insert(0, "cellpose-fp32")
     tmp = tempfile.TemporaryDirectory()
