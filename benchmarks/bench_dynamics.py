@@ -192,10 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             np.save(work / f"lab_{size}.npy", tiled_labels(size))
         # first calls: an empty numba cache (compile, as on a new machine), then the cache it wrote
         cache = {"NUMBA_CACHE_DIR": str(work / "numba_cache")}
-        cold = _run("first", work, args.sizes, 1, cache)
-        warm = _run("first", work, args.sizes, 1, cache)
-        ref = _run("cellpose", work, args.sizes, args.ref_repeats)
-        ours = _run("ours", work, args.sizes, args.repeats)
+        steps = (("first", 1, cache, "first calls, empty numba cache"), ("first", 1, cache, "first calls, cached"),
+                 ("cellpose", args.ref_repeats, None, "cellpose"), ("ours", args.repeats, None, "ours"))
+        results = []
+        for side, repeats, env, what in steps:  # minutes in all at 2048²: say what runs
+            t0 = time.perf_counter()
+            print(f"running {what} (fresh process) ...", flush=True)
+            results.append(_run(side, work, args.sizes, repeats, env))
+            print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+        cold, warm, ref, ours = results
         print(f"\nthreads: cellpose (torch) {ref['threads']}, ours (numba) {ours['threads']}; "
               f"median of {args.ref_repeats} (cellpose) / {args.repeats} (ours) calls after one warm-up, each "
               "side in a fresh process")

@@ -168,7 +168,7 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
     """Exact integration of trajectories start..stop, four at a time; same positions as
     `_integrate_range` with settle = 0.
 
-    One step is a chain of dependent float32 operations and loads (about 60-80 cycles of latency,
+    One step is a chain of dependent float32 operations and loads (an estimated 60-80 cycles of latency,
     little work), so one trajectory at a time leaves the core idle. Four independent trajectories
     (lanes) advance in lockstep, `_ROUND` steps per round, so the CPU overlaps their chains. A
     lane starts at a round boundary, so its step count t is a multiple of `_ROUND` after each
