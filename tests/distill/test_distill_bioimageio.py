@@ -43,7 +43,7 @@ def _check_images(tmp: Path) -> list[Path]:
         if path.is_dir():
             path = sorted(path.glob("*_img.tif"))[0]
         image = io.read_image(path)
-        hwc = image.transpose(1, 2, 0) if image.ndim == 3 and image.shape[0] < image.shape[-1] else image
+        hwc = to_channels_last(image) if image.ndim == 3 else image
         top = (hwc.shape[0] - side) // 2 if top is None else top
         left = (hwc.shape[1] - side) // 2 if left is None else left
         crop = np.ascontiguousarray(hwc[top : top + side, left : left + side])
@@ -145,6 +145,10 @@ def test_folder_package_and_bad_requests(tmp_path, cyto0_file):
     assert {"rdf.yaml", "weights.pt", "test_input.npy", "test_output.npy", "cover.png", "README.md"} <= {
         p.name for p in folder.iterdir()}
     assert "Validation" in (folder / "README.md").read_text()
+    (folder / "stale.txt").write_text("from the earlier package")
+    code, out, err = cli(*base, "--out", folder, "--test-image", image, "--diameter", DIAMETER)  # written over
+    assert code == 0, err
+    assert bioimageio_package.check_package_path(folder) == folder and not (folder / "stale.txt").exists()
     no_temp_files(tmp_path)
 
 
