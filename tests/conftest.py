@@ -22,6 +22,7 @@ import io as stdio
 import json
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -312,3 +313,12 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
         yield folder
     finally:
         folder.chmod(0o755)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the kernel's pick), for a launcher's rendezvous: fixed ports collide
+    when test runs overlap."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+

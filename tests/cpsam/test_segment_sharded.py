@@ -18,7 +18,7 @@ import psutil
 import pytest
 import tifffile
 import torch
-from conftest import REPO_ROOT, no_temp_files, shared_path
+from conftest import REPO_ROOT, free_port, no_temp_files, shared_path
 
 from cpsam import io
 from cpsam.metrics import score_image
@@ -171,7 +171,7 @@ def test_one_process_writes_a_summary(reference: Path, crops: Path) -> None:
 def test_torchrun_two_ranks_equal_one_process(reference: Path, crops: Path, cyto0_file: Path,
                                                tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run(_segment_cmd(_torchrun(29531), cyto0_file, crops, out), env=_env(), cwd=REPO_ROOT,
+    proc = subprocess.run(_segment_cmd(_torchrun(free_port()), cyto0_file, crops, out), env=_env(), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     _same_outputs(out, reference, crops)
@@ -204,7 +204,7 @@ def test_sigkill_of_one_rank_then_resume_with_skip_existing(reference: Path, cro
     """Rank 1 is SIGKILLed once the first image is written; the launcher stops rank 0 (SIGTERM, it cleans up).
     No final name is ever half-written; the rerun (accelerate launch, 2 processes) completes the set exactly."""
     out = tmp_path / "out"
-    launcher = subprocess.Popen(_segment_cmd(_torchrun(29533), cyto0_file, crops, out), env=_env(), cwd=REPO_ROOT,
+    launcher = subprocess.Popen(_segment_cmd(_torchrun(free_port()), cyto0_file, crops, out), env=_env(), cwd=REPO_ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out.is_dir() and any(p.name.endswith("_outlines.png") for p in out.iterdir())):
@@ -224,7 +224,7 @@ def test_sigkill_of_one_rank_then_resume_with_skip_existing(reference: Path, cro
 
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", "29535"]
+                  "--main_process_port", str(free_port())]
     proc = subprocess.run(_segment_cmd(accelerate, cyto0_file, crops, out, "--skip-existing"),
                           env={**_env(), "ACCELERATE_USE_CPU": "1"}, cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -276,7 +276,7 @@ def test_eval_paper_on_two_ranks_equals_one_process(cyto0_file: Path, tmp_path: 
         masks = tifffile.imread(image_path.with_name(image_path.name.replace("_img", "_masks")))[crop]
         io.write_labels(data / f"c{k}_masks.tif", masks)
     tables = []
-    for launcher, out in (([sys.executable], tmp_path / "one"), (_torchrun(29537), tmp_path / "two")):
+    for launcher, out in (([sys.executable], tmp_path / "one"), (_torchrun(free_port()), tmp_path / "two")):
         cmd = [*launcher, "-m", "cpsam", "eval", "paper", "--model", str(cyto0_file), "--data", str(data),
                "--out", str(out), "--quiet"]
         proc = subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -316,7 +316,7 @@ def test_distill_eval_on_two_ranks_equals_one_process(crops: Path, cyto0_file: P
     """`cpsam distill eval` on 2 torchrun ranks writes the one-process per-image and summary tables (seconds
     aside: each rank times its own share)."""
     tables = []
-    for launcher, out in (([sys.executable], tmp_path / "one"), (_torchrun(29539), tmp_path / "two")):
+    for launcher, out in (([sys.executable], tmp_path / "one"), (_torchrun(free_port()), tmp_path / "two")):
         cmd = [*launcher, "-m", "cpsam", "distill", "eval", "--teacher", str(cyto0_file), "--student",
                str(cyto0_file), "--images", str(crops), "--out", str(out), "--diameter", "17", "--quiet",
                "--device", "cpu"]
