@@ -47,7 +47,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,10 +240,18 @@ def _segment(run: ModelRun, image: np.ndarray, diameter: float | None, channels:
     return result.masks, result.diameter
 
 
+def _counted(items: Sequence[EvalImage], bar: shard.RankProgress) -> Iterator[EvalImage]:
+    """`items`, one `bar` step after each item's work (also for an item passed over)."""
+    for item in items:
+        yield item
+        bar.update(1)
+
+
 def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[ModelRun], *,
              diameter: float | None = None, student_diameter: str = TEACHER,
              channels: Sequence[int] | None = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-             progress: bool = True, mirror: bool = False, teacher_augment: bool = False) -> Evaluation:
+             progress: bool = True, mirror: bool = False, teacher_augment: bool = False,
+             bar: shard.RankProgress | None = None) -> Evaluation:
     """Segment every image with the teacher and each student and score them (see module docstring).
 
     diameter: cell diameter in px for the teacher (None: its size model / own diameter);
@@ -252,6 +260,7 @@ def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[M
     teacher_augment: the teacher segments with flip test-time augmentation (`Segmenter.segment(augment=True)`, what
     `cpsam segment --augment` and `cpsam distill cache --teacher-augment` use); the teacher without it is then
     scored against it too (model PLAIN).
+    bar: count the images on this bar (one over all ranks, `cpsam.shard.RankProgress`) instead of an own one.
     An unreadable image, or ground truth that does not fit, is recorded in `problems` and passed over.
     The first image is segmented once more by every model before timing starts (warm-up).
     """
@@ -260,7 +269,9 @@ def evaluate(items: Sequence[EvalImage], teacher: ModelRun, students: Sequence[M
     plain = ModelRun(PLAIN, teacher.segmenter)
     ta = teacher_augment
     warmed = False
-    for item in tqdm(items, desc="distill eval", unit="image", disable=not progress, file=sys.stderr):
+    listed = (tqdm(items, desc="distill eval", unit="image", disable=not progress, file=sys.stderr) if bar is None
+              else _counted(items, bar))
+    for item in listed:
         try:
             image = io.read_image(item.image)
             truth = pairing.read_label_file(item.labels) if item.labels is not None else None
@@ -483,10 +494,11 @@ def _run(args: argparse.Namespace, ctx: shard.RankContext) -> int:
         return 2
     share = (range(len(items)) if ctx.world_size == 1  # one process: no header read for the sizes
              else shard.balanced_shares([shard.image_pixels(it.image) for it in items], ctx.world_size)[ctx.rank])
+    bar = shard.RankProgress(ctx, 0 if args.quiet else len(items), desc="distill eval", unit="image")
     evaluation = evaluate([items[k] for k in share], teacher, students, diameter=args.diameter or None,
-                          student_diameter=args.student_diameter, channels=args.channels,
-                          progress=not args.quiet and ctx.is_main, mirror=args.mirror,
-                          teacher_augment=args.teacher_augment)
+                          student_diameter=args.student_diameter, channels=args.channels, mirror=args.mirror,
+                          teacher_augment=args.teacher_augment, bar=bar)
+    bar.close()
     parts = shard.gather_to_main(ctx, evaluation)
     if parts is None:  # not rank 0: rank 0 reports
         return 1 if evaluation.problems else 0
