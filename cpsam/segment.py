@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +40,7 @@ from torch import nn
 
 from cpsam import transforms
 from cpsam.size import SizeModel, median_diameter
+from cpsam.window import WindowPlan, plan_window, resize_window
 
 DEFAULT_NITER = 200
 # On a CPU a network call runs its tiles this many at a time. Larger CPU batches gain nothing in
@@ -186,6 +187,9 @@ class _InFlight:
     diameter: float = 0.0
     diameter_source: str = "given"
     diameter_style: float | None = None
+    # segment_window: the global index of the first tile row / column (the flip pattern), and the plan
+    tile_origin: tuple[int, int] = (0, 0)
+    window: WindowPlan | None = None
 
 
 def _failed(index: int, error: ImageError) -> _InFlight:
@@ -215,7 +219,8 @@ class Segmenter:
             `size_model` attribute, which `pretrained("cyto_0")` and the model loaders set when a
             size file is found beside the weights). Only models with a style vector (CPnet) use it.
         timings: optional collector of wall seconds per stage (benchmarks.bench_students passes
-            one); each stage's seconds are added to its key over every call: "normalize" (image
+            one); each stage's seconds are added to its key over every call: "read" (`segment_window`'s
+            reads), "normalize" (image
             checks, channels, percentile normalization), "resize" (rescaling and padding the
             input, resizing the flows back), "network" (the model calls), "tiles" (cutting,
             batching, taper blending and accumulating tiles, normalizing the blend) and "masks"
@@ -421,6 +426,80 @@ class Segmenter:
             return float(np.float32(diam_mean) / np.float32(diameter))
         return diam_mean / float(diameter)
 
+    def segment_window(
+        self,
+        read: Callable[[int, int, int, int], np.ndarray],
+        shape: tuple[int, int],
+        window: tuple[int, int, int, int],
+        *,
+        normalization: Sequence[tuple[float, float] | None],
+        diameter: float | None = None,
+        channels: Sequence[int] | None = None,
+        augment: bool = False,
+        compute_masks: bool = True,
+        niter: int | None = None,
+        flow_threshold: float = 0.4,
+        cellprob_threshold: float = 0.0,
+        min_size: int = 15,
+        max_size_fraction: float = 0.4,
+    ) -> SegmentResult:
+        """Segment the rectangle `window` = (y0, y1, x0, x1) of an (H, W) = `shape` image as `segment` would
+        segment the whole image, reading only the pixels it needs (`cpsam.window`: the whole image's resize
+        and tile grid, the tiles touching the window at their global positions and flips).
+
+        Args:
+            read: read(y0, y1, x0, x1) -> the image's pixels there, (h, w) or channels-last (h, w, C).
+            shape: (H, W) of the whole image.
+            normalization: the whole image's bounds per network input channel (see `segment`); required,
+                since the window's own percentiles would not be the whole image's.
+            diameter: as `segment` (None or 0: the model's own; no size-model estimate on a window).
+            channels, augment, compute_masks, niter, flow_threshold, cellprob_threshold, min_size: as `segment`.
+            max_size_fraction: of the WHOLE image (masks over max_size_fraction * H * W pixels are removed).
+        Returns a SegmentResult whose masks (ids 1..N of this window), dP and cellprob cover the window; its
+        flows equal the whole image's flows there to float rounding. Masks equal the whole image's away from
+        the window's edges (objects the edge cuts, and pixels whose trajectories would leave it, can differ).
+        Raises ImageError for unusable pixels, ValueError for a window outside the image.
+        """
+        if channels is None:
+            channels = self.default_channels
+        rescale = self.rescale_for(diameter)
+        with self._stage("resize"):
+            try:
+                scaled = transforms.scaled_shape(*shape, rescale) if rescale != 1.0 else tuple(shape)
+            except ValueError as exc:
+                raise ImageError(str(exc)) from exc
+            plan = plan_window(tuple(shape), tuple(window), scaled, self.rules.tile_size, self.rules.pad_to_tile,
+                               self.tile_overlap, augment)
+        with self._stage("read"):
+            image = read(*plan.source)
+        with self._stage("normalize"):
+            image = check_image(image)
+            try:
+                hwc = transforms.to_channels_last(image, 2 if image.ndim == 3 else None)
+                x = transforms.normalize_with_bounds(transforms.select_channels(hwc, channels, self.in_channels),
+                                                     normalization, inplace=True)
+            except ValueError as exc:
+                raise ImageError(str(exc)) from exc
+            del image, hwc
+        with self._stage("resize"):
+            py, px = plan.y, plan.x
+            x = resize_window(x, (py.source[0], px.source[0]), tuple(shape), scaled, (*py.input, *px.input))
+            chw = np.zeros((x.shape[2], py.extent[1] - py.extent[0], px.extent[1] - px.extent[0]), np.float32)
+            top, left = py.input[0] + py.pad - py.extent[0], px.input[0] + px.pad - px.extent[0]
+            chw[:, top : top + x.shape[0], left : left + x.shape[1]] = x.transpose(2, 0, 1)
+            del x
+        state = _InFlight(
+            index=0, shape=tuple(shape), rescale=rescale, niter=self._niter(rescale, niter), pads=(0, 0, 0, 0),
+            scaled=scaled, ystarts=py.starts, xstarts=px.starts, tile_hw=(py.tile, px.tile), image=chw,
+            diameter=self._used_diameter(diameter), tile_origin=(py.first_tile, px.first_tile), window=plan,
+            style_sum=np.zeros(self.style_channels, np.float32) if self.style_channels else None,
+        )
+        (state,) = self._run_tiles(iter([state]), augment)
+        window_area = (window[1] - window[0]) * (window[3] - window[2])
+        mask_kwargs = dict(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size,
+                           max_size_fraction=max_size_fraction * shape[0] * shape[1] / window_area)
+        return self._finish(state, compute_masks, mask_kwargs)
+
     # ------------------------------------------------------------------ pipeline steps
     def _prepare(
         self,
@@ -470,18 +549,25 @@ class Segmenter:
         ystarts = transforms.tile_starts(ly, tile, self.tile_overlap, augment)
         xstarts = transforms.tile_starts(lx, tile, self.tile_overlap, augment)
         tile_hw = (min(tile, chw.shape[1]), min(tile, chw.shape[2]))
-        if niter is None or niter == 0:
-            if self.rules.float32_rescale:  # cellpose 3: niter = 1 / rescale * 200 in float32
-                niter = int(np.float32(1.0) / np.float32(rescale) * np.float32(DEFAULT_NITER))
-            else:
-                niter = int(DEFAULT_NITER / rescale)
-        used = float(diameter) if diameter is not None and diameter > 0 else float(
-            self.model.diam_labels.detach().float().cpu()[0])
         return _InFlight(
-            index=index, shape=(height, width), rescale=rescale, niter=int(niter), pads=pads, scaled=scaled,
-            ystarts=ystarts, xstarts=xstarts, tile_hw=tile_hw, image=chw, diameter=used,
+            index=index, shape=(height, width), rescale=rescale, niter=self._niter(rescale, niter), pads=pads,
+            scaled=scaled, ystarts=ystarts, xstarts=xstarts, tile_hw=tile_hw, image=chw,
+            diameter=self._used_diameter(diameter),
             style_sum=np.zeros(self.style_channels, np.float32) if self.style_channels else None,
         )
+
+    def _niter(self, rescale: float, niter: int | None) -> int:
+        """Euler steps: the given ones, else 200 / rescale truncated (in float32 under the cellpose-3 rules)."""
+        if niter is None or niter == 0:
+            if self.rules.float32_rescale:  # cellpose 3: niter = 1 / rescale * 200 in float32
+                return int(np.float32(1.0) / np.float32(rescale) * np.float32(DEFAULT_NITER))
+            return int(DEFAULT_NITER / rescale)
+        return int(niter)
+
+    def _used_diameter(self, diameter: float | None) -> float:
+        if diameter is not None and diameter > 0:
+            return float(diameter)
+        return float(self.model.diam_labels.detach().float().cpu()[0])
 
     def _tiles(self, state: _InFlight, augment: bool) -> Iterator[tuple[np.ndarray, int, int, bool, bool]]:
         """Cut the tiles of one image: (tile (C, h, w), y0, x0, flip_y, flip_x); frees the input after."""
@@ -492,7 +578,8 @@ class Segmenter:
         for row, y0 in enumerate(state.ystarts):
             for col, x0 in enumerate(state.xstarts):
                 tile = state.image[:, y0 : y0 + th, x0 : x0 + tw]
-                flip_y, flip_x = transforms.flip_pattern(row, col) if augment else (False, False)
+                flip_y, flip_x = (transforms.flip_pattern(row + state.tile_origin[0], col + state.tile_origin[1])
+                                  if augment else (False, False))
                 if flip_y:
                     tile = tile[:, ::-1]
                 if flip_x:
@@ -573,13 +660,24 @@ class Segmenter:
             th, tw = state.tile_hw
             wy = transforms.blend_weight_1d(accum.shape[1], state.ystarts, th)
             wx = transforms.blend_weight_1d(accum.shape[2], state.xstarts, tw)
-            top, _, left, _ = state.pads
-            flows = accum[:, top : top + state.scaled[0], left : left + state.scaled[1]]
+            if state.window is None:  # the whole resized image
+                top, _, left, _ = state.pads
+                ys, xs = slice(top, top + state.scaled[0]), slice(left, left + state.scaled[1])
+            else:  # the resized pixels the window's resize reads (every tile covering them was run)
+                py, px = state.window.y, state.window.x
+                ys = slice(py.resized[0] + py.pad - py.extent[0], py.resized[1] + py.pad - py.extent[0])
+                xs = slice(px.resized[0] + px.pad - px.extent[0], px.resized[1] + px.pad - px.extent[0])
+            flows = accum[:, ys, xs]
             # Divide by the separable weight sum one axis at a time: no full-size weight image.
-            flows /= wy[top : top + state.scaled[0], None]
-            flows /= wx[None, left : left + state.scaled[1]]
+            flows /= wy[ys, None]
+            flows /= wx[None, xs]
             del accum
-        if state.scaled != state.shape:
+        if state.window is not None and state.scaled != state.shape:
+            with self._stage("resize"):
+                py, px = state.window.y, state.window.x
+                flows = np.stack([resize_window(flows[c], (py.resized[0], px.resized[0]), state.scaled, state.shape,
+                                                (*py.window, *px.window)) for c in range(3)])
+        elif state.window is None and state.scaled != state.shape:
             with self._stage("resize"):
                 # One channel at a time (bounded memory); equal to cellpose's 3-channel resize to
                 # float rounding (tests compare to 1e-5).

@@ -7,8 +7,10 @@
 
 Steps (each a set of dask tasks; the client only schedules and holds small tables):
 1. The whole image's normalization bounds, one pass over the block cores (`cpsam.blockwise.percentiles`).
-2. Each block's outer rectangle is read from the source, segmented by `cpsam.segment.Segmenter` with those
-   bounds (so every block is scaled as the in-memory run scales the whole image), and its labels written to
+2. Each block's outer rectangle is segmented by `cpsam.segment.Segmenter.segment_window` with those bounds:
+   resized on the whole image's resize grid and run through the whole image's network tiles that touch it
+   (`cpsam.window`), so its flows are the in-memory run's flows there; it reads the rectangle plus what those
+   tiles need (up to one tile at the network's scale on each side). Its labels are written to
    OUT.zarr/blocks/IY_IX with a done marker (the array's `done` attribute) written last.
 3. Touching blocks' labels are matched in their shared rectangle and the ids of all blocks joined and
    renumbered 1..N (`cpsam.blockwise.stitch`).
@@ -170,14 +172,12 @@ def _segment_block(model: str | nn.Module, source: ImageSource, block: Block, ou
     import zarr  # here: only blockwise runs need zarr
 
     segmenter = _segmenter(model, settings)
-    image = source.read(*block.outer)
-    result = segmenter.segment(
-        [image], diameter=diameter, channels=settings.channels, channel_axis=2 if image.ndim == 3 else None,
-        augment=settings.augment, niter=settings.niter, flow_threshold=settings.flow_threshold,
-        cellprob_threshold=settings.cellprob_threshold, min_size=settings.min_size, estimate_diameters=False,
-        normalization=Normalization.from_json(bounds).for_segmenter(),
-    )[0]
-    del image
+    result = segmenter.segment_window(
+        source.read, source.shape, block.outer, normalization=Normalization.from_json(bounds).for_segmenter(),
+        diameter=diameter, channels=settings.channels, augment=settings.augment, niter=settings.niter,
+        flow_threshold=settings.flow_threshold, cellprob_threshold=settings.cellprob_threshold,
+        min_size=settings.min_size,
+    )
     labels = result.masks.astype(np.uint32)
     present = stitch.core_labels(labels[block.core_in_outer()])
     group = zarr.open_group(out, mode="r+")

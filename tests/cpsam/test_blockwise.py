@@ -251,8 +251,8 @@ def test_blockwise_matches_in_memory_on_a_small_mosaic(cyto0_path: Path, tmp_pat
     assert result.n_blocks == 4 and labels.max() == result.n_objects
     assert sorted(np.unique(labels))[1:] == list(range(1, result.n_objects + 1))
     ap = average_precision(mem, labels.astype(np.int64), thresholds=[0.5])[0][0]
-    assert ap >= 0.97, ap
-    assert abs(int(labels.max()) - int(mem.max())) <= max(1, 0.02 * mem.max())
+    assert ap >= 0.99, ap  # blocks on the whole image's resize and tile grid (cpsam.window)
+    assert abs(int(labels.max()) - int(mem.max())) <= 0.005 * mem.max()
     split, crossing = seam_splits(truth, mem, labels, 192)
     assert crossing >= 3 and split == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), labels)
@@ -366,8 +366,8 @@ def test_cli_blockwise_with_worker_processes_on_a_1024_mosaic(cyto0_path: Path, 
     # The issue asks for AP >= 0.99 and counts within 0.5 %; measured on this mosaic: AP 0.977 at block 256
     # (API), 0.964 at block 512 (this test) (docs/results/blockwise.md). The objects one run has and the other
     # lacks are small and lie away from the seams (the block's own resize and tile grids), not split at seams.
-    assert ap >= 0.96, ap
-    assert abs(int(labels.max()) - int(mem.max())) <= 0.01 * mem.max()
+    assert ap >= 0.99, ap
+    assert abs(int(labels.max()) - int(mem.max())) <= 0.005 * mem.max()
     split, crossing = seam_splits(truth, mem, labels, 512)
     assert crossing > 10 and split == 0
 
