@@ -1,7 +1,8 @@
 """`cpsam segment --blockwise`: one image larger than memory -> OUT.zarr (see `cpsam.blockwise.run`).
 
     cpsam segment --blockwise --model M --input BIG.zarr|BIG.tif --output OUT.zarr [--block-size PX]
-        [--workers N | --dask-scheduler ADDRESS] [--diameter D] [--channels SEG NUC] [--bigtiff PATH]
+        [--workers N [--[no-]worker-processes] | --dask-scheduler ADDRESS] [--diameter D] [--channels SEG NUC]
+        [--bigtiff PATH]
 
 The options are declared with the others in `cpsam.segment_cli.add_arguments`; `cpsam.segment_cli.run` hands
 the parsed arguments here when --blockwise (or one of its options) is given.
@@ -22,7 +23,7 @@ from cpsam.blockwise.run import DEFAULT_BLOCK_SIZE, ModelLoadError, OutputExists
 from cpsam.blockwise.source import SourceError
 from cpsam.segment import ImageError
 
-BLOCKWISE_ONLY = ("block_size", "workers", "dask_scheduler", "bigtiff")
+BLOCKWISE_ONLY = ("block_size", "workers", "dask_scheduler", "bigtiff", "worker_processes")
 PREFIX = "cpsam segment"
 
 
@@ -38,6 +39,9 @@ def add_blockwise_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"block side in pixels (default {DEFAULT_BLOCK_SIZE}; at least 4 cell diameters)")
     group.add_argument("--workers", type=positive_int, default=None,
                        help="local dask workers (default: one per GPU, else 2 CPU workers)")
+    group.add_argument("--worker-processes", action=argparse.BooleanOptionalAction, default=None,
+                       help="local workers as separate processes (default: yes with GPUs, one per GPU; on a CPU "
+                            "they are threads of this process sharing one copy of the model)")
     group.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
                        help="address of a running dask scheduler (e.g. tcp://host:8786) instead of local workers")
     group.add_argument("--bigtiff", default=None, metavar="PATH",
@@ -61,6 +65,8 @@ def run_blockwise(args: argparse.Namespace) -> int:
         return _usage(f"{', '.join(given)} only apply with --blockwise")
     if args.workers is not None and args.dask_scheduler is not None:
         return _usage("give --workers or --dask-scheduler, not both")
+    if args.worker_processes is not None and args.dask_scheduler is not None:
+        return _usage("--worker-processes applies to local workers, not to --dask-scheduler")
     if args.skip_existing:
         return _usage("--skip-existing does not apply to --blockwise (repeating the command resumes it)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same OUT.zarr
@@ -79,7 +85,7 @@ def run_blockwise(args: argparse.Namespace) -> int:
             result = segment_blockwise(
                 args.model, args.input, args.output, block_size=args.block_size or DEFAULT_BLOCK_SIZE,
                 diameter=args.diameter, channels=args.channels, channel_axis=args.channel_axis,
-                workers=args.workers, scheduler_address=args.dask_scheduler,
+                workers=args.workers, scheduler_address=args.dask_scheduler, processes=args.worker_processes,
                 device=None if args.device is None else str(args.device), batch_size=args.batch_size,
                 bf16=args.bf16, augment=args.augment, niter=args.niter, flow_threshold=args.flow_threshold,
                 cellprob_threshold=args.cellprob_threshold, min_size=args.min_size, bigtiff=args.bigtiff,

@@ -26,9 +26,12 @@ Resume: a run that stopped (killed, Ctrl-C, a worker lost) leaves OUT.zarr incom
 done marker is set and the recorded normalization and diameter. A different request, or a complete OUT.zarr,
 is refused (`OutputExistsError`).
 
-Workers: each worker loads the model once (cached per worker) and picks its device: the one asked for, else
-cuda:(worker number mod GPUs) when CUDA is available, else the CPU. A LocalCluster gets one worker per GPU, or 2
-CPU workers, with one thread each (torch uses cores // workers threads in each).
+Workers: each worker picks its device: the one asked for, else cuda:(worker number mod GPUs) when CUDA is
+available, else the CPU; the model is loaded once per process and device (workers that are threads of one
+process share it). A LocalCluster gets one worker PROCESS per GPU, or 2 CPU workers that are THREADS of this
+process, one task at a time each (torch uses cores // workers threads in each). On a CPU, threads share one
+torch / numba runtime and one copy of the model instead of one per process (torch and numba release the GIL
+while they compute); `processes=` overrides the choice.
 """
 
 from __future__ import annotations
@@ -106,35 +109,32 @@ class BlockwiseResult:
 _SEGMENTERS: dict[tuple[Any, ...], Segmenter] = {}
 
 
-def _worker_identity() -> tuple[str, int]:
-    """(address, number) of the dask worker running this task; ("local", 0) outside a worker."""
+def _worker_number() -> int:
+    """The number of the dask worker running this task (0 outside a worker)."""
     try:
         from distributed import get_worker  # here: only meaningful inside a dask task
         worker = get_worker()
     except (ImportError, ValueError):
-        return "local", 0
+        return 0
     name = worker.name
-    number = name if isinstance(name, int) else int(name) if str(name).isdigit() else abs(hash(name))
-    return worker.address, number
+    return name if isinstance(name, int) else int(name) if str(name).isdigit() else abs(hash(name))
 
 
 def _worker_device(asked: str | None) -> torch.device:
     if asked:
         return torch.device(asked)
     if torch.cuda.is_available():
-        return torch.device("cuda", _worker_identity()[1] % torch.cuda.device_count())
+        return torch.device("cuda", _worker_number() % torch.cuda.device_count())
     return torch.device("cpu")
 
 
 def _segmenter(model: str | nn.Module, settings: Settings) -> Segmenter:
-    """This worker's Segmenter for `model` (loaded once per worker and kept)."""
-    address, _ = _worker_identity()
-    key = (address, model if isinstance(model, str) else id(model), settings.device, settings.batch_size,
-           settings.bf16)
+    """This worker's Segmenter for `model` (loaded once per process and device, and kept)."""
+    device = _worker_device(settings.device)
+    key = (str(device), model if isinstance(model, str) else id(model), settings.batch_size, settings.bf16)
     if key not in _SEGMENTERS:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        device = _worker_device(settings.device)
         if isinstance(model, str):
             from cpsam.models import resolve_model  # here: cpsam.models loads segment_anything (seconds)
 
@@ -217,7 +217,7 @@ def _write_core(out: str, block: Block, table: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def _cluster(client: Any, workers: int | None, scheduler_address: str | None, processes: bool
+def _cluster(client: Any, workers: int | None, scheduler_address: str | None, processes: bool | None
              ) -> Iterator[tuple[Any, int | None]]:
     """(a dask Client, torch threads per worker or None) for this run; closes what it started."""
     if client is not None:
@@ -232,6 +232,8 @@ def _cluster(client: Any, workers: int | None, scheduler_address: str | None, pr
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     n = workers or n_gpus or CPU_WORKERS
     threads = max(1, (os.cpu_count() or 1) // n)
+    if processes is None:
+        processes = n_gpus > 0
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=None,
                       silence_logs=40) as cluster, Client(cluster) as own:
         yield own, threads
@@ -290,7 +292,7 @@ def segment_blockwise(
     client: Any = None,
     workers: int | None = None,
     scheduler_address: str | None = None,
-    processes: bool = True,
+    processes: bool | None = None,
     device: str | None = None,
     batch_size: int = 8,
     bf16: bool = False,
@@ -317,7 +319,8 @@ def segment_blockwise(
         channels: [channel to segment, nuclear channel] as `Segmenter.segment`.
         client / scheduler_address / workers: an existing dask Client, the address of a running scheduler, or
             the number of LocalCluster workers (default: one per GPU, else 2); at most one of them.
-        processes: LocalCluster workers are processes (True) or threads of this process.
+        processes: LocalCluster workers are processes (True) or threads of this process (False); default: processes
+            when CUDA GPUs are present, else threads (see the module docstring).
         device: torch device for every worker (default: see the module docstring).
         batch_size, bf16, augment, niter, flow_threshold, cellprob_threshold, min_size: as `Segmenter.segment`.
         bigtiff: also write the labels to this tiled BigTIFF (uint32; written atomically).
