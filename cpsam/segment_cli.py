@@ -410,6 +410,7 @@ def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankC
         run.rows += [SummaryRow(p.name, "skipped-existing", rank=ctx.rank) for p in plan.skipped]
     start = time.perf_counter()
     stopped = ""
+    segmenter, load_error = None, None
     if files:
         try:
             # here, not at the top: cpsam.models loads segment_anything (seconds), and the option validators of
@@ -419,9 +420,20 @@ def _run_rank(args: argparse.Namespace, run_holder: list[_Run], ctx: shard.RankC
             model = resolve_model(args.model, device)
             segmenter = Segmenter(model, device=device, batch_size=args.batch_size, bf16=args.bf16)
         except (OSError, ValueError, RuntimeError) as exc:
-            run.progress.close()
-            print(f"cpsam segment: cannot load the model: {exc}", file=sys.stderr)
-            return 2
+            load_error = str(exc)
+    # every rank learns whether every rank has its model: a rank that cannot load it (its device, its copy of
+    # the file) stops them all now instead of leaving the others waiting for it at the final gather
+    errors = shard.gather_to_all(ctx, load_error) if not alone else [load_error]
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        run.progress.close()
+        if load_error is not None:
+            print(f"cpsam segment: cannot load the model: {load_error}", file=sys.stderr)
+        elif ctx.is_main:
+            print(f"cpsam segment: rank {failed[0][0]} cannot load the model ({failed[0][1]}); every rank stops",
+                  file=sys.stderr)
+        return 2
+    if segmenter is not None:
         try:
             _segment_all(files, segmenter, args, run)
         except _StopRun as exc:

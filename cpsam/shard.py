@@ -100,11 +100,16 @@ class RankContext:
 @contextlib.contextmanager
 def process_group(ctx: RankContext) -> Iterator[None]:
     """Start the torch.distributed group of a multi-process run (gloo, env://) unless one is already running
-    (an `accelerate` script that calls us); stop it at the end if it was started here. One process: nothing."""
+    (an `accelerate` script that calls us; with NCCL, this rank's GPU becomes the current CUDA device); stop it at
+    the end if it was started here. One process: nothing."""
     started = False
     if ctx.distributed and not dist.is_initialized():
         dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size, timeout=GROUP_TIMEOUT)
         started = True
+    elif ctx.distributed and dist.get_backend() == "nccl" and torch.cuda.is_available():
+        # NCCL's object collectives stage through the CURRENT CUDA device: it must be this rank's own, or every
+        # rank of a machine would use cuda:0 (a script that started the group may not have set it)
+        torch.cuda.set_device(ctx.device(torch.device("cuda")))
     try:
         yield
     finally:
@@ -131,6 +136,15 @@ def gather_to_main(ctx: RankContext, obj: T) -> list[T] | None:
         return [obj]
     out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
     dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def gather_to_all(ctx: RankContext, obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank; one process: [obj]."""
+    if not _grouped(ctx):
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import tifffile
 import torch
-from conftest import REPO_ROOT, free_port, no_temp_files, shared_path
+from conftest import REPO_ROOT, free_port, line_with, no_temp_files, shared_path
 
 from cpsam import io
 from cpsam.metrics import score_image
@@ -94,6 +94,28 @@ def test_rank_context_from_env_and_devices(monkeypatch: pytest.MonkeyPatch) -> N
         RankContext.from_env()
 
 
+def test_an_existing_nccl_group_gets_each_ranks_own_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reusing a script's NCCL group: the object collectives run on the current CUDA device, which must be
+    cuda:LOCAL_RANK (not cuda:0 on every rank); the group is left running."""
+    import torch.distributed as dist
+
+    from cpsam import shard
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: pytest.fail("the script's group was stopped"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    with shard.process_group(RankContext(rank=3, world_size=4, local_rank=1)):
+        pass
+    assert current == [torch.device("cuda", 1)]
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    with shard.process_group(RankContext(rank=3, world_size=4, local_rank=1)):
+        pass
+    assert current == [torch.device("cuda", 1)]
+
+
 def test_summary_rows_round_trip_and_refuse_duplicates(tmp_path: Path) -> None:
     rows = [SummaryRow("b.tif", "ok", 12, 17.0, 1.25, 1), SummaryRow("a.tif", "failed", seconds=0.5, rank=0),
             SummaryRow("c.tif", "skipped-existing")]
@@ -156,6 +178,32 @@ def _same_outputs(out: Path, reference: Path, crops: Path) -> None:
     for name in names:
         assert filecmp.cmp(out / name, reference / name, shallow=False), name
     no_temp_files(out)
+
+
+RANK_MODEL_SCRIPT = """
+import os, sys
+from cpsam.segment_files import SegmentFilesError, segment_files
+model = sys.argv[1] if os.environ["RANK"] == "0" else sys.argv[2]
+try:
+    segment_files(model, sys.argv[3], sys.argv[4], diameter=17, device="cpu")
+except SegmentFilesError as exc:
+    sys.exit(exc.code)
+"""
+
+
+def test_a_rank_that_cannot_load_the_model_stops_every_rank(crops: Path, cyto0_file: Path, tmp_path: Path) -> None:
+    """Rank 1's model file is broken, rank 0's is fine: both stop at once (exit 2) with one line each, before any
+    image is written, instead of rank 0 segmenting its share and waiting for rank 1 at the final gather."""
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "script.py").write_text(RANK_MODEL_SCRIPT)
+    out = tmp_path / "out"
+    proc = subprocess.run([*_torchrun(free_port()), str(tmp_path / "script.py"), str(cyto0_file),
+                           str(tmp_path / "broken.pt"), str(crops), str(out)], env=_env(), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "broken.pt" in line_with(proc.stderr, "cpsam segment: cannot load the model"), proc.stderr
+    line_with(proc.stderr, "cpsam segment: rank 1 cannot load the model", "every rank stops")
+    assert not out.exists() or not [p for p in out.iterdir() if p.name.endswith("_masks.tif")]
 
 
 def test_one_process_writes_a_summary(reference: Path, crops: Path) -> None:
