@@ -22,6 +22,7 @@ import io as stdio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,14 @@ from data_prep.canonical import write_example, write_index
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("CPSAM_SHARED", REPO_ROOT.parent / "shared"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A test run started in the background by a shell without job control inherits SIGINT ignored (POSIX), and
+    so would every command the tests start (an ignored signal stays ignored across exec): the Ctrl-C tests need
+    the interactive default, Python's KeyboardInterrupt (a handler is reset to the default in children)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def shared_path(*parts: str) -> Path:
