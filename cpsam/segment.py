@@ -472,15 +472,8 @@ class Segmenter:
                                self.tile_overlap, augment)
         with self._stage("read"):
             image = read(*plan.source)
-        with self._stage("normalize"):
-            image = check_image(image)
-            try:
-                hwc = transforms.to_channels_last(image, 2 if image.ndim == 3 else None)
-                x = transforms.normalize_with_bounds(transforms.select_channels(hwc, channels, self.in_channels),
-                                                     normalization, inplace=True)
-            except ValueError as exc:
-                raise ImageError(str(exc)) from exc
-            del image, hwc
+        x = self._normalized(image, channels, 2 if image.ndim == 3 else None, normalization)
+        del image
         with self._stage("resize"):
             py, px = plan.y, plan.x
             x = resize_window(x, (py.source[0], px.source[0]), tuple(shape), scaled, (*py.input, *px.input))
@@ -513,22 +506,8 @@ class Segmenter:
         normalization: Sequence[tuple[float, float] | None] | None = None,
     ) -> _InFlight:
         """Channels -> normalize -> rescale -> pad; plan the tile grid of one image."""
-        with self._stage("normalize"):
-            image = check_image(image)
-            try:
-                hwc = transforms.to_channels_last(image, channel_axis)
-                x = transforms.select_channels(hwc, channels, self.in_channels)
-            except ValueError as exc:
-                raise ImageError(str(exc)) from exc
-            height, width = x.shape[:2]
-            # x is already a fresh float32 copy
-            if normalization is None:
-                x = transforms.normalize_percentile(x, inplace=True)
-            else:
-                try:
-                    x = transforms.normalize_with_bounds(x, normalization, inplace=True)
-                except ValueError as exc:
-                    raise ImageError(str(exc)) from exc
+        x = self._normalized(image, channels, channel_axis, normalization)
+        height, width = x.shape[:2]
         with self._stage("resize"):
             rescale = self.rescale_for(diameter)
             scaled = (height, width)
@@ -555,6 +534,21 @@ class Segmenter:
             diameter=self._used_diameter(diameter),
             style_sum=np.zeros(self.style_channels, np.float32) if self.style_channels else None,
         )
+
+    def _normalized(self, image: np.ndarray, channels: Sequence[int] | None, channel_axis: int | None,
+                    normalization: Sequence[tuple[float, float] | None] | None) -> np.ndarray:
+        """Checks -> channels -> normalization (the image's own percentiles, or the given bounds): (H, W, C)
+        float32 with C = in_channels. Raises ImageError."""
+        with self._stage("normalize"):
+            image = check_image(image)
+            try:
+                hwc = transforms.to_channels_last(image, channel_axis)
+                x = transforms.select_channels(hwc, channels, self.in_channels)  # a fresh float32 copy
+                if normalization is None:
+                    return transforms.normalize_percentile(x, inplace=True)
+                return transforms.normalize_with_bounds(x, normalization, inplace=True)
+            except ValueError as exc:
+                raise ImageError(str(exc)) from exc
 
     def _niter(self, rescale: float, niter: int | None) -> int:
         """Euler steps: the given ones, else 200 / rescale truncated (in float32 under the cellpose-3 rules)."""
