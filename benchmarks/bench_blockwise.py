@@ -3,7 +3,7 @@
     python -m benchmarks.bench_blockwise                          # 16384 x 16384, block 2048, 2 workers
     python -m benchmarks.bench_blockwise --size 4096 --larger 8192 --block-size 1024
     python -m benchmarks.bench_blockwise --size 2048 --workers-scaling
-    python -m benchmarks.bench_blockwise --model runs/student --size 8192 --larger 16384 --in-memory-larger
+    python -m benchmarks.bench_blockwise --model runs/student --size 16384 --larger 4096 --threads 1
 
 The mosaic (`build_mosaic`) is cut from the two 1024 x 1024 DeepCell nuclei images of
 ../shared/data/fluo_nuclei_deepcell2016 (uint16, with their manual labels): random 320 x 320 crops, each
@@ -11,7 +11,8 @@ rotated / flipped at random, laid edge to edge (320 is no divisor of the block s
 through the nuclei of the crops). It is written as a tiled TIFF, and each run happens in a fresh process:
 
 - in-memory: `Segmenter.segment(whole image)` in one process (what `cpsam segment` does with one file).
-- blockwise: `cpsam segment --blockwise` (a LocalCluster of --workers processes).
+- blockwise: `cpsam segment --blockwise` (a LocalCluster of --workers workers: threads of the command's process
+  on a CPU, its default).
 
 Peak memory is the largest sum of the resident set sizes of the run's process and all its children (dask
 scheduler, nannies, workers), sampled every 0.1 s with psutil, or the kernel's high-water mark of the run's
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers-scaling", action="store_true", help="also time blockwise with 1 worker")
     parser.add_argument("--in-memory-larger", action="store_true",
                         help="also run the in-memory segmentation at --larger (it needs that image's memory)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="OMP_NUM_THREADS of every run (default: the cores; 1 on a machine other jobs share)")
     parser.add_argument("--diameter", type=float, default=DIAMETER)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from cpsam.metrics import average_precision  # the project's AP
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     larger = args.larger or 2 * args.size
     numbers: dict[str, object] = {"size": args.size, "larger": larger, "block_size": args.block_size,
                                   "workers": args.workers, "diameter": args.diameter}

@@ -13,8 +13,9 @@ Coordinates along one axis (all half-open [start, stop)):
 - padded: resized + the whole image's top/left pad (`transforms.get_pad_yx`), where the tiles start.
 
 The resize rule is OpenCV's INTER_LINEAR (cellpose's `resize_image`): output pixel d samples the source at
-(d + 0.5) * src / dst - 0.5 (computed in float64), linearly between its floor and floor + 1, clamped at the
-image's edges. `resize_window` computes any window of that resize from the source rows it needs.
+(d + 0.5) * src / dst - 0.5 (computed in float64; rounded to float32 for 2-channel images, as OpenCV does),
+linearly between its floor and floor + 1, clamped at the image's edges. `resize_window` computes any window of
+that resize from the source rows it needs.
 """
 
 from __future__ import annotations
