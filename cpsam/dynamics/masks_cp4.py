@@ -29,8 +29,8 @@ import torch  # torch's own CPU argsort orders seeds with equal counts as cellpo
 from numba import njit, prange
 
 _HISTORY = 16  # longest cycle detected (positions remembered per trajectory) by `_integrate_range`
-_RING = 32  # the same for `_integrate_lanes`, which tests for cycles every `_ROUND` steps
-_ROUND = 16
+_ROUND = 64  # `_integrate_lanes` tests for cycles (periods up to 2 * _ROUND) every _ROUND steps
+_LANES = 32  # trajectories `_integrate_lanes` advances in lockstep
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -156,23 +156,40 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y, s
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _step(field, px, py, half_w, half_h):
-    """One Euler step from normalised (px, py), clamped to [-1, 1] per axis (float32)."""
-    one = np.float32(1.0)
-    vx, vy = _sample(field, px, py, half_w, half_h)
-    return min(max(px + vx, -one), one), min(max(py + vy, -one), one)
+def _lane_cycle(hx, hy, cur, k, t, niter, py, px):
+    """Exact early stop of lane k after a round: (found, y, x at step niter).
+
+    hx, hy: (2 * _ROUND, lanes) positions; rows cur .. cur + _ROUND - 1 hold steps t - _ROUND ..
+    t - 1 of this round, the other half the round before (valid where t allows). As
+    `cycle_position`: if p_t equals p_{t-j} (2 <= j <= min(t, 2 * _ROUND)) the trajectory is
+    periodic with period j from step t - j, so p_niter = p_{t - j + (niter - t + j) % j}.
+    """
+    prev = _ROUND - cur
+    for j in range(2, min(t, 2 * _ROUND) + 1):
+        row = cur + _ROUND - j if j <= _ROUND else prev + 2 * _ROUND - j
+        if hy[row, k] == py and hx[row, k] == px:
+            back = j - (niter - t + j) % j  # p_niter = p_{t - back}, 1 <= back <= j
+            row = cur + _ROUND - back if back <= _ROUND else prev + 2 * _ROUND - back
+            return True, hy[row, k], hx[row, k]
+    return False, py, px
 
 
 @njit(cache=True, nogil=True)
 def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
-    """Exact integration of trajectories start..stop, four at a time; same positions as
+    """Exact integration of trajectories start..stop, `_LANES` at a time; same positions as
     `_integrate_range` with settle = 0.
 
-    One step is a chain of dependent float32 operations and loads (an estimated 60-80 cycles of latency,
-    little work), so one trajectory at a time leaves the core idle. Four independent trajectories
-    (lanes) advance in lockstep, `_ROUND` steps per round, so the CPU overlaps their chains. A
-    lane starts at a round boundary, so its step count t is a multiple of `_ROUND` after each
-    round, and then the exact cycle test (`cycle_position`, periods up to `_RING`) runs; a fixed
+    One step of one trajectory is a chain of dependent float32 operations and loads, so one
+    trajectory at a time leaves the core waiting. Here `_LANES` independent trajectories (lanes)
+    advance in lockstep, and every step is three loops over the lanes that the compiler turns
+    into SIMD code where it can: the sampling weights and cell index of every lane (vectorised),
+    the four corner loads (a [x, y] float32 pair is one 64-bit load), and the bilinear sum and
+    the clamp (vectorised). The float32 operations and their order are those of `_sample` and of
+    the clamp in `_integrate_range` (no fused multiply-add), so every position is bit for bit the
+    reference's.
+    A lane that has fewer than `_ROUND` steps left keeps its position for the rest of the round.
+    A lane starts at a round boundary, so its step count t is a multiple of `_ROUND` after each
+    round; then the exact cycle test (`_lane_cycle`, periods up to 2 * `_ROUND`) runs; a fixed
     point is a cycle of every period, so the same test finds it. Stopping at a different step
     than `_integrate_range` does not change the final position, which the cycle determines.
     A finished lane takes the next trajectory. Every trajectory is a function of its own start
@@ -183,16 +200,25 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
     one = np.float32(1.0)
     two = np.float32(2.0)
     half = np.float32(0.5)
-    px = np.zeros(4, np.float32)
-    py = np.zeros(4, np.float32)
-    t_lane = np.full(4, niter, np.int64)  # steps done; niter for an idle lane
-    todo = np.zeros(4, np.int64)  # steps of this round
-    idx = np.full(4, -1, np.int64)  # trajectory of each lane, -1 idle
-    hx = np.zeros((4, _RING), np.float32)
-    hy = np.zeros((4, _RING), np.float32)
+    fw = field.shape[1]
+    pairs = field.reshape(-1).view(np.uint64)  # pixel (i, j) -> its [x, y] pair at i * fw + j
+    lanes = _LANES
+    px = np.zeros(lanes, np.float32)
+    py = np.zeros(lanes, np.float32)
+    wx = np.zeros(lanes, np.float32)  # bilinear weight of the east / south corners
+    wy = np.zeros(lanes, np.float32)
+    cell = np.zeros(lanes, np.int64)  # flat index of the north-west corner in `pairs`
+    corners = np.zeros((4, lanes), np.uint64)  # nw, ne, sw, se pairs of every lane
+    cf = corners.view(np.float32)  # (4, 2 * lanes): x at 2k, y at 2k + 1
+    t_lane = np.full(lanes, niter, np.int64)  # steps done; niter for an idle lane
+    todo = np.zeros(lanes, np.int64)  # steps of this round
+    idx = np.full(lanes, -1, np.int64)  # trajectory of each lane, -1 idle
+    hx = np.zeros((2 * _ROUND, lanes), np.float32)
+    hy = np.zeros((2 * _ROUND, lanes), np.float32)
+    cur = _ROUND  # first row of this round's half of hx / hy
     nxt = start
     active = 0
-    for k in range(4):
+    for k in range(lanes):
         if nxt < stop:
             idx[k] = nxt
             px[k] = np.float32(xs[nxt]) / scale_x * two - one
@@ -201,42 +227,57 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
             nxt += 1
             active += 1
     while active > 0:
-        for k in range(4):
+        cur = _ROUND - cur
+        for k in range(lanes):
             todo[k] = min(_ROUND, niter - t_lane[k])
-        x0, y0, x1, y1 = px[0], py[0], px[1], py[1]
-        x2, y2, x3, y3 = px[2], py[2], px[3], py[3]
-        n0, n1, n2, n3 = todo[0], todo[1], todo[2], todo[3]
-        b0, b1, b2, b3 = t_lane[0], t_lane[1], t_lane[2], t_lane[3]
-        for s in range(_ROUND):  # the four chains are independent: the CPU overlaps them
-            if s < n0:
-                j = (b0 + s) % _RING
-                hx[0, j] = x0
-                hy[0, j] = y0
-                x0, y0 = _step(field, x0, y0, half_w, half_h)
-            if s < n1:
-                j = (b1 + s) % _RING
-                hx[1, j] = x1
-                hy[1, j] = y1
-                x1, y1 = _step(field, x1, y1, half_w, half_h)
-            if s < n2:
-                j = (b2 + s) % _RING
-                hx[2, j] = x2
-                hy[2, j] = y2
-                x2, y2 = _step(field, x2, y2, half_w, half_h)
-            if s < n3:
-                j = (b3 + s) % _RING
-                hx[3, j] = x3
-                hy[3, j] = y3
-                x3, y3 = _step(field, x3, y3, half_w, half_h)
-        px[0], py[0], px[1], py[1] = x0, y0, x1, y1
-        px[2], py[2], px[3], py[3] = x2, y2, x3, y3
-        for k in range(4):
+        for s in range(_ROUND):
+            for k in range(lanes):  # _sample's coordinates, weights and corner cell
+                gx = px[k]
+                gy = py[k]
+                hx[cur + s, k] = gx
+                hy[cur + s, k] = gy
+                x = (gx + one) * half_w - half
+                y = (gy + one) * half_h - half
+                x_w = np.floor(x)
+                y_n = np.floor(y)
+                wx[k] = x - x_w
+                wy[k] = y - y_n
+                cell[k] = (np.int64(y_n) + 1) * fw + np.int64(x_w) + 1
+            for k in range(lanes):  # the loads (no SIMD gather on most x86 targets)
+                c = cell[k]
+                corners[0, k] = pairs[c]
+                corners[1, k] = pairs[c + 1]
+                corners[2, k] = pairs[c + fw]
+                corners[3, k] = pairs[c + fw + 1]
+            for k in range(lanes):  # _sample's bilinear sum, then the clamp
+                we = wx[k]
+                no = wy[k]
+                ea = one - we
+                so = one - no
+                nw = so * ea
+                ne = so * we
+                sw = no * ea
+                se = no * we
+                vx = cf[0, 2 * k] * nw + cf[1, 2 * k] * ne
+                vx = vx + cf[2, 2 * k] * sw
+                vx = vx + cf[3, 2 * k] * se
+                vy = cf[0, 2 * k + 1] * nw + cf[1, 2 * k + 1] * ne
+                vy = vy + cf[2, 2 * k + 1] * sw
+                vy = vy + cf[3, 2 * k + 1] * se
+                gx = px[k]
+                gy = py[k]
+                qx = min(max(gx + vx, -one), one)
+                qy = min(max(gy + vy, -one), one)
+                go = s < todo[k]
+                px[k] = qx if go else gx
+                py[k] = qy if go else gy
+        for k in range(lanes):
             if idx[k] < 0:
                 continue
             t = t_lane[k] + todo[k]
             t_lane[k] = t
             # a short (last) round ends at t == niter and needs no test
-            found, fy, fx = cycle_position(hy[k], hx[k], t, niter, py[k], px[k]) if todo[k] == _ROUND \
+            found, fy, fx = _lane_cycle(hx, hy, cur, k, t, niter, py[k], px[k]) if todo[k] == _ROUND \
                 else (False, py[k], px[k])
             if found or t >= niter:
                 n = idx[k]

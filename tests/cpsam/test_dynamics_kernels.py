@@ -1,6 +1,6 @@
 """The fast numba kernels of `cpsam.dynamics` against their plain one-at-a-time forms (cp4 rules).
 
-* `masks_cp4._integrate_lanes` (four trajectories in lockstep, cycle test every `_ROUND` steps) must give
+* `masks_cp4._integrate_lanes` (`_LANES` trajectories in lockstep, cycle test every `_ROUND` steps) must give
   the positions of `_integrate_range` (one trajectory at a time, the form checked against cellpose in
   test_dynamics.py) bit for bit, serial or parallel, at any niter;
 * `flows_numba.flow_errors` (QC fused with the diffusion) must equal the per-mask mean of the squared
@@ -42,7 +42,7 @@ def test_lanes_give_the_one_at_a_time_positions(name: str, top: int, left: int, 
     assert len(ys) > 8000  # several chunks of the parallel kernel
     s = np.float32(side - 1)
     # 0, 1, a short first round, exact multiples of the round, the cellpose 3 niter of a large diameter
-    for niter in (0, 1, 5, masks_cp4._ROUND, masks_cp4._ROUND + 1, 2 * masks_cp4._RING, 200, 333):
+    for niter in (0, 1, 5, masks_cp4._ROUND, masks_cp4._ROUND + 1, 2 * masks_cp4._ROUND, 200, 333):
         want = _one_at_a_time(field, ys, xs, niter, s, s)
         np.testing.assert_array_equal(masks_cp4._integrate_serial(field, ys, xs, niter, s, s, 0.0), want)
         np.testing.assert_array_equal(masks_cp4._integrate_parallel(field, ys, xs, niter, s, s, 64, 0.0), want)
