@@ -26,14 +26,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import fastremap
-import fill_voids
 import numba
 import numpy as np
 import torch
-from scipy.ndimage import find_objects
 from tqdm import tqdm
 
-from cpsam.dynamics import flows_numba, masks_cp3, masks_cp4, torch_rules
+from cpsam.dynamics import flows_numba, labels_numba, masks_cp3, masks_cp4, torch_rules
 from cpsam.io import read_labels, write_tiff
 
 __all__ = [
@@ -185,34 +183,56 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15, *, 
     neighbouring label; we reproduce it for compatibility.
     """
     masks = _check_labels(masks)
-    masks = masks.copy()
     _check_rules(rules)
-
-    def drop_small(m: np.ndarray) -> np.ndarray:
-        uniq, counts = fastremap.unique(m, return_counts=True)
-        if rules == "cp3":  # by rank, see the docstring
-            small = np.nonzero(counts[1:] < min_size)[0] + 1
-        else:
-            fgu = uniq != 0
-            small = uniq[fgu][counts[fgu] < min_size]
-        if len(small):
-            m = fastremap.mask(m, small)
-        fastremap.renumber(m, in_place=True)
-        return m
-
+    masks = np.ascontiguousarray(masks).copy()
+    if masks.size == 0:
+        return masks
+    flat = masks.reshape(-1)
+    values, counts, code = _present_labels(flat)
+    keep = values != 0
     if min_size > 0:
-        masks = drop_small(masks)
-    j = 0
-    for i, slc in enumerate(find_objects(masks)):
-        if slc is None:
-            continue
-        j += 1
-        view = masks[slc]
-        filled = fill_voids.fill(view == (i + 1))
-        view[filled] = j
+        n = _renumber_kept(flat, code, keep & _large_enough(values, counts, min_size, rules))
+    else:  # cellpose's fill loop then numbers the labels in value order, without renumbering after
+        rank = np.zeros(int(code.max()) + 1, flat.dtype)
+        rank[code[keep]] = np.arange(1, int(keep.sum()) + 1)
+        labels_numba.apply_table(flat, rank)
+        n = int(keep.sum())
+    labels_numba.fill_holes_in_order(masks, n)
     if min_size > 0:
-        masks = drop_small(masks)
+        values, counts, code = _present_labels(flat)
+        _renumber_kept(flat, code, (values != 0) & _large_enough(values, counts, min_size, rules))
     return masks
+
+
+def _present_labels(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Present values of 1-D labels `flat` (sorted), their pixel counts and the value each now has.
+
+    Sparse labels (a value above flat.size) are first compacted in place to 0, 1, 2 ... in value
+    order (0 stays 0), which keeps value order and first-appearance order.
+    """
+    top = int(flat.max())
+    if top <= flat.size:
+        all_counts = labels_numba.label_counts(flat, top)
+        values = np.nonzero(all_counts)[0]
+        return values, all_counts[values], values
+    values, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    shift = int(values[0] != 0)
+    flat[:] = inverse.reshape(-1) + shift
+    return values, counts, np.arange(len(values)) + shift
+
+
+def _large_enough(values: np.ndarray, counts: np.ndarray, min_size: int, rules: str) -> np.ndarray:
+    """Which present values survive the size filter of `rules` (see fill_holes_and_remove_small_masks)."""
+    if rules == "cp3":  # the k-th present value after the smallest names label k + 1
+        return ~np.isin(values, np.nonzero(counts[1:] < min_size)[0] + 1)
+    return counts >= min_size
+
+
+def _renumber_kept(flat: np.ndarray, code: np.ndarray, keep: np.ndarray) -> int:
+    """Drop the present labels not kept, renumber the rest 1..n by first appearance; returns n."""
+    table = np.zeros(int(code.max()) + 1, np.bool_)
+    table[code[keep]] = True
+    return labels_numba.renumber_kept(flat, table)
 
 
 # A trajectory stops early when `_SETTLE` x its remaining geometric drift is below its distance
@@ -246,14 +266,12 @@ def get_masks(pos: np.ndarray, fg: np.ndarray, max_size_fraction: float = 0.4) -
     `max_size_fraction` of the image are removed; renumbered 1..N in order of first appearance.
     """
     h, w = fg.shape
-    seed_lab, _ = masks_cp4.labels_from_positions(pos, (h, w))
+    seed_lab, n_seeds = masks_cp4.labels_from_positions(pos, (h, w))
+    # the foreground pixels are in row-major order, so first appearance among them is the image's
+    counts = labels_numba.label_counts(seed_lab, n_seeds)
+    labels_numba.renumber_kept(seed_lab, ~(counts > h * w * max_size_fraction))
     out = np.zeros((h, w), np.uint32)
     out[fg] = seed_lab
-    uniq, counts = fastremap.unique(out, return_counts=True)
-    big = uniq[(counts > h * w * max_size_fraction) & (uniq != 0)]
-    if len(big):
-        out = fastremap.mask(out, big)
-    fastremap.renumber(out, in_place=True)
     return out
 
 

@@ -179,10 +179,9 @@ def _unit_gradient(lab: np.ndarray, heat: np.ndarray) -> np.ndarray:
 
 @njit(cache=True, nogil=True)
 def _prepare(lab: np.ndarray, n: int, n_iter: int):
-    """Boxes and sources of labels 1..n, the step count (n_iter < 0: the reference's) and a zero heat map."""
+    """Boxes and sources of labels 1..n and the step count (n_iter < 0: the reference's)."""
     box, src, n_ref = _objects(lab, n)
-    heat = np.zeros((lab.shape[0] + 2, lab.shape[1] + 2), np.float64)
-    return box, src, n_ref if n_iter < 0 else n_iter, heat
+    return box, src, n_ref if n_iter < 0 else n_iter
 
 
 @njit(cache=True, nogil=True)
@@ -193,50 +192,81 @@ def _diffuse_label(lab, k, box, src, n_iter, heat):
 
 
 @njit(cache=True, nogil=True)
-def _flows_serial(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
-    box, src, n_iter, heat = _prepare(lab, n, n_iter)
+def _flows_serial(lab: np.ndarray, n: int, n_iter: int, heat: np.ndarray) -> np.ndarray:
+    box, src, n_iter = _prepare(lab, n, n_iter)
     for k in range(n):
         _diffuse_label(lab, k, box, src, n_iter, heat)
     return _unit_gradient(lab, heat)
 
 
+_DEALS = 64  # parallel loops over objects deal them round-robin into this many chunks
+
+
+@njit(cache=True, nogil=True)
+def _by_size(box: np.ndarray) -> np.ndarray:
+    """Object indices, largest bounding box first.
+
+    The parallel loops take chunk c = objects c, c + _DEALS, c + 2 * _DEALS, ... of this order:
+    numba gives each thread a contiguous run of chunks, and dealt this way every run holds a
+    similar mix of large and small objects (contiguous runs of the sorted order did not: the
+    thread with the largest objects worked alone at the end).
+    """
+    return np.argsort(-(box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]))
+
+
 @njit(cache=True, parallel=True)
-def _flows_parallel(lab: np.ndarray, n: int, n_iter: int) -> np.ndarray:
-    box, src, n_iter, heat = _prepare(lab, n, n_iter)
-    # largest crops first so the threads finish together
-    order = np.argsort(-(box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]))
-    for t in prange(n):
-        _diffuse_label(lab, order[t], box, src, n_iter, heat)
+def _flows_parallel(lab: np.ndarray, n: int, n_iter: int, heat: np.ndarray) -> np.ndarray:
+    box, src, n_iter = _prepare(lab, n, n_iter)
+    order = _by_size(box)
+    for c in prange(_DEALS):
+        for t in range(c, n, _DEALS):
+            _diffuse_label(lab, order[t], box, src, n_iter, heat)
     return _unit_gradient(lab, heat)
 
 
-@njit(cache=True, parallel=True)
-def _flow_errors_parallel(lab: np.ndarray, n: int, dP: np.ndarray) -> np.ndarray:
-    box, src, n_iter, heat = _prepare(lab, n, -1)
-    order = np.argsort(-(box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]))
-    for t in prange(n):
-        _diffuse_label(lab, order[t], box, src, n_iter, heat)
-    err = np.zeros(n, np.float64)
+@njit(cache=True, nogil=True)
+def _object_error(lab, k, box, heat, dP):
+    """Mean squared error of object k + 1 (row-major sum over its pixels; 0 for an absent label)."""
+    if box[k, 1] <= 0:
+        return 0.0
     five = np.float32(5.0)
-    for t in prange(n):
-        k = order[t]
-        if box[k, 1] <= 0:
-            continue
-        s = 0.0
-        c = 0
-        for i in range(box[k, 0], box[k, 1]):
-            for j in range(box[k, 2], box[k, 3]):
-                if lab[i, j] == k + 1:
-                    # the unit gradient of `_unit_gradient`, then cellpose's squared error
-                    dy = heat[i + 2, j + 1] - heat[i, j + 1]
-                    dx = heat[i + 1, j + 2] - heat[i + 1, j]
-                    nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
-                    ey = dy / nrm - np.float64(dP[0, i, j] / five)
-                    ex = dx / nrm - np.float64(dP[1, i, j] / five)
-                    s += ey * ey + ex * ex
-                    c += 1
-        err[k] = s / c
+    s = 0.0
+    c = 0
+    for i in range(box[k, 0], box[k, 1]):
+        for j in range(box[k, 2], box[k, 3]):
+            if lab[i, j] == k + 1:
+                # the unit gradient of `_unit_gradient`, then cellpose's squared error
+                dy = heat[i + 2, j + 1] - heat[i, j + 1]
+                dx = heat[i + 1, j + 2] - heat[i + 1, j]
+                nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
+                ey = dy / nrm - np.float64(dP[0, i, j] / five)
+                ex = dx / nrm - np.float64(dP[1, i, j] / five)
+                s += ey * ey + ex * ex
+                c += 1
+    return s / c
+
+
+@njit(cache=True, parallel=True)
+def _flow_errors_parallel(lab: np.ndarray, n: int, dP: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    box, src, n_iter = _prepare(lab, n, -1)
+    order = _by_size(box)
+    for c in prange(_DEALS):
+        for t in range(c, n, _DEALS):
+            _diffuse_label(lab, order[t], box, src, n_iter, heat)
+    err = np.zeros(n, np.float64)
+    for c in prange(_DEALS):
+        for t in range(c, n, _DEALS):
+            err[order[t]] = _object_error(lab, order[t], box, heat, dP)
     return err
+
+
+def _zero_heat(lab: np.ndarray) -> np.ndarray:
+    """(H + 2, W + 2) float64 zeros, the heat map with cellpose's 1-px zero border.
+
+    Allocated by numpy (calloc: the OS hands out zeroed pages as the diffusion threads first
+    touch them) rather than inside the kernel, where numba would clear all of it on one thread.
+    """
+    return np.zeros((lab.shape[0] + 2, lab.shape[1] + 2), np.float64)
 
 
 def flow_errors(lab: np.ndarray, n: int, dP: np.ndarray) -> np.ndarray:
@@ -251,7 +281,7 @@ def flow_errors(lab: np.ndarray, n: int, dP: np.ndarray) -> np.ndarray:
     lab = np.ascontiguousarray(lab, dtype=np.int32)
     if n == 0:
         return np.zeros(0, np.float64)
-    return _flow_errors_parallel(lab, int(n), np.ascontiguousarray(dP, dtype=np.float32))
+    return _flow_errors_parallel(lab, int(n), np.ascontiguousarray(dP, dtype=np.float32), _zero_heat(lab))
 
 
 def flows_numba(lab: np.ndarray, n: int, n_iter: int | None = None, parallel: bool = True) -> np.ndarray:
@@ -259,4 +289,5 @@ def flows_numba(lab: np.ndarray, n: int, n_iter: int | None = None, parallel: bo
 
     n_iter: diffusion steps; None = the reference's 2 * max(h + w + 2) over the objects."""
     fn = _flows_parallel if parallel else _flows_serial
-    return fn(np.ascontiguousarray(lab, dtype=np.int32), int(n), -1 if n_iter is None else int(n_iter))
+    lab = np.ascontiguousarray(lab, dtype=np.int32)
+    return fn(lab, int(n), -1 if n_iter is None else int(n_iter), _zero_heat(lab))

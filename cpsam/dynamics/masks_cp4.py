@@ -363,10 +363,10 @@ def integrate_numba(
 
 
 @njit(cache=True, nogil=True)
-def _find_seeds(pos, h, w):
-    """Histogram (H, W) int32 of positions and its seeds: row-major (y, x, count) int arrays."""
+def _find_seeds(pos, hist):
+    """Fill the zero (H, W) int32 `hist` with the positions; its seeds: row-major (y, x, count) arrays."""
+    h, w = hist.shape
     n = pos.shape[1]
-    hist = np.zeros((h, w), np.int32)
     for k in range(n):
         y = min(max(pos[0, k], 0), h - 1)
         x = min(max(pos[1, k], 0), w - 1)
@@ -397,18 +397,19 @@ def _find_seeds(pos, h, w):
         out_y[s] = seeds_y[s]
         out_x[s] = seeds_x[s]
         out_c[s] = counts[s]
-    return hist, out_y, out_x, out_c
+    return out_y, out_x, out_c
 
 
 @njit(cache=True, nogil=True)
-def _grow_seeds(pos, hist, seeds_y, seeds_x, order):
-    """Grow the seeds in `order` (later ones overwrite); (N,) int64 seed label of every position."""
+def _grow_seeds(pos, hist, seeds_y, seeds_x, order, lab):
+    """Grow the seeds in `order` (later ones overwrite) in the zero (H, W) int32 `lab`; (N,) int64
+    seed label of every position."""
     h, w = hist.shape
     n = pos.shape[1]
     ns = order.shape[0]
-    lab = np.zeros((h, w), np.int64)
     win = np.zeros((11, 11), np.bool_)
     grown = np.zeros((11, 11), np.bool_)
+    nxt = np.zeros((11, 11), np.bool_)
     for r in range(ns):
         s = order[r]
         sy = seeds_y[s]
@@ -419,19 +420,20 @@ def _grow_seeds(pos, hist, seeds_y, seeds_x, order):
                 x = sx + b - 5
                 win[a, b] = y >= 0 and y < h and x >= 0 and x < w and hist[y, x] > 2
                 grown[a, b] = False
+                nxt[a, b] = False  # each buffer is False outside the region it was last written in
         grown[5, 5] = True
-        for _ in range(5):
-            nxt = np.zeros((11, 11), np.bool_)
-            for a in range(11):
-                for b in range(11):
+        for it in range(5):  # after `it` dilations the region lies within 5 +- it
+            lo = 4 - it
+            hi = 7 + it
+            for a in range(lo, hi):
+                for b in range(lo, hi):
+                    hit = False
                     if win[a, b]:
-                        hit = False
                         for da in range(max(0, a - 1), min(11, a + 2)):
                             for db in range(max(0, b - 1), min(11, b + 2)):
-                                if grown[da, db]:
-                                    hit = True
-                        nxt[a, b] = hit
-            grown = nxt
+                                hit = hit or grown[da, db]
+                    nxt[a, b] = hit
+            grown, nxt = nxt, grown
         for a in range(11):
             for b in range(11):
                 if grown[a, b]:
@@ -447,9 +449,12 @@ def _grow_seeds(pos, hist, seeds_y, seeds_x, order):
 def labels_from_positions(pos: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
     """Seed label (N,) int64 of every integrated pixel (0 = no seed) and the number of seeds."""
     pos = np.ascontiguousarray(pos, dtype=np.int64)
-    hist, sy, sx, counts = _find_seeds(pos, int(shape[0]), int(shape[1]))
+    # whole-image arrays come from numpy's calloc: pages are zeroed as they are first touched,
+    # not all of them by a numba memset
+    hist = np.zeros(shape, np.int32)
+    sy, sx, counts = _find_seeds(pos, hist)
     if len(counts) == 0:
         return np.zeros(pos.shape[1], np.int64), 0
     # torch's own unstable sort, not a stable one: it fixes the order of equal counts as cellpose
     order = torch.argsort(torch.from_numpy(counts)).numpy().astype(np.int64)
-    return _grow_seeds(pos, hist, sy, sx, order), len(counts)
+    return _grow_seeds(pos, hist, sy, sx, order, np.zeros(shape, np.int32)), len(counts)
