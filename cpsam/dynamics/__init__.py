@@ -313,15 +313,17 @@ def _finish(
 ) -> np.ndarray:
     """Flow-error QC, dtype, hole filling and size filter (the tail of compute_masks).
 
-    cellpose 3 does not renumber after the QC (its size filter then works on labels with gaps).
+    `masks` (from `get_masks`) may be modified in place. cellpose 3 does not renumber after the
+    QC (its size filter then works on labels with gaps).
     """
     if masks.max() > 0 and flow_threshold is not None and flow_threshold > 0:
         err = flow_error(masks, dP, rules=rules)
-        bad = 1 + np.nonzero(err > flow_threshold)[0]
-        if len(bad):
-            masks = fastremap.mask(masks, bad)
-        if rules == "cp4":
-            fastremap.renumber(masks, in_place=True)
+        bad = err > flow_threshold
+        if rules == "cp4":  # drop the bad masks and renumber by first appearance (fastremap.mask + renumber)
+            masks = np.ascontiguousarray(masks)
+            labels_numba.renumber_kept(masks.reshape(-1), np.concatenate([[False], ~bad]))
+        elif bad.any():
+            masks = fastremap.mask(masks, 1 + np.nonzero(bad)[0])
     masks = masks.astype(np.uint16 if masks.max() < 2**16 else np.uint32)
     return fill_holes_and_remove_small_masks(masks, min_size=min_size, rules=rules)
 

@@ -24,6 +24,7 @@ recipe section 2.5, pitfall 11):
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch  # torch's own CPU argsort orders seeds with equal counts as cellpose
 from numba import njit, prange
@@ -300,7 +301,17 @@ def _integrate_parallel(field, ys, xs, niter, scale_x, scale_y, nchunks, settle)
     out = np.empty((2, ys.shape[0]), np.int32)
     n = ys.shape[0]
     step = (n + nchunks - 1) // nchunks
-    for c in prange(nchunks):
+    # numba hands each thread a contiguous run of the loop; dealing the row-major chunks
+    # round-robin over the threads spreads every thread's share over the whole image
+    threads = min(numba.get_num_threads(), nchunks)
+    deal = np.empty(nchunks, np.int64)
+    k = 0
+    for r in range(threads):
+        for b in range(r, nchunks, threads):
+            deal[k] = b
+            k += 1
+    for i in prange(nchunks):
+        c = deal[i]
         if settle > 0.0:
             _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y, settle)
         else:
