@@ -300,7 +300,7 @@ def flow_error(
                                       torch.from_numpy(np.asarray(dP, np.float32)).to(dev), n, rules == "cp3")
         return err.double().cpu().numpy()
     if rules == "cp3":
-        return masks_cp3.mask_errors(lab, _unit_flows(lab, n, None, rules), dP, n)
+        return masks_cp3.flow_errors(lab, n, dP)
     return flows_numba.flow_errors(lab, n, dP)
 
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from cpsam.dynamics.flows_numba import _bboxes, diffuse_crop  # shared with the cellpose 4 flow kernels
-from cpsam.dynamics.masks_cp4 import _HISTORY, cycle_position, settled
+from cpsam.dynamics.flows_numba import _DEALS, _bboxes, _by_size, diffuse_crop  # shared with the cp4 kernels
+from cpsam.dynamics.masks_cp4 import _HISTORY, _integrate_lanes, cycle_position, dealt_chunks, settled
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -117,40 +117,64 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, settle):
 
 
 @njit(cache=True, parallel=True)
-def _integrate_parallel(field, ys, xs, niter, nchunks, settle):
+def _integrate_parallel(field, ys, xs, niter, deal, settle):
+    """settle > 0: `_integrate_range` on the (2, H, W) field; else exact lanes on the `lane_field`."""
     n = ys.shape[0]
     out = np.empty((2, n), np.int32)
+    nchunks = deal.shape[0]
     step = (n + nchunks - 1) // nchunks
-    for c in prange(nchunks):
-        _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), settle)
+    one = np.float32(1.0)
+    for i in prange(nchunks):
+        c = deal[i]
+        if settle > 0.0:
+            _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), settle)
+        else:
+            _integrate_lanes(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), one, one, True)
     return out
 
 
 @njit(cache=True, nogil=True)
 def _integrate_serial(field, ys, xs, niter, settle):
     out = np.empty((2, ys.shape[0]), np.int32)
-    _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], settle)
+    if settle > 0.0:
+        _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], settle)
+    else:
+        one = np.float32(1.0)
+        _integrate_lanes(field, ys, xs, niter, out, 0, ys.shape[0], one, one, True)
     return out
+
+
+def lane_field(field: np.ndarray) -> np.ndarray:
+    """(H + 1, W + 1, 2) float32 [x, y] pairs of the (2, H, W) field for `masks_cp4._integrate_lanes`.
+
+    The last row and column are repeated: cellpose 3's sampler clamps the far corner indices to
+    the image, so at the last row / column its "next" corner is the same pixel.
+    """
+    pairs = np.stack([field[1], field[0]], axis=-1)
+    return np.ascontiguousarray(np.pad(pairs, ((0, 1), (0, 1), (0, 0)), mode="edge"))
 
 
 def integrate(dP: np.ndarray, fg: np.ndarray, niter: int, settle: float = 0.0, parallel: bool = True) -> np.ndarray:
     """(2, N) int32 truncated final [y, x] pixel positions of the N foreground pixels (row-major).
 
     dP: (2, H, W) network flows at 5x scale; fg: (H, W) bool; niter Euler steps in pixel units.
+    settle = 0 (exact) runs the lanes of `masks_cp4._integrate_lanes`, > 0 `_integrate_range`.
     """
     field = np.ascontiguousarray(dP.astype(np.float32, copy=False) * fg / np.float32(5.0), dtype=np.float32)
+    if settle <= 0.0:
+        field = lane_field(field)
     ys, xs = np.nonzero(fg)
     ys = ys.astype(np.int32)
     xs = xs.astype(np.int32)
     if parallel and len(ys) > 4096:
-        return _integrate_parallel(field, ys, xs, int(niter), 64, float(settle))
+        return _integrate_parallel(field, ys, xs, int(niter), dealt_chunks(64), float(settle))
     return _integrate_serial(field, ys, xs, int(niter), float(settle))
 
 
 # ---------------------------------------------------------------------------------- QC flows
 @njit(cache=True, nogil=True)
-def _object_flow(lab, label, y0, y1, x0, x1, mu):
-    """Diffuse one object on its padded box and write its raw (dy, dx) heat gradient into mu."""
+def _object_heat(lab, label, y0, y1, x0, x1):
+    """Heat (h + 2, w + 2) float64 of one object diffused on its padded box, and its 1/0 mask."""
     hh = y1 - y0 + 2
     ww = x1 - x0 + 2
     inside = np.zeros((hh, ww), np.float64)
@@ -178,12 +202,63 @@ def _object_flow(lab, label, y0, y1, x0, x1, mu):
                     ci = i
                     cj = j
     # cellpose 3: 2 * (h + w) iterations of the padded box, multiplied by 1/9 rather than divided
-    a = diffuse_crop(inside, ci, cj, 2 * (hh + ww), True)
-    for i in range(1, hh - 1):
-        for j in range(1, ww - 1):
+    return diffuse_crop(inside, ci, cj, 2 * (hh + ww), True), inside
+
+
+@njit(cache=True, nogil=True)
+def _object_flow(lab, label, y0, y1, x0, x1, mu):
+    """Diffuse one object on its padded box and write its raw (dy, dx) heat gradient into mu."""
+    a, inside = _object_heat(lab, label, y0, y1, x0, x1)
+    for i in range(1, a.shape[0] - 1):
+        for j in range(1, a.shape[1] - 1):
             if inside[i, j] != 0.0:
                 mu[0, y0 + i - 1, x0 + j - 1] = a[i + 1, j] - a[i - 1, j]
                 mu[1, y0 + i - 1, x0 + j - 1] = a[i, j + 1] - a[i, j - 1]
+
+
+@njit(cache=True, nogil=True)
+def _object_error(lab, label, y0, y1, x0, x1, dP):
+    """cellpose 3's flow error of one object from its own heat: the unit flows of `_flows_parallel`
+    at its pixels, each channel's squared errors summed in row-major order (the order of
+    `_mask_errors` over the image) and divided by the pixel count, dy's mean plus dx's."""
+    a, inside = _object_heat(lab, label, y0, y1, x0, x1)
+    five = np.float32(5.0)
+    s0 = 0.0
+    s1 = 0.0
+    cnt = 0
+    for i in range(1, a.shape[0] - 1):
+        for j in range(1, a.shape[1] - 1):
+            if inside[i, j] != 0.0:
+                dy = a[i + 1, j] - a[i - 1, j]
+                dx = a[i, j + 1] - a[i, j - 1]
+                nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
+                e0 = dy / nrm - np.float64(dP[0, y0 + i - 1, x0 + j - 1] / five)
+                e1 = dx / nrm - np.float64(dP[1, y0 + i - 1, x0 + j - 1] / five)
+                s0 += e0 * e0
+                s1 += e1 * e1
+                cnt += 1
+    return (0.0 + s0 / cnt) + s1 / cnt
+
+
+@njit(cache=True, parallel=True)
+def _flow_errors_parallel(lab, n, dP):
+    box = _bboxes(lab, n)
+    order = _by_size(box)  # dealt round-robin to the threads (see `flows_numba._by_size`)
+    err = np.full(n, np.nan)  # an absent label: 0 / 0 in cellpose, which never exceeds a threshold
+    for c in prange(_DEALS):
+        for t in range(c, n, _DEALS):
+            k = order[t]
+            if box[k, 1] > 0:
+                err[k] = _object_error(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3], dP)
+    return err
+
+
+def flow_errors(lab: np.ndarray, n: int, dP: np.ndarray) -> np.ndarray:
+    """(n,) float64 flow errors of int32 labels 1..n as cellpose 3's `metrics.flow_error` on CPU
+    (nan for an absent label): each object re-diffused and compared on its own, objects in
+    parallel; equal to `mask_errors` of `unit_flows` without the (2, H, W) flows."""
+    return _flow_errors_parallel(np.ascontiguousarray(lab, dtype=np.int32), int(n),
+                                 np.ascontiguousarray(dP, dtype=np.float32))
 
 
 @njit(cache=True, parallel=True)
@@ -191,12 +266,12 @@ def _flows_parallel(lab, n):
     h, w = lab.shape
     box = _bboxes(lab, n)
     mu = np.zeros((2, h, w), np.float64)
-    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
-    order = np.argsort(-area)  # largest crops first so the threads finish together
-    for t in prange(n):
-        k = order[t]
-        if box[k, 1] > 0:
-            _object_flow(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3], mu)
+    order = _by_size(box)  # dealt round-robin to the threads (see `flows_numba._by_size`)
+    for c in prange(_DEALS):
+        for t in range(c, n, _DEALS):
+            k = order[t]
+            if box[k, 1] > 0:
+                _object_flow(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3], mu)
     for i in prange(h):
         for j in range(w):
             dy = mu[0, i, j]

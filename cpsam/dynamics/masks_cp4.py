@@ -175,33 +175,64 @@ def _lane_cycle(hx, hy, cur, k, t, niter, py, px):
     return False, py, px
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _lane_start(ys, xs, n, scale_x, scale_y, cp3):
+    """Start position (x, y) float32 of trajectory n: grid coordinates (cp4) or pixels (cp3)."""
+    if cp3:
+        return np.float32(xs[n]), np.float32(ys[n])
+    one = np.float32(1.0)
+    two = np.float32(2.0)
+    return np.float32(xs[n]) / scale_x * two - one, np.float32(ys[n]) / scale_y * two - one
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lane_pixel(fy, fx, scale_x, scale_y, cp3):
+    """Truncated final pixel (y, x) of a position (grid coordinates for cp4, pixels for cp3)."""
+    if cp3:
+        return np.int32(fy), np.int32(fx)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    return np.int32((fy + one) * half * scale_y), np.int32((fx + one) * half * scale_x)
+
+
 @njit(cache=True, nogil=True)
-def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
-    """Exact integration of trajectories start..stop, `_LANES` at a time; same positions as
-    `_integrate_range` with settle = 0.
+def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y, cp3):
+    """Exact integration of trajectories start..stop, `_LANES` at a time, under the cellpose 4
+    rules (cp3 False: the positions of `_integrate_range` with settle = 0) or the cellpose 3 ones
+    (cp3 True: those of `masks_cp3._integrate_range` with settle = 0).
+
+    field: [x, y] float32 pairs, (H + 2, W + 2, 2) from `normalised_field` (cp4), or (H + 1, W + 1,
+    2) from `masks_cp3.lane_field` (cp3: dP * fg / 5 in pixel units, last row and column repeated,
+    so that the clamped far corners of cellpose 3's sampler are the next cell's); scale_x,
+    scale_y: W - 1, H - 1 (cp4 only).
 
     One step of one trajectory is a chain of dependent float32 operations and loads, so one
     trajectory at a time leaves the core waiting. Here `_LANES` independent trajectories (lanes)
     advance in lockstep, and every step is three loops over the lanes that the compiler turns
     into SIMD code where it can: the sampling weights and cell index of every lane (vectorised),
     the four corner loads (a [x, y] float32 pair is one 64-bit load), and the bilinear sum and
-    the clamp (vectorised). The float32 operations and their order are those of `_sample` and of
-    the clamp in `_integrate_range` (no fused multiply-add), so every position is bit for bit the
-    reference's.
+    the clamp (vectorised). The operations, their precision and their order are those of the
+    one-at-a-time kernels (`_sample` here, `masks_cp3._sample` there; no fused multiply-add), so
+    every position is bit for bit the reference's.
     A lane that has fewer than `_ROUND` steps left keeps its position for the rest of the round.
     A lane starts at a round boundary, so its step count t is a multiple of `_ROUND` after each
     round; then the exact cycle test (`_lane_cycle`, periods up to 2 * `_ROUND`) runs; a fixed
     point is a cycle of every period, so the same test finds it. Stopping at a different step
-    than `_integrate_range` does not change the final position, which the cycle determines.
-    A finished lane takes the next trajectory. Every trajectory is a function of its own start
-    only: results do not depend on lanes, chunks or threads.
+    than the one-at-a-time kernels does not change the final position, which the cycle
+    determines. A finished lane takes the next trajectory. Every trajectory is a function of
+    its own start only: results do not depend on lanes, chunks or threads.
     """
-    half_w = np.float32(field.shape[1] - 2) / np.float32(2.0)
-    half_h = np.float32(field.shape[0] - 2) / np.float32(2.0)
-    one = np.float32(1.0)
-    two = np.float32(2.0)
-    half = np.float32(0.5)
     fw = field.shape[1]
+    half_w = np.float32(fw - 2) / np.float32(2.0)  # cp4: (W + 2 - 2) / 2
+    half_h = np.float32(field.shape[0] - 2) / np.float32(2.0)
+    xmax = np.float32(fw - 2)  # cp3: W - 1
+    ymax = np.float32(field.shape[0] - 2)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    half = np.float32(0.5)
+    lo = zero if cp3 else -one  # the clamp of each rule set
+    hi_x = xmax if cp3 else one
+    hi_y = ymax if cp3 else one
     pairs = field.reshape(-1).view(np.uint64)  # pixel (i, j) -> its [x, y] pair at i * fw + j
     lanes = _LANES
     px = np.zeros(lanes, np.float32)
@@ -222,8 +253,7 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
     for k in range(lanes):
         if nxt < stop:
             idx[k] = nxt
-            px[k] = np.float32(xs[nxt]) / scale_x * two - one
-            py[k] = np.float32(ys[nxt]) / scale_y * two - one
+            px[k], py[k] = _lane_start(ys, xs, nxt, scale_x, scale_y, cp3)
             t_lane[k] = 0
             nxt += 1
             active += 1
@@ -232,46 +262,79 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
         for k in range(lanes):
             todo[k] = min(_ROUND, niter - t_lane[k])
         for s in range(_ROUND):
-            for k in range(lanes):  # _sample's coordinates, weights and corner cell
-                gx = px[k]
-                gy = py[k]
-                hx[cur + s, k] = gx
-                hy[cur + s, k] = gy
-                x = (gx + one) * half_w - half
-                y = (gy + one) * half_h - half
-                x_w = np.floor(x)
-                y_n = np.floor(y)
-                wx[k] = x - x_w
-                wy[k] = y - y_n
-                cell[k] = (np.int64(y_n) + 1) * fw + np.int64(x_w) + 1
+            if cp3:
+                for k in range(lanes):  # masks_cp3._sample's cell and fractions (positions >= 0)
+                    gx = px[k]
+                    gy = py[k]
+                    hx[cur + s, k] = gx
+                    hy[cur + s, k] = gy
+                    xi = np.int32(gx)
+                    yi = np.int32(gy)
+                    wx[k] = gx - np.float32(xi)
+                    wy[k] = gy - np.float32(yi)
+                    cell[k] = np.int64(yi) * fw + np.int64(xi)
+            else:
+                for k in range(lanes):  # _sample's coordinates, weights and corner cell
+                    gx = px[k]
+                    gy = py[k]
+                    hx[cur + s, k] = gx
+                    hy[cur + s, k] = gy
+                    x = (gx + one) * half_w - half
+                    y = (gy + one) * half_h - half
+                    x_w = np.floor(x)
+                    y_n = np.floor(y)
+                    wx[k] = x - x_w
+                    wy[k] = y - y_n
+                    cell[k] = (np.int64(y_n) + 1) * fw + np.int64(x_w) + 1
             for k in range(lanes):  # the loads (no SIMD gather on most x86 targets)
                 c = cell[k]
                 corners[0, k] = pairs[c]
                 corners[1, k] = pairs[c + 1]
                 corners[2, k] = pairs[c + fw]
                 corners[3, k] = pairs[c + fw + 1]
-            for k in range(lanes):  # _sample's bilinear sum, then the clamp
-                we = wx[k]
-                no = wy[k]
-                ea = one - we
-                so = one - no
-                nw = so * ea
-                ne = so * we
-                sw = no * ea
-                se = no * we
-                vx = cf[0, 2 * k] * nw + cf[1, 2 * k] * ne
-                vx = vx + cf[2, 2 * k] * sw
-                vx = vx + cf[3, 2 * k] * se
-                vy = cf[0, 2 * k + 1] * nw + cf[1, 2 * k + 1] * ne
-                vy = vy + cf[2, 2 * k + 1] * sw
-                vy = vy + cf[3, 2 * k + 1] * se
-                gx = px[k]
-                gy = py[k]
-                qx = min(max(gx + vx, -one), one)
-                qy = min(max(gy + vy, -one), one)
-                go = s < todo[k]
-                px[k] = qx if go else gx
-                py[k] = qy if go else gy
+            if cp3:
+                for k in range(lanes):  # masks_cp3._sample's mixed-precision sum, then its clamp
+                    fx = wx[k]
+                    fy = wy[k]
+                    gy = 1.0 - np.float64(fy)
+                    gx = 1.0 - np.float64(fx)
+                    fx64 = np.float64(fx)
+                    vy = np.float64(cf[0, 2 * k + 1]) * gy * gx + np.float64(cf[1, 2 * k + 1]) * gy * fx64
+                    vy = vy + np.float64(cf[2, 2 * k + 1] * fy) * gx
+                    vy = vy + np.float64(cf[3, 2 * k + 1] * fy * fx)
+                    vx = np.float64(cf[0, 2 * k]) * gy * gx + np.float64(cf[1, 2 * k]) * gy * fx64
+                    vx = vx + np.float64(cf[2, 2 * k] * fy) * gx
+                    vx = vx + np.float64(cf[3, 2 * k] * fy * fx)
+                    ox = px[k]
+                    oy = py[k]
+                    qy = min(hi_y, max(lo, oy + np.float32(vy)))
+                    qx = min(hi_x, max(lo, ox + np.float32(vx)))
+                    go = s < todo[k]
+                    px[k] = qx if go else ox
+                    py[k] = qy if go else oy
+            else:
+                for k in range(lanes):  # _sample's bilinear sum, then the clamp
+                    we = wx[k]
+                    no = wy[k]
+                    ea = one - we
+                    so = one - no
+                    nw = so * ea
+                    ne = so * we
+                    sw = no * ea
+                    se = no * we
+                    vx = cf[0, 2 * k] * nw + cf[1, 2 * k] * ne
+                    vx = vx + cf[2, 2 * k] * sw
+                    vx = vx + cf[3, 2 * k] * se
+                    vy = cf[0, 2 * k + 1] * nw + cf[1, 2 * k + 1] * ne
+                    vy = vy + cf[2, 2 * k + 1] * sw
+                    vy = vy + cf[3, 2 * k + 1] * se
+                    ox = px[k]
+                    oy = py[k]
+                    qx = min(max(ox + vx, lo), hi_x)
+                    qy = min(max(oy + vy, lo), hi_y)
+                    go = s < todo[k]
+                    px[k] = qx if go else ox
+                    py[k] = qy if go else oy
         for k in range(lanes):
             if idx[k] < 0:
                 continue
@@ -282,12 +345,10 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
                 else (False, py[k], px[k])
             if found or t >= niter:
                 n = idx[k]
-                out[0, n] = np.int32((fy + one) * half * scale_y)
-                out[1, n] = np.int32((fx + one) * half * scale_x)
+                out[0, n], out[1, n] = _lane_pixel(fy, fx, scale_x, scale_y, cp3)
                 if nxt < stop:
                     idx[k] = nxt
-                    px[k] = np.float32(xs[nxt]) / scale_x * two - one
-                    py[k] = np.float32(ys[nxt]) / scale_y * two - one
+                    px[k], py[k] = _lane_start(ys, xs, nxt, scale_x, scale_y, cp3)
                     t_lane[k] = 0
                     nxt += 1
                 else:
@@ -296,26 +357,29 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y):
                     active -= 1
 
 
+def dealt_chunks(nchunks: int) -> np.ndarray:
+    """(nchunks,) int64 order in which a parallel loop takes row-major chunks of the pixels.
+
+    numba hands each thread a contiguous run of a prange loop; dealing the chunks round-robin
+    over the threads (thread r gets chunks r, r + T, r + 2T, ...) spreads every thread's share
+    over the whole image instead of giving it one band.
+    """
+    threads = max(1, min(numba.get_num_threads(), nchunks))
+    return np.concatenate([np.arange(r, nchunks, threads) for r in range(threads)]).astype(np.int64)
+
+
 @njit(cache=True, parallel=True)
-def _integrate_parallel(field, ys, xs, niter, scale_x, scale_y, nchunks, settle):
+def _integrate_parallel(field, ys, xs, niter, scale_x, scale_y, deal, settle):
     out = np.empty((2, ys.shape[0]), np.int32)
     n = ys.shape[0]
+    nchunks = deal.shape[0]
     step = (n + nchunks - 1) // nchunks
-    # numba hands each thread a contiguous run of the loop; dealing the row-major chunks
-    # round-robin over the threads spreads every thread's share over the whole image
-    threads = min(numba.get_num_threads(), nchunks)
-    deal = np.empty(nchunks, np.int64)
-    k = 0
-    for r in range(threads):
-        for b in range(r, nchunks, threads):
-            deal[k] = b
-            k += 1
     for i in prange(nchunks):
         c = deal[i]
         if settle > 0.0:
             _integrate_range(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y, settle)
         else:
-            _integrate_lanes(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y)
+            _integrate_lanes(field, ys, xs, niter, out, c * step, min(n, (c + 1) * step), scale_x, scale_y, False)
     return out
 
 
@@ -325,7 +389,7 @@ def _integrate_serial(field, ys, xs, niter, scale_x, scale_y, settle):
     if settle > 0.0:
         _integrate_range(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y, settle)
     else:
-        _integrate_lanes(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y)
+        _integrate_lanes(field, ys, xs, niter, out, 0, ys.shape[0], scale_x, scale_y, False)
     return out
 
 
@@ -369,7 +433,7 @@ def integrate_numba(
     sx = np.float32(max(w - 1, 1))
     sy = np.float32(max(h - 1, 1))
     if parallel and len(ys) > 4096:
-        return _integrate_parallel(field, ys, xs, int(niter), sx, sy, 64, float(settle))
+        return _integrate_parallel(field, ys, xs, int(niter), sx, sy, dealt_chunks(64), float(settle))
     return _integrate_serial(field, ys, xs, int(niter), sx, sy, float(settle))
 
 
