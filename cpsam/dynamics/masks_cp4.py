@@ -30,7 +30,7 @@ import torch  # torch's own CPU argsort orders seeds with equal counts as cellpo
 from numba import njit, prange
 
 _HISTORY = 16  # longest cycle detected (positions remembered per trajectory) by `_integrate_range`
-_ROUND = 64  # `_integrate_lanes` tests for cycles (periods up to 2 * _ROUND) every _ROUND steps
+_ROUND = 16  # `_integrate_lanes` tests for cycles (periods up to 2 * _ROUND) every _ROUND steps
 _LANES = 32  # trajectories `_integrate_lanes` advances in lockstep
 
 
@@ -157,22 +157,39 @@ def _integrate_range(field, ys, xs, niter, out, start, stop, scale_x, scale_y, s
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _lane_cycle(hx, hy, cur, k, t, niter, py, px):
-    """Exact early stop of lane k after a round: (found, y, x at step niter).
+def _history_row(cur, back):
+    """Row of hx / hy holding step t - back (1 <= back <= 2 * _ROUND) after a round ending at t.
 
-    hx, hy: (2 * _ROUND, lanes) positions; rows cur .. cur + _ROUND - 1 hold steps t - _ROUND ..
-    t - 1 of this round, the other half the round before (valid where t allows). As
-    `cycle_position`: if p_t equals p_{t-j} (2 <= j <= min(t, 2 * _ROUND)) the trajectory is
-    periodic with period j from step t - j, so p_niter = p_{t - j + (niter - t + j) % j}.
+    Rows cur .. cur + _ROUND - 1 hold steps t - _ROUND .. t - 1 (this round), the other half
+    steps t - 2 * _ROUND .. t - _ROUND - 1 (the round before; valid where t allows).
     """
-    prev = _ROUND - cur
-    for j in range(2, min(t, 2 * _ROUND) + 1):
-        row = cur + _ROUND - j if j <= _ROUND else prev + 2 * _ROUND - j
-        if hy[row, k] == py and hx[row, k] == px:
-            back = j - (niter - t + j) % j  # p_niter = p_{t - back}, 1 <= back <= j
-            row = cur + _ROUND - back if back <= _ROUND else prev + 2 * _ROUND - back
-            return True, hy[row, k], hx[row, k]
-    return False, py, px
+    return cur + _ROUND - back if back <= _ROUND else (_ROUND - cur) + 2 * _ROUND - back
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _first_repeats(hx, hy, cur, px, py, t_lane, period):
+    """Per lane, the smallest j in 2 .. min(t, 2 * _ROUND) with p_{t-j} == p_t (0: none) into `period`.
+
+    The exact cycle test of `cycle_position`, for all lanes at once (a loop over history rows
+    with the lanes inside, which the compiler vectorises). A fixed point is a cycle of every
+    period, so j = 2 finds it too.
+    """
+    lanes = px.shape[0]
+    for k in range(lanes):
+        period[k] = 0
+    for j in range(2, 2 * _ROUND + 1):
+        row = _history_row(cur, j)
+        for k in range(lanes):
+            hit = (hx[row, k] == px[k]) & (hy[row, k] == py[k]) & (j <= t_lane[k]) & (period[k] == 0)
+            period[k] = j if hit else period[k]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cycle_end(hx, hy, cur, k, t, niter, j):
+    """Position (y, x) at step niter of lane k, periodic with period j from step t - j:
+    p_niter = p_{t - j + (niter - t + j) % j}, still in the history."""
+    row = _history_row(cur, j - (niter - t + j) % j)
+    return hy[row, k], hx[row, k]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -216,8 +233,8 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y, c
     every position is bit for bit the reference's.
     A lane that has fewer than `_ROUND` steps left keeps its position for the rest of the round.
     A lane starts at a round boundary, so its step count t is a multiple of `_ROUND` after each
-    round; then the exact cycle test (`_lane_cycle`, periods up to 2 * `_ROUND`) runs; a fixed
-    point is a cycle of every period, so the same test finds it. Stopping at a different step
+    round; then the exact cycle test (`_first_repeats`, periods up to 2 * `_ROUND`, all lanes at
+    once) runs; a fixed point is a cycle of every period, so the same test finds it. Stopping at a different step
     than the one-at-a-time kernels does not change the final position, which the cycle
     determines. A finished lane takes the next trajectory. Every trajectory is a function of
     its own start only: results do not depend on lanes, chunks or threads.
@@ -248,6 +265,7 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y, c
     hx = np.zeros((2 * _ROUND, lanes), np.float32)
     hy = np.zeros((2 * _ROUND, lanes), np.float32)
     cur = _ROUND  # first row of this round's half of hx / hy
+    period = np.zeros(lanes, np.int64)  # cycle period found after a round, 0 none
     nxt = start
     active = 0
     for k in range(lanes):
@@ -336,13 +354,18 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y, c
                     px[k] = qx if go else ox
                     py[k] = qy if go else oy
         for k in range(lanes):
+            t_lane[k] += todo[k]
+        _first_repeats(hx, hy, cur, px, py, t_lane, period)
+        for k in range(lanes):
             if idx[k] < 0:
                 continue
-            t = t_lane[k] + todo[k]
-            t_lane[k] = t
+            t = t_lane[k]
             # a short (last) round ends at t == niter and needs no test
-            found, fy, fx = _lane_cycle(hx, hy, cur, k, t, niter, py[k], px[k]) if todo[k] == _ROUND \
-                else (False, py[k], px[k])
+            found = todo[k] == _ROUND and period[k] > 0
+            fy = py[k]
+            fx = px[k]
+            if found:
+                fy, fx = _cycle_end(hx, hy, cur, k, t, niter, period[k])
             if found or t >= niter:
                 n = idx[k]
                 out[0, n], out[1, n] = _lane_pixel(fy, fx, scale_x, scale_y, cp3)
