@@ -7,8 +7,10 @@ Two rule sets, each implemented once for the CPU (numba) and once in torch:
   iteration count and 1/9 factor), no renumbering after the QC and its rank-based size filter.
 
 Modules: `flows_numba` (labels -> unit flows, cp4, numba), `masks_cp4` / `masks_cp3` (flows ->
-masks kernels of each rule set, numba), `torch_rules` (both rule sets in torch ops, any device,
-TorchScript-compatible; also compiled into `cpsam distill export` files). device=None / "cpu"
+masks kernels of each rule set, numba; one SIMD-lane Euler kernel serves both), `labels_numba`
+(counts, renumbering and hole filling of the masks' tail, numba), `torch_rules` (both rule sets
+in torch ops, any device, TorchScript-compatible; also compiled into `cpsam distill export`
+files). device=None / "cpu"
 runs numba, any other torch device (e.g. "cuda") `torch_rules`, under either rule set; the two
 give the same masks (tests/cpsam/test_dynamics_parity.py).
 
