@@ -34,18 +34,21 @@ import numpy as np
 from numba import njit, prange
 
 from cpsam.dynamics.flows_numba import _DEALS, _bboxes, _by_size, diffuse_crop  # shared with the cp4 kernels
-from cpsam.dynamics.masks_cp4 import _HISTORY, _integrate_lanes, cycle_position, dealt_chunks, settled
+from cpsam.dynamics.masks_cp4 import (
+    _HISTORY,
+    _integrate_lanes,
+    blend_cp3,
+    cycle_position,
+    dealt_chunks,
+    settled,
+)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _sample(field, y, x, ly, lx):
     """Bilinear sample (vy, vx) float32 of the (2, H, W) float32 field at pixel position (y, x).
 
-    Corner indices are clamped to the image. The precision is the one numba infers for cellpose
-    3's `map_coordinates`: fractions fy, fx are float32 and `1 - f` is float64, so the four terms
-    are  v00 (1 - fy) (1 - fx)  and  v01 (1 - fy) fx  in float64,  (v10 fy) (1 - fx)  with a
-    float32 first product, and  v11 fy fx  wholly in float32; summed left to right in float64 and
-    rounded to float32. (All-float64 weights differ in the last bit and move trajectories.)
+    Corner indices are clamped to the image; the sum and its precision are `masks_cp4.blend_cp3`.
     """
     yi = np.int32(y)
     xi = np.int32(x)
@@ -55,16 +58,9 @@ def _sample(field, y, x, ly, lx):
     x0 = min(lx - 1, max(0, np.int64(xi)))
     y1 = min(ly - 1, y0 + 1)
     x1 = min(lx - 1, x0 + 1)
-    gy = 1.0 - np.float64(fy)
-    gx = 1.0 - np.float64(fx)
-    fx64 = np.float64(fx)
-    vy = np.float64(field[0, y0, x0]) * gy * gx + np.float64(field[0, y0, x1]) * gy * fx64
-    vy = vy + np.float64(field[0, y1, x0] * fy) * gx
-    vy = vy + np.float64(field[0, y1, x1] * fy * fx)
-    vx = np.float64(field[1, y0, x0]) * gy * gx + np.float64(field[1, y0, x1]) * gy * fx64
-    vx = vx + np.float64(field[1, y1, x0] * fy) * gx
-    vx = vx + np.float64(field[1, y1, x1] * fy * fx)
-    return np.float32(vy), np.float32(vx)
+    vy = blend_cp3(field[0, y0, x0], field[0, y0, x1], field[0, y1, x0], field[0, y1, x1], fy, fx)
+    vx = blend_cp3(field[1, y0, x0], field[1, y0, x1], field[1, y1, x0], field[1, y1, x1], fy, fx)
+    return vy, vx
 
 
 @njit(cache=True, nogil=True)

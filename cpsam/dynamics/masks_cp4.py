@@ -35,34 +35,59 @@ _LANES = 32  # trajectories `_integrate_lanes` advances in lockstep
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sample(field, gx, gy, half_w, half_h):
-    """Bilinear sample of the padded field at normalised (gx, gy), like torch CPU grid_sample.
+def _grid_cell(gx, gy, half_w, half_h):
+    """grid_sample's source pixel of normalised (gx, gy): floor (x, y) and fractions (we, no).
 
-    `field` is (H+2, W+2, 2) float32 [x, y] with a zero border, so that the zero padding of
-    grid_sample needs no bounds checks: positions stay in [-1, 1], hence corners in [-1, L].
-    The float32 operation order is the one of torch's vectorised CPU kernel.
+    The float32 operation order is the one of torch's vectorised CPU kernel (align_corners=False).
     """
     one = np.float32(1.0)
     x = (gx + one) * half_w - np.float32(0.5)
     y = (gy + one) * half_h - np.float32(0.5)
     x_w = np.floor(x)
     y_n = np.floor(y)
-    we = x - x_w
+    return x_w, y_n, x - x_w, y - y_n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _blend(v_nw, v_ne, v_sw, v_se, we, no):
+    """grid_sample's bilinear sum of four corner values with fractions (we, no), in torch's float32 order."""
+    one = np.float32(1.0)
     ea = one - we
-    no = y - y_n
     so = one - no
-    nw = so * ea
-    ne = so * we
-    sw = no * ea
-    se = no * we
+    v = v_nw * (so * ea) + v_ne * (so * we)
+    v = v + v_sw * (no * ea)
+    return v + v_se * (no * we)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def blend_cp3(v00, v01, v10, v11, fy, fx):
+    """cellpose 3's bilinear sum (`masks_cp3._sample`) of float32 corners [y0 x0, y0 x1, y1 x0, y1 x1]
+    with float32 fractions (fy, fx), rounded to float32.
+
+    The precision is the one numba infers for cellpose 3's `map_coordinates`: `1 - f` is float64, so
+    the terms are  v00 (1 - fy) (1 - fx)  and  v01 (1 - fy) fx  in float64,  (v10 fy) (1 - fx)  with a
+    float32 first product, and  v11 fy fx  wholly in float32; summed left to right in float64.
+    (All-float64 weights differ in the last bit and move trajectories.)
+    """
+    gy = 1.0 - np.float64(fy)
+    gx = 1.0 - np.float64(fx)
+    v = np.float64(v00) * gy * gx + np.float64(v01) * gy * np.float64(fx)
+    v = v + np.float64(v10 * fy) * gx
+    return np.float32(v + np.float64(v11 * fy * fx))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sample(field, gx, gy, half_w, half_h):
+    """Bilinear sample of the padded field at normalised (gx, gy), like torch CPU grid_sample.
+
+    `field` is (H+2, W+2, 2) float32 [x, y] with a zero border, so that the zero padding of
+    grid_sample needs no bounds checks: positions stay in [-1, 1], hence corners in [-1, L].
+    """
+    x_w, y_n, we, no = _grid_cell(gx, gy, half_w, half_h)
     ix = np.int64(x_w) + 1
     iy = np.int64(y_n) + 1
-    vx = field[iy, ix, 0] * nw + field[iy, ix + 1, 0] * ne
-    vx = vx + field[iy + 1, ix, 0] * sw
-    vx = vx + field[iy + 1, ix + 1, 0] * se
-    vy = field[iy, ix, 1] * nw + field[iy, ix + 1, 1] * ne
-    vy = vy + field[iy + 1, ix, 1] * sw
-    vy = vy + field[iy + 1, ix + 1, 1] * se
+    vx = _blend(field[iy, ix, 0], field[iy, ix + 1, 0], field[iy + 1, ix, 0], field[iy + 1, ix + 1, 0], we, no)
+    vy = _blend(field[iy, ix, 1], field[iy, ix + 1, 1], field[iy + 1, ix, 1], field[iy + 1, ix + 1, 1], we, no)
     return vx, vy
 
 
@@ -246,7 +271,6 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y, c
     ymax = np.float32(field.shape[0] - 2)
     one = np.float32(1.0)
     zero = np.float32(0.0)
-    half = np.float32(0.5)
     lo = zero if cp3 else -one  # the clamp of each rule set
     hi_x = xmax if cp3 else one
     hi_y = ymax if cp3 else one
@@ -297,12 +321,7 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y, c
                     gy = py[k]
                     hx[cur + s, k] = gx
                     hy[cur + s, k] = gy
-                    x = (gx + one) * half_w - half
-                    y = (gy + one) * half_h - half
-                    x_w = np.floor(x)
-                    y_n = np.floor(y)
-                    wx[k] = x - x_w
-                    wy[k] = y - y_n
+                    x_w, y_n, wx[k], wy[k] = _grid_cell(gx, gy, half_w, half_h)
                     cell[k] = (np.int64(y_n) + 1) * fw + np.int64(x_w) + 1
             for k in range(lanes):  # the loads (no SIMD gather on most x86 targets)
                 c = cell[k]
@@ -312,40 +331,19 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y, c
                 corners[3, k] = pairs[c + fw + 1]
             if cp3:
                 for k in range(lanes):  # masks_cp3._sample's mixed-precision sum, then its clamp
-                    fx = wx[k]
-                    fy = wy[k]
-                    gy = 1.0 - np.float64(fy)
-                    gx = 1.0 - np.float64(fx)
-                    fx64 = np.float64(fx)
-                    vy = np.float64(cf[0, 2 * k + 1]) * gy * gx + np.float64(cf[1, 2 * k + 1]) * gy * fx64
-                    vy = vy + np.float64(cf[2, 2 * k + 1] * fy) * gx
-                    vy = vy + np.float64(cf[3, 2 * k + 1] * fy * fx)
-                    vx = np.float64(cf[0, 2 * k]) * gy * gx + np.float64(cf[1, 2 * k]) * gy * fx64
-                    vx = vx + np.float64(cf[2, 2 * k] * fy) * gx
-                    vx = vx + np.float64(cf[3, 2 * k] * fy * fx)
+                    vy = blend_cp3(cf[0, 2 * k + 1], cf[1, 2 * k + 1], cf[2, 2 * k + 1], cf[3, 2 * k + 1], wy[k], wx[k])
+                    vx = blend_cp3(cf[0, 2 * k], cf[1, 2 * k], cf[2, 2 * k], cf[3, 2 * k], wy[k], wx[k])
                     ox = px[k]
                     oy = py[k]
-                    qy = min(hi_y, max(lo, oy + np.float32(vy)))
-                    qx = min(hi_x, max(lo, ox + np.float32(vx)))
+                    qy = min(hi_y, max(lo, oy + vy))
+                    qx = min(hi_x, max(lo, ox + vx))
                     go = s < todo[k]
                     px[k] = qx if go else ox
                     py[k] = qy if go else oy
             else:
                 for k in range(lanes):  # _sample's bilinear sum, then the clamp
-                    we = wx[k]
-                    no = wy[k]
-                    ea = one - we
-                    so = one - no
-                    nw = so * ea
-                    ne = so * we
-                    sw = no * ea
-                    se = no * we
-                    vx = cf[0, 2 * k] * nw + cf[1, 2 * k] * ne
-                    vx = vx + cf[2, 2 * k] * sw
-                    vx = vx + cf[3, 2 * k] * se
-                    vy = cf[0, 2 * k + 1] * nw + cf[1, 2 * k + 1] * ne
-                    vy = vy + cf[2, 2 * k + 1] * sw
-                    vy = vy + cf[3, 2 * k + 1] * se
+                    vx = _blend(cf[0, 2 * k], cf[1, 2 * k], cf[2, 2 * k], cf[3, 2 * k], wx[k], wy[k])
+                    vy = _blend(cf[0, 2 * k + 1], cf[1, 2 * k + 1], cf[2, 2 * k + 1], cf[3, 2 * k + 1], wx[k], wy[k])
                     ox = px[k]
                     oy = py[k]
                     qx = min(max(ox + vx, lo), hi_x)
