@@ -360,9 +360,11 @@ def flows_to_masks(
     min_size pixels removed. device: None/"cpu" uses numba; another torch device ("cuda") runs
     `torch_rules` there (same masks, see `flows_to_masks_batch`).
     exact=True (default) reproduces the reference's masks bit for bit (labels included).
-    exact=False is an opt-in shortcut (numba path only) that stops Euler trajectories once their
-    final pixel looks settled (see `follow_flows`): not bit-exact, a trajectory may end one bin
-    away, which can change masks; the torch path is always exact.
+    exact=False (numba path only) stops Euler trajectories one at a time once their final pixel
+    looks settled (see `follow_flows`): not bit-exact, a trajectory may end one bin away, which can
+    change masks. It is kept for compatibility: the exact default, which advances trajectories in
+    SIMD lanes, is now the faster of the two (docs/results/dynamics.md). The torch path is always
+    exact.
     rules: "cp4" = cellpose 4.2.1.1; "cp3" = cellpose 3.1.1.2 on a CPU (its classic-model
     masks): pixel-coordinate Euler steps with its own bilinear sampler, per-object flow-error
     diffusion, no renumbering after the QC and its rank-based size filter (see `masks_cp3`).
