@@ -10,9 +10,8 @@ Modules: `flows_numba` (labels -> unit flows, cp4, numba), `masks_cp4` / `masks_
 masks kernels of each rule set, numba; one SIMD-lane Euler kernel serves both), `labels_numba`
 (counts, renumbering and hole filling of the masks' tail, numba), `torch_rules` (both rule sets
 in torch ops, any device, TorchScript-compatible; also compiled into `cpsam distill export`
-files). device=None / "cpu"
-runs numba, any other torch device (e.g. "cuda") `torch_rules`, under either rule set; the two
-give the same masks (tests/cpsam/test_dynamics_parity.py).
+files). device=None / "cpu" runs numba, any other torch device (e.g. "cuda") `torch_rules`, under
+either rule set; the two give the same masks (tests/cpsam/test_dynamics_parity.py).
 
 Conventions: flows are (2, H, W) [dY, dX]. `masks_to_flows` returns *unit* flows (training
 targets are 5x these); `flows_to_masks` takes the network's flows at 5x scale and its

@@ -22,6 +22,13 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(cache=True, nogil=True, inline="always")
+def unit_vector(dy: float, dx: float) -> tuple[float, float]:
+    """(dy, dx) / (1e-60 + |(dy, dx)|) in float64: cellpose's normalisation of the heat gradient."""
+    nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
+    return dy / nrm, dx / nrm
+
+
 @njit(cache=True, nogil=True)
 def _bboxes(lab: np.ndarray, n: int) -> np.ndarray:
     """(n, 4) int64 [y0, y1, x0, x1) bounding boxes of labels 1..n in a (H, W) int32 image."""
@@ -169,11 +176,8 @@ def _unit_gradient(lab: np.ndarray, heat: np.ndarray) -> np.ndarray:
     for i in range(h):
         for j in range(w):
             if lab[i, j] > 0:
-                dy = heat[i + 2, j + 1] - heat[i, j + 1]
-                dx = heat[i + 1, j + 2] - heat[i + 1, j]
-                nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
-                mu[0, i, j] = dy / nrm
-                mu[1, i, j] = dx / nrm
+                mu[0, i, j], mu[1, i, j] = unit_vector(heat[i + 2, j + 1] - heat[i, j + 1],
+                                                       heat[i + 1, j + 2] - heat[i + 1, j])
     return mu
 
 
@@ -236,11 +240,9 @@ def _object_error(lab, k, box, heat, dP):
         for j in range(box[k, 2], box[k, 3]):
             if lab[i, j] == k + 1:
                 # the unit gradient of `_unit_gradient`, then cellpose's squared error
-                dy = heat[i + 2, j + 1] - heat[i, j + 1]
-                dx = heat[i + 1, j + 2] - heat[i + 1, j]
-                nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
-                ey = dy / nrm - np.float64(dP[0, i, j] / five)
-                ex = dx / nrm - np.float64(dP[1, i, j] / five)
+                uy, ux = unit_vector(heat[i + 2, j + 1] - heat[i, j + 1], heat[i + 1, j + 2] - heat[i + 1, j])
+                ey = uy - np.float64(dP[0, i, j] / five)
+                ex = ux - np.float64(dP[1, i, j] / five)
                 s += ey * ey + ex * ex
                 c += 1
     return s / c

@@ -33,7 +33,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from cpsam.dynamics.flows_numba import _DEALS, _bboxes, _by_size, diffuse_crop  # shared with the cp4 kernels
+from cpsam.dynamics.flows_numba import (  # shared with the cp4 kernels
+    _DEALS,
+    _bboxes,
+    _by_size,
+    diffuse_crop,
+    unit_vector,
+)
 from cpsam.dynamics.masks_cp4 import (
     _HISTORY,
     _integrate_lanes,
@@ -225,11 +231,9 @@ def _object_error(lab, label, y0, y1, x0, x1, dP):
     for i in range(1, a.shape[0] - 1):
         for j in range(1, a.shape[1] - 1):
             if inside[i, j] != 0.0:
-                dy = a[i + 1, j] - a[i - 1, j]
-                dx = a[i, j + 1] - a[i, j - 1]
-                nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
-                e0 = dy / nrm - np.float64(dP[0, y0 + i - 1, x0 + j - 1] / five)
-                e1 = dx / nrm - np.float64(dP[1, y0 + i - 1, x0 + j - 1] / five)
+                uy, ux = unit_vector(a[i + 1, j] - a[i - 1, j], a[i, j + 1] - a[i, j - 1])  # `_flows_parallel`'s
+                e0 = uy - np.float64(dP[0, y0 + i - 1, x0 + j - 1] / five)
+                e1 = ux - np.float64(dP[1, y0 + i - 1, x0 + j - 1] / five)
                 s0 += e0 * e0
                 s1 += e1 * e1
                 cnt += 1
@@ -270,11 +274,7 @@ def _flows_parallel(lab, n):
                 _object_flow(lab, k + 1, box[k, 0], box[k, 1], box[k, 2], box[k, 3], mu)
     for i in prange(h):
         for j in range(w):
-            dy = mu[0, i, j]
-            dx = mu[1, i, j]
-            nrm = 1e-60 + np.sqrt(dy * dy + dx * dx)
-            mu[0, i, j] = dy / nrm
-            mu[1, i, j] = dx / nrm
+            mu[0, i, j], mu[1, i, j] = unit_vector(mu[0, i, j], mu[1, i, j])
     return mu
 
 

@@ -259,9 +259,9 @@ def _integrate_lanes(field, ys, xs, niter, out, start, stop, scale_x, scale_y, c
     A lane that has fewer than `_ROUND` steps left keeps its position for the rest of the round.
     A lane starts at a round boundary, so its step count t is a multiple of `_ROUND` after each
     round; then the exact cycle test (`_first_repeats`, periods up to 2 * `_ROUND`, all lanes at
-    once) runs; a fixed point is a cycle of every period, so the same test finds it. Stopping at a different step
-    than the one-at-a-time kernels does not change the final position, which the cycle
-    determines. A finished lane takes the next trajectory. Every trajectory is a function of
+    once) runs; a fixed point is a cycle of every period, so the same test finds it. Stopping at a
+    different step than the one-at-a-time kernels does not change the final position, which the
+    cycle determines. A finished lane takes the next trajectory. Every trajectory is a function of
     its own start only: results do not depend on lanes, chunks or threads.
     """
     fw = field.shape[1]
@@ -518,7 +518,7 @@ def _grow_seeds(pos, hist, seeds_y, seeds_x, order, lab):
                 grown[a, b] = False
                 nxt[a, b] = False  # each buffer is False outside the region it was last written in
         grown[5, 5] = True
-        for it in range(5):  # after `it` dilations the region lies within 5 +- it
+        for it in range(5):  # dilation it + 1 reaches at most 5 +- (it + 1)
             lo = 4 - it
             hi = 7 + it
             for a in range(lo, hi):

@@ -1,4 +1,4 @@
-"""The fast numba kernels of `cpsam.dynamics` against their plain one-at-a-time forms (cp4 rules).
+"""The fast numba kernels of `cpsam.dynamics` against their plain one-at-a-time forms (cp4, and cp3 where noted).
 
 * `masks_cp4._integrate_lanes` (`_LANES` trajectories in lockstep, cycle test every `_ROUND` steps) must give
   the positions of `_integrate_range` (one trajectory at a time, the form checked against cellpose in
