@@ -27,6 +27,7 @@ smoke: $(STAMP)
 	PY=$(PY) bash scripts/train_cpsam_paper.sh --smoke
 	PY=$(PY) bash scripts/distill_study.sh --smoke
 	PY=$(PY) bash scripts/eval_paper.sh --smoke
+	PY=$(PY) bash scripts/workflow_he.sh --smoke
 
 # Speed/memory against cellpose on this machine (minutes each; run on an otherwise idle machine).
 bench: $(STAMP)
