@@ -71,6 +71,7 @@ PYEOF
 timed() {  # timed NAME COMMAND...: run once (skipped when WORK/NAME.done exists), wall seconds to times.txt
     local name=$1; shift
     [ -f "$WORK/$name.done" ] && return 0
+    echo "workflow_he.sh: $name ... (progress: tail -f $WORK/$name.err)" >&2
     local t0; t0=$(date +%s.%N)
     "$@" > "$WORK/$name.log" 2> "$WORK/$name.err" || { echo "workflow_he.sh: $name failed, see $WORK/$name.err" >&2; exit 1; }
     echo "$name $(echo "$(date +%s.%N) - $t0" | bc) s" >> "$WORK/times.txt"
@@ -79,7 +80,7 @@ timed() {  # timed NAME COMMAND...: run once (skipped when WORK/NAME.done exists
 timed finetune "$PY" -m cpsam finetune --model cyto_0 --images "$WORK/labelled" --out "$WORK/teacher" \
     --channels 0 0 "${FINETUNE[@]}"
 timed cache "$PY" -m cpsam distill cache --teacher "$WORK/teacher" --images "$WORK/pool" --out "$WORK/cache" \
-    --channels 0 0 "${CACHE[@]}"
+    --channels 0 0 --val-fraction 0.2 --seed 0 "${CACHE[@]}"   # the split the held-out folders above copy
 timed distill "$PY" -m cpsam distill --out "$WORK/student" "${DISTILL[@]}" kd.cache="$WORK/cache"
 mkdir -p "$WORK/evals"
 for model in student teacher cyto_0; do
