@@ -69,6 +69,11 @@ def positive_int(text: str) -> int:
     return _checked(value, value >= 1, f"{text} must be at least 1")
 
 
+def positive_int_or_auto(text: str) -> int | str:
+    """"auto" (the command picks the number), or an integer >= 1."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def torch_device(text: str) -> torch.device:
     """A torch device that exists here (cpu, cuda, cuda:1, mps)."""
     import torch  # here, not at the top: commands without a --device option start without loading torch

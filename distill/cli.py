@@ -18,10 +18,18 @@ Exit codes: 0 done, 1 the run failed, 2 bad request (options, files, config), 12
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from cpsam import io
-from cpsam.cli_types import finite_float, fraction, non_negative_float, non_negative_int, positive_int
+from cpsam.cli_types import (
+    finite_float,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    positive_int_or_auto,
+)
 from cpsam.command import UsageError, exit_codes, interruptible
 
 RESUME_HINT = "rerun the same command to resume"
@@ -75,7 +83,10 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of images (labelled by the teacher into CACHE/data), a canonical dataset or a "
                              "folder of canonical datasets")
     parser.add_argument("--out", type=Path, required=True, help="cache folder (created; rerun to resume)")
-    parser.add_argument("--views", type=positive_int, default=4, help="augmented views per image (default 4)")
+    parser.add_argument("--views", type=positive_int_or_auto, default="auto",
+                        help="augmented views per image, or auto (default): 32 for pools of up to 38 training images, "
+                             "fewer for larger pools (about 1,200 views in all), at least 4 "
+                             "(distill.workflow.default_views)")
     parser.add_argument("--verify", type=non_negative_int, default=0, metavar="N",
                         help="re-run the teacher on N cached views rebuilt from their seeds; print the difference")
     parser.add_argument("--features", default="auto",
@@ -159,7 +170,7 @@ def run_cache(args: argparse.Namespace) -> int:
     from distill.cache import CacheError, TeacherCache, build_cache, check_resume, verify_cache
     from distill.pseudo_labels import PseudoLabelError, canonical_roots
     from distill.teachers import TeacherError
-    from distill.workflow import DistillError, distill_config, plan_data
+    from distill.workflow import DistillError, default_views, distill_config, plan_data
     from train.config import ConfigError
     from train.data import PipelineSpec
     from train.loop import runs_on_cpu
@@ -182,7 +193,11 @@ def run_cache(args: argparse.Namespace) -> int:
         cfg = distill_config(teacher, "cpnet", args.out, plan, seed=args.seed, overrides=args.overrides)
         spec = PipelineSpec(int(cfg.data.tile_size or teacher.tile_size), teacher.in_channels, cfg.augment,
                             cfg.degrade)
-        report = build_cache(teacher, [str(p) for p in plan.train_roots], args.out, spec=spec, views=args.views,
+        views = default_views(plan.n_train) if args.views == "auto" else args.views
+        if args.views == "auto" and state.is_main_process:
+            print(f"cpsam distill cache: --views auto: {views} views per image for {plan.n_train} training images",
+                  file=sys.stderr)
+        report = build_cache(teacher, [str(p) for p in plan.train_roots], args.out, spec=spec, views=views,
                              seed=args.seed, split=cfg.data.train_split,
                              val_datasets=[str(p) for p in plan.val_roots],
                              features=_feature_names(args.features, teacher), batch_size=args.batch_size,

@@ -17,7 +17,7 @@ PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 SHARED=${SHARED:-../shared/data}
 SCORED="he_miccai2015_cpm he_gbm40_emory he_monuseg_train"
 UNLABELED_ONLY="he_cryonuseg_wip_partial"
-FINETUNE=(log.progress=false); CACHE=(--views 32 --verify 4); DISTILL=(); QUIET=()
+FINETUNE=(log.progress=false); CACHE=(--verify 4); DISTILL=(); QUIET=()
 if [ "${1:-}" = "--smoke" ]; then
     shift
     WORK=runs/smoke/workflow_he

@@ -167,6 +167,49 @@ def test_cache_command_builds_verifies_and_a_student_trains_from_it(dataset, tmp
     assert (run / "model.pt").is_file()
 
 
+def test_auto_views_follow_the_pool_size():
+    """`--views auto`: 32 views per image for the measured pools (18 H&E, 33 mixed training images), about 1,200
+    views in all for larger pools (the default recipe draws each about 8 times), never below 4."""
+    from distill.workflow import AUTO_VIEW_DRAWS, DEFAULT_RECIPE_SAMPLES, default_views
+
+    assert DEFAULT_RECIPE_SAMPLES == 100 * 96 and AUTO_VIEW_DRAWS == 8
+    assert [default_views(n) for n in (0, 1, 2, 19, 33, 38)] == [32] * 6
+    assert [default_views(n) for n in (39, 60, 100, 299, 300, 5000)] == [31, 20, 12, 5, 4, 4]
+    for n in (39, 60, 100, 299):
+        assert 1200 <= n * default_views(n) < 1200 + n  # the total is ceil-rounded up from 1,200 views
+        assert DEFAULT_RECIPE_SAMPLES / (n * default_views(n)) <= AUTO_VIEW_DRAWS
+
+
+def test_cache_command_views_auto_is_the_default(dataset, tmp_path, monkeypatch, capsys):
+    """Without --views the command asks `default_views` with the number of training images it labelled or read
+    and caches that many views per image (the rule is patched to 2 views to keep the test small)."""
+    import distill.workflow
+    from cpsam.cli import main as cpsam_main
+
+    asked: list[int] = []
+    monkeypatch.setattr(distill.workflow, "default_views", lambda n: asked.append(n) or 2)
+    teacher = save_tiny_cpnet(tmp_path / "teacher.pt")
+    cache = tmp_path / "cache"
+    assert cpsam_main(["distill", "cache", "--teacher", str(teacher), "--images", str(dataset), "--out", str(cache),
+                       "--quiet", "data.tile_size=64"]) == 0
+    captured = capsys.readouterr()
+    assert asked == [2]  # the two training images of the fixture
+    assert "--views auto: 2 views per image for 2 training images" in captured.err
+    assert "4 views written" in captured.out and TeacherCache(cache).views == 2
+
+
+def test_views_option_takes_auto_or_a_positive_integer():
+    import argparse
+
+    from cpsam.cli_types import positive_int_or_auto
+
+    assert positive_int_or_auto("auto") == "auto" and positive_int_or_auto("AUTO") == "auto"
+    assert positive_int_or_auto("7") == 7
+    for bad in ("0", "-3", "2.5", "many"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int_or_auto(bad)
+
+
 def test_two_real_processes_share_the_cache_build(dataset, tmp_path):
     """`torchrun --nproc_per_node 2 -m cpsam distill cache` (gloo, two CPU processes): each rank writes the views
     of its own images, together every view, equal to a one-process build (to an fp16 ulp). Before
