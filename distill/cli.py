@@ -2,7 +2,7 @@
 
     cpsam distill --teacher cyto_0 --images DIR --student cpnet-1-32-64 --out RUN [key=value ...]
     cpsam distill --teacher RUN_FINETUNED --images UNLABELED_DIR --out STUDENT     (the default student and recipe)
-    cpsam distill cache --teacher MODEL [--teacher MODEL ...] --images DIR_OR_DATASET --out CACHE [--views K]
+    cpsam distill cache --teacher MODEL [--teacher MODEL ...] --images DIR_OR_DATASET --out CACHE [--views K|auto]
                         [--verify N] [key=value ...]
     cpsam distill --teacher cyto_0 --student cpnet-1-32-64 --out RUN kd.cache=CACHE [key=value ...]
     cpsam distill eval ...      (distill.evaluate)        cpsam distill export ...    (distill.export)
@@ -86,7 +86,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", type=positive_int_or_auto, default="auto",
                         help="augmented views per image, or auto (default): 32 for pools of up to 38 training images, "
                              "fewer for larger pools (about 1,200 views in all), at least 4 "
-                             "(distill.workflow.default_views)")
+                             "(distill.workflow.default_views); resuming, the cache's own count")
     parser.add_argument("--verify", type=non_negative_int, default=0, metavar="N",
                         help="re-run the teacher on N cached views rebuilt from their seeds; print the difference")
     parser.add_argument("--features", default="auto",
@@ -167,7 +167,7 @@ def run_cache(args: argparse.Namespace) -> int:
     # imported when this command runs, not for --help (start-up time)
     from accelerate import PartialState
 
-    from distill.cache import CacheError, TeacherCache, build_cache, check_resume, verify_cache
+    from distill.cache import MANIFEST, CacheError, TeacherCache, build_cache, check_resume, verify_cache
     from distill.pseudo_labels import PseudoLabelError, canonical_roots
     from distill.teachers import TeacherError
     from distill.workflow import DistillError, default_views, distill_config, plan_data
@@ -193,10 +193,13 @@ def run_cache(args: argparse.Namespace) -> int:
         cfg = distill_config(teacher, "cpnet", args.out, plan, seed=args.seed, overrides=args.overrides)
         spec = PipelineSpec(int(cfg.data.tile_size or teacher.tile_size), teacher.in_channels, cfg.augment,
                             cfg.degrade)
-        views = default_views(plan.n_train) if args.views == "auto" else args.views
-        if args.views == "auto" and state.is_main_process:
-            print(f"cpsam distill cache: --views auto: {views} views per image for {plan.n_train} training images",
-                  file=sys.stderr)
+        views = args.views
+        if views == "auto":  # resuming: the cache's own count (an older default, or another pool size, stays)
+            resumed = (args.out / MANIFEST).is_file()
+            views = TeacherCache(args.out).views if resumed else default_views(plan.n_train)
+            if state.is_main_process:
+                why = "the cache's own" if resumed else f"for {plan.n_train} training images"
+                print(f"cpsam distill cache: --views auto: {views} views per image ({why})", file=sys.stderr)
         report = build_cache(teacher, [str(p) for p in plan.train_roots], args.out, spec=spec, views=views,
                              seed=args.seed, split=cfg.data.train_split,
                              val_datasets=[str(p) for p in plan.val_roots],

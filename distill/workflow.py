@@ -227,11 +227,9 @@ def _recipe_value(key: str) -> str:
 DEFAULT_RECIPE_SAMPLES = int(_recipe_value("schedule.epochs")) * int(_recipe_value("schedule.samples_per_epoch"))
 
 # `cpsam distill cache --views auto`: how many times, at most, the default recipe should draw each cached view, and
-# the views per image it may choose. Measured in docs/results/distillation.md (same teacher labels, same student and
-# steps): views drawn about 9-17 times each (32 views of 18 H&E or 33 mixed training images) beat views drawn 36-67
-# times each (8 views), in held-out AP and agreement with the teacher. 8 draws gives 32 views to pools of up to 38
-# training images, then about 1,200 views in all (about 4 GB with CPnet decoder features at 224 px) down to the floor
-# of 4 views per image from 300 images on.
+# the views per image it may choose. Why these values (views drawn a few times each beat views drawn tens of times,
+# from the same teacher labels): docs/results/distillation.md. 8 draws gives 32 views to pools of up to 38 training
+# images, then about 1,200 views in all, down to the floor of 4 views per image from 300 images on.
 AUTO_VIEW_DRAWS = 8
 AUTO_VIEWS_RANGE = (4, 32)
 

@@ -194,8 +194,17 @@ def test_cache_command_views_auto_is_the_default(dataset, tmp_path, monkeypatch,
                        "--quiet", "data.tile_size=64"]) == 0
     captured = capsys.readouterr()
     assert asked == [2]  # the two training images of the fixture
-    assert "--views auto: 2 views per image for 2 training images" in captured.err
+    assert "--views auto: 2 views per image (for 2 training images)" in captured.err
     assert "4 views written" in captured.out and TeacherCache(cache).views == 2
+    # a cache built with an explicit count resumes under auto with that count, without asking the rule
+    explicit = tmp_path / "explicit"
+    argv = ["distill", "cache", "--teacher", str(teacher), "--images", str(dataset), "--out", str(explicit),
+            "--quiet", "data.tile_size=64"]
+    assert cpsam_main([*argv, "--views", "1"]) == 0 and "2 views written" in capsys.readouterr().out
+    assert cpsam_main(argv) == 0
+    captured = capsys.readouterr()
+    assert asked == [2] and "--views auto: 1 views per image (the cache's own)" in captured.err
+    assert "0 views written, 2 already there" in captured.out
 
 
 def test_views_option_takes_auto_or_a_positive_integer():
