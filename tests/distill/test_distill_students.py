@@ -26,7 +26,7 @@ def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
 
 def test_every_student_name_is_registered():
     names = student_names()
-    assert len(cpnet_student_names()) == 8 and len(fastnet_names()) == 10
+    assert len(cpnet_student_names()) == 8 and len(fastnet_names()) == 12
     assert {"cpnet-1-32", "cpnet-1-32-64", "cpnet-1-32-64-128", "cpnet-1-32-64-128-256", "cpnet-2-32-64"} <= set(names)
     assert set(names) <= set(list_models())
 
