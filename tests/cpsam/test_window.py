@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import shared_path
 
-from benchmarks.bench_blockwise import build_mosaic
+from benchmarks.bench_blockwise import FOLDER, SOURCES, build_mosaic
 from cpsam import transforms
 from cpsam.metrics import average_precision
 from cpsam.segment import Segmenter
@@ -61,7 +62,10 @@ def test_plan_selects_every_tile_that_touches_the_window() -> None:
 
 
 def _mosaic(size: int) -> np.ndarray:
-    """A mosaic of real nuclei crops (DeepCell), size x size uint16."""
+    """A mosaic of real nuclei crops (DeepCell), size x size uint16; skips the test when ../shared lacks them."""
+    for name in SOURCES:
+        shared_path("data", FOLDER, f"{name}_img.tif")
+        shared_path("data", FOLDER, f"{name}_masks.tif")
     return build_mosaic(size)[0]
 
 
