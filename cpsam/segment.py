@@ -83,6 +83,23 @@ def recorded_inference(model: nn.Module) -> dict[str, Any]:
     return dict(getattr(model, "inference_record", None) or {})
 
 
+DEFAULT_FLOW_THRESHOLD = 0.4  # cellpose's flow_threshold
+
+
+def recorded_flow_threshold(model: nn.Module) -> float:
+    """The flow threshold `Segmenter` applies when the caller gives none: the model's calibrated one
+    (`mask_thresholds.flow_threshold` of its inference record, written by `cpsam distill`'s calibration,
+    distill.calibrate) or cellpose's 0.4. The record's plain `flow_threshold` (the mask threshold validation used)
+    is not applied."""
+    value = (recorded_inference(model).get("mask_thresholds") or {}).get("flow_threshold")
+    if value is None:
+        return DEFAULT_FLOW_THRESHOLD
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"the model's recorded mask_thresholds.flow_threshold must be a number >= 0, got {value}")
+    return value
+
+
 def rules_for(model: nn.Module) -> InferenceRules:
     """Cellpose-3 rules for a classic CPnet (and its students), cellpose-4 rules for anything else; the flow ->
     mask rules recorded in the model's checkpoint win (a FastNet distilled from cyto_0 keeps cyto_0's "cp3")."""
@@ -256,6 +273,7 @@ class Segmenter:
         recorded = recorded_inference(model).get("channels")
         # [SEG, NUC] the model was trained on (a distilled student: its teacher's), used when none are given
         self.default_channels: list[int] | None = [int(c) for c in recorded] if recorded is not None else None
+        self.flow_threshold = recorded_flow_threshold(model)  # used when a call gives none
         self.masks_device = masks_device
         self._tapers: dict[tuple[int, int], torch.Tensor] = {}
         self.style_channels = int(getattr(model, "style_channels", 0) or 0)  # 0: no style vector (CP-SAM)
@@ -290,7 +308,7 @@ class Segmenter:
         augment: bool = False,
         compute_masks: bool = True,
         niter: int | None = None,
-        flow_threshold: float = 0.4,
+        flow_threshold: float | None = None,
         cellprob_threshold: float = 0.0,
         min_size: int = 15,
         max_size_fraction: float = 0.4,
@@ -313,7 +331,7 @@ class Segmenter:
             niter: Euler steps; None -> 200 / rescale, truncated (cellpose's resample=True rule,
                 in float32 under the cellpose-3 rules, see `InferenceRules`).
             flow_threshold, cellprob_threshold, min_size, max_size_fraction: passed to
-                `cpsam.dynamics.flows_to_masks`.
+                `cpsam.dynamics.flows_to_masks`; flow_threshold None: the model's (`recorded_flow_threshold`).
             estimate_diameters: False ignores the size model (None then means the model's own).
             normalization: per network input channel, the (low, high) intensities that map to 0 / 1 (None
                 for a channel without contrast), used instead of each image's own 1st / 99th percentiles
@@ -342,7 +360,7 @@ class Segmenter:
         augment: bool = False,
         compute_masks: bool = True,
         niter: int | None = None,
-        flow_threshold: float = 0.4,
+        flow_threshold: float | None = None,
         cellprob_threshold: float = 0.0,
         min_size: int = 15,
         max_size_fraction: float = 0.4,
@@ -359,7 +377,8 @@ class Segmenter:
         if channels is None:
             channels = self.default_channels
         mask_kwargs = dict(
-            flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
+            flow_threshold=self.flow_threshold if flow_threshold is None else flow_threshold,
+            cellprob_threshold=cellprob_threshold,
             min_size=min_size, max_size_fraction=max_size_fraction,
         )
 
@@ -438,7 +457,7 @@ class Segmenter:
         augment: bool = False,
         compute_masks: bool = True,
         niter: int | None = None,
-        flow_threshold: float = 0.4,
+        flow_threshold: float | None = None,
         cellprob_threshold: float = 0.0,
         min_size: int = 15,
         max_size_fraction: float = 0.4,
@@ -489,7 +508,8 @@ class Segmenter:
         )
         (state,) = self._run_tiles(iter([state]), augment)
         window_area = (window[1] - window[0]) * (window[3] - window[2])
-        mask_kwargs = dict(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size,
+        mask_kwargs = dict(flow_threshold=self.flow_threshold if flow_threshold is None else flow_threshold,
+                           cellprob_threshold=cellprob_threshold, min_size=min_size,
                            max_size_fraction=max_size_fraction * shape[0] * shape[1] / window_area)
         return self._finish(state, compute_masks, mask_kwargs)
 

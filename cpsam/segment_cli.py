@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--niter", type=non_negative_int, default=None,
                         help="dynamics steps (default or 0: 200 / rescale)")
-    parser.add_argument("--flow-threshold", type=non_negative_float, default=0.4)
+    parser.add_argument("--flow-threshold", type=non_negative_float, default=None,
+                        help="largest mean squared flow error of a kept mask (default: the model's calibrated "
+                             "threshold, recorded by cpsam distill, else 0.4; 0: keep all)")
     parser.add_argument("--cellprob-threshold", type=finite_float, default=0.0)
     parser.add_argument("--min-size", type=int, default=15, help="smallest mask in pixels (<= 0: keep all)")
     parser.add_argument("--skip-existing", action="store_true",

@@ -53,7 +53,8 @@ CITATIONS = (
 
 class LabelImageModel(nn.Module):
     """raw (B, C, H, W) float tensor -> labels (B, 1, H, W) int32: `ExportedSegmenter` on each image at a fixed
-    diameter (px; 0 = the model's own), with the default mask thresholds of `cpsam segment`. Runs on the
+    diameter (px; 0 = the model's own), with the default mask thresholds of `cpsam segment` (the model's flow
+    threshold, see `cpsam.segment.recorded_flow_threshold`). Runs on the
     device of its input (the weights go where `torch.jit.load(map_location=...)` puts them)."""
 
     def __init__(self, segmenter: ExportedSegmenter, diameter: float) -> None:
@@ -85,7 +86,7 @@ def package_test_input(image: np.ndarray, in_channels: int, side: int = TEST_SID
 
 
 def _documentation(name: str, source: str, rules: InferenceRules, diameter: float, in_channels: int,
-                   n_cells: int, shape: tuple[int, ...]) -> str:
+                   n_cells: int, shape: tuple[int, ...], flow_threshold: float) -> str:
     diam = f"{diameter:g} px" if diameter > 0 else "the model's own diameter"
     return f"""# {name}
 
@@ -97,7 +98,8 @@ a grayscale image is channel 0 with the others zero), a whole image of any size 
 tile it, the tiling is inside. Output `labels`: int32 label image (0 background, 1..N one id per cell).
 Inside the TorchScript weights: per-channel 1st/99th percentile normalization, rescaling to the model's cell
 diameter (cells of {diam}), overlapping tiles of {rules.tile_size} px, the network, the Cellpose flows and
-their dynamics to masks (rule set `{rules.mask_rules}`, flow threshold 0.4, cell probability threshold 0).
+their dynamics to masks (rule set `{rules.mask_rules}`, flow threshold {flow_threshold:g}, cell probability
+threshold 0).
 
 ## Validation
 The test tensors are a {shape[-2]} x {shape[-1]} crop of a real image and this package's own output on it
@@ -238,7 +240,7 @@ def write_package(model: nn.Module, out: str | os.PathLike[str], image: np.ndarr
             tile_size=segmenter.tile_size, pad_to_tile=segmenter.pad_to_tile,
             float32_rescale=segmenter.float32_rescale, mask_rules=segmenter.mask_rules)
         (stage / "README.md").write_text(_documentation(name, source, rule_set, diameter, segmenter.in_channels,
-                                                        n_cells, raw.shape))
+                                                        n_cells, raw.shape, segmenter.flow_threshold))
         descr = _describe(stage, name, source, segmenter.in_channels)
         _save(descr, out, stage)
     return out, n_cells

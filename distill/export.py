@@ -48,7 +48,7 @@ from cpsam.cli_types import non_negative_float, positive_int
 from cpsam.dynamics.torch_rules import flows_to_masks as flows_to_masks_torch
 from cpsam.models import resolve_model
 from cpsam.models.cpnet import CPnet
-from cpsam.segment import CPU_SUB_BATCH, InferenceRules, rules_for
+from cpsam.segment import CPU_SUB_BATCH, DEFAULT_FLOW_THRESHOLD, InferenceRules, recorded_flow_threshold, rules_for
 
 # TorchScript functions cannot read module globals: the constants below are repeated as locals where used
 # (cpsam.transforms' PERCENTILE_SUBSAMPLE_ABOVE = 224**3, PERCENTILE_SUBSAMPLE_STEP = 224, PAD_DIV = 16).
@@ -194,7 +194,8 @@ class ExportedSegmenter(nn.Module):
     """
 
     def __init__(self, net: nn.Module, in_channels: int, tile_size: int, diam_mean: float, diam_labels: float,
-                 rules: InferenceRules, net_stride: int, batch_size: int = 8, tile_overlap: float = 0.1) -> None:
+                 rules: InferenceRules, net_stride: int, batch_size: int = 8, tile_overlap: float = 0.1,
+                 flow_threshold: float = DEFAULT_FLOW_THRESHOLD) -> None:
         super().__init__()
         self.net = net
         self.in_channels = int(in_channels)
@@ -208,6 +209,7 @@ class ExportedSegmenter(nn.Module):
         self.batch_size = int(batch_size)
         self.sub_batch = int(CPU_SUB_BATCH)
         self.tile_overlap = float(tile_overlap)
+        self.flow_threshold = float(flow_threshold)  # used when a call passes a negative one (its default)
 
     def rescale_for(self, diameter: float) -> float:
         """diam_mean / diameter (diam_labels for diameter <= 0), in float32 under the cellpose 3 rules."""
@@ -288,9 +290,10 @@ class ExportedSegmenter(nn.Module):
         return flows, rescale
 
     def forward(self, image: Tensor, diameter: float = 0.0, niter: int = 0, cellprob_threshold: float = 0.0,
-                flow_threshold: float = 0.4, min_size: int = 15,
+                flow_threshold: float = -1.0, min_size: int = 15,
                 max_size_fraction: float = 0.4) -> tuple[Tensor, Tensor]:
-        """Segment one image: (H, W) or 3-D float tensor as read; diameter in px (0: the model's own).
+        """Segment one image: (H, W) or 3-D float tensor as read; diameter in px (0: the model's own);
+        flow_threshold < 0: the model's (`cpsam.segment.recorded_flow_threshold`, stored at export).
 
         Returns masks (H, W) int32 (0 = background, 1..N) and flows (3, H, W) float32.
         """
@@ -300,9 +303,12 @@ class ExportedSegmenter(nn.Module):
 
     @torch.jit.export
     def masks(self, flows: Tensor, rescale: float, niter: int = 0, cellprob_threshold: float = 0.0,
-              flow_threshold: float = 0.4, min_size: int = 15, max_size_fraction: float = 0.4) -> Tensor:
-        """flows (3, H, W) of `flows` / `flows_chw` -> masks (H, W) int32 (step 6; niter 0: 200 / rescale)."""
+              flow_threshold: float = -1.0, min_size: int = 15, max_size_fraction: float = 0.4) -> Tensor:
+        """flows (3, H, W) of `flows` / `flows_chw` -> masks (H, W) int32 (step 6; niter 0: 200 / rescale;
+        flow_threshold < 0: the model's)."""
         steps = niter if niter > 0 else self.default_niter(rescale)
+        if flow_threshold < 0:
+            flow_threshold = self.flow_threshold
         with torch.no_grad():
             masks = flows_to_masks_torch(flows[:2].contiguous(), flows[2].contiguous(), steps,
                                          cellprob_threshold, flow_threshold, min_size, max_size_fraction,
@@ -346,7 +352,8 @@ def build_segmenter(model: nn.Module, rules: InferenceRules | None = None, batch
     with torch.no_grad():
         traced = torch.jit.trace(net, example, check_trace=False)
     return ExportedSegmenter(traced, int(model.in_channels), tile, float(model.diam_mean.detach()[0]),
-                             float(model.diam_labels.detach()[0]), rules, stride, batch_size)
+                             float(model.diam_labels.detach()[0]), rules, stride, batch_size,
+                             flow_threshold=recorded_flow_threshold(model))
 
 
 def script_bytes(module: nn.Module) -> bytes:

@@ -14,7 +14,10 @@ Steps (each visible in RUN):
    validation KD loss (val_kd_loss) is trained;
 4. training through the one loop (train.loop.train): RUN/model.pt, checkpoints, metrics.csv, curves.png; a rerun
    of the same command resumes;
-5. a classic size model for the student (train.size_fit, as `cpsam finetune` does) fitted on the training images
+5. the student's own flow threshold (distill.calibrate, `kd.calibrate_flow_threshold`): the threshold of a grid
+   under which its masks match the teacher's best (AP@0.5) on up to CALIBRATION_IMAGES training images, recorded
+   in RUN/model.pt, where `cpsam segment` applies it;
+6. a classic size model for the student (train.size_fit, as `cpsam finetune` does) fitted on the training images
    and their teacher masks, saved as RUN/model.pt_size.npy, so `cpsam segment --model RUN` estimates diameters.
 """
 
@@ -29,11 +32,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from cpsam import io
 from cpsam.models import list_models, load_model
 from data_prep.canonical import CanonicalDataset
 from distill.cache import TeacherCache
+from distill.calibrate import calibrate_flow_threshold, record_flow_threshold, recorded_calibration
 from distill.objective import check_kd
 from distill.pseudo_labels import PseudoLabelError, canonical_roots, labelling_settings, pseudo_label
 from distill.teachers import Teacher
@@ -64,7 +69,8 @@ class DataPlan:
 @dataclass
 class DistillResult:
     """What `distill` did: the run folder, its model file, the best validation AP@0.5 against the data's masks,
-    the seed trained, the seed-search rows (seed, val_kd_loss), seconds, the size model file (or None)."""
+    the seed trained, the seed-search rows (seed, val_kd_loss), seconds, the size model file (or None), the
+    final metrics, the student's calibrated flow threshold (None when not calibrated)."""
 
     run: Path
     model_path: Path
@@ -74,6 +80,7 @@ class DistillResult:
     seconds: float
     size_model_path: Path | None
     final_metrics: dict[str, float]
+    flow_threshold: float | None = None
 
 
 def distill_pipeline(teacher_diam_mean: float) -> tuple[AugmentConfig, DegradeConfig]:
@@ -184,6 +191,44 @@ def seed_search(cfg: TrainConfig, n: int, progress: bool = True) -> list[tuple[i
     return rows
 
 
+# At most this many training images score the flow thresholds (evenly spread over the training rows, which are
+# listed folder by folder): enough for a stable mean AP, a few minutes on 2 CPU cores.
+CALIBRATION_IMAGES = 24
+
+
+def calibration_rows(plan: DataPlan, limit: int = CALIBRATION_IMAGES) -> tuple[CanonicalDataset, list[int]]:
+    """The training rows that calibrate the flow threshold: rows with teacher masks (median diameter > 0), at most
+    `limit`, evenly spaced over the list."""
+    ds = CanonicalDataset(plan.train_roots, split="train")
+    usable = [i for i in range(len(ds)) if ds[i].n_objects > 0 and ds[i].median_diameter > 0]
+    if len(usable) > limit:
+        usable = [usable[int(k)] for k in np.linspace(0, len(usable) - 1, limit).round()]
+    return ds, usable
+
+
+def calibrate_student(run: Path, plan: DataPlan, channels: Sequence[int] | None, progress: bool = True) -> float | None:
+    """Calibrate RUN/model.pt's flow threshold on its training images and teacher masks and record it there
+    (distill.calibrate); a model.pt that has one already (a rerun of a finished run) is left as it is. Returns the
+    threshold (None when no training row has masks)."""
+    path = run / "model.pt"
+    done = recorded_calibration(path)
+    if done is not None:
+        return done
+    ds, rows = calibration_rows(plan)
+    if not rows:
+        return None
+    bar = tqdm(total=len(rows), desc="flow threshold", disable=not progress, leave=False)
+    calibration = calibrate_flow_threshold(
+        load_model(path), [ds.image(i) for i in rows], [ds.mask(i) for i in rows],
+        [float(ds[i].median_diameter) for i in rows], channels=channels, channel_axis=0,  # CanonicalDataset: (C, H, W)
+        progress=lambda done, total: bar.update(1))
+    bar.close()
+    record_flow_threshold(path, calibration, f"calibrated on {calibration.n_images} training images against the "
+                                             "teacher's masks (distill.calibrate)")
+    print(f"cpsam distill: {calibration.line()} -> {path}", file=sys.stderr)
+    return calibration.flow_threshold
+
+
 def fit_student_size_model(run: Path, plan: DataPlan, n_epochs: int, seed: int, progress: bool = True) -> Path | None:
     """Fit and save RUN/model.pt_size.npy for a student with a style vector (None for other students)."""
     path = run / "model.pt_size.npy"
@@ -290,8 +335,11 @@ def distill(teacher: Teacher, images: Path | None, student: str, out: Path, *, o
             print(f"cpsam distill: seed search chose seed {cfg.seed}", file=sys.stderr)
     cfg.log.progress = progress
     result = train(cfg)  # a stop signal raises train.loop.RunStopped: nothing below runs
+    flow_threshold = None
+    if result.is_main and cfg.kd.calibrate_flow_threshold and (out / "model.pt").is_file():
+        flow_threshold = calibrate_student(out, plan, cfg.kd.channels, progress)
     size_path = None
     if result.is_main and size_epochs > 0 and (out / "model.pt").is_file():
         size_path = fit_student_size_model(out, plan, size_epochs, cfg.seed, progress)
     return DistillResult(out, out / "model.pt", result.best_ap50, cfg.seed, searched, time.perf_counter() - start,
-                         size_path, dict(result.final_metrics))
+                         size_path, dict(result.final_metrics), flow_threshold)

@@ -176,6 +176,9 @@ class KDConfig:
     `teacher_augment`: the teacher's outputs and features averaged over the four flips of each crop (flip-equivariant
     targets; `cpsam distill --teacher-augment`); a cache records its own setting (`cpsam distill cache
     --teacher-augment`) and a run with a cache follows it.
+    `calibrate_flow_threshold`: after training, `cpsam distill` picks the student's own flow threshold on its
+    training images against the teacher's masks and records it in model.pt (distill.calibrate); false: the
+    student keeps cellpose's 0.4.
     """
 
     teacher: list[str] = field(default_factory=list)
@@ -198,6 +201,7 @@ class KDConfig:
     freeze_copied_bn: bool = True
     student_scale: float = 1.0
     teacher_augment: bool = False
+    calibrate_flow_threshold: bool = True
 
 
 @dataclass

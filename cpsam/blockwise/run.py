@@ -83,7 +83,7 @@ class Settings:
     bf16: bool = False
     augment: bool = False
     niter: int | None = None
-    flow_threshold: float = 0.4
+    flow_threshold: float | None = None  # None: the model's (Segmenter)
     cellprob_threshold: float = 0.0
     min_size: int = 15
     torch_threads: int | None = None
@@ -298,7 +298,7 @@ def segment_blockwise(
     bf16: bool = False,
     augment: bool = False,
     niter: int | None = None,
-    flow_threshold: float = 0.4,
+    flow_threshold: float | None = None,
     cellprob_threshold: float = 0.0,
     min_size: int = 15,
     bigtiff: str | Path | None = None,

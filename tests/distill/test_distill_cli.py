@@ -12,6 +12,7 @@ import torch
 from conftest import save_tiny_cpnet, shared_image_path, write_shared_canonical
 
 from cpsam.cli import main as cpsam_main
+from distill.calibrate import CALIBRATION_FILE, FLOW_THRESHOLD_GRID
 
 IMAGES = {"baby": [("bact_bf_mothermachine_baby", "baby_mmsCMOS_testA"),
                    ("bact_bf_mothermachine_baby", "baby_mmsCMOS_testB")],
@@ -58,6 +59,10 @@ def test_distill_a_folder_without_masks_end_to_end(images, tmp_path, capsys, cyt
     # what cpsam segment applies by default: the teacher's mask rules and channels
     assert ckpt["inference"]["mask_rules"] == "cp3" and ckpt["inference"]["channels"] == [0, 0]
     assert student.inference_record["channels"] == [0, 0]
+    # the student's own flow threshold, chosen on its training images against the teacher's masks
+    calibrated = ckpt["inference"]["mask_thresholds"]["flow_threshold"]
+    assert calibrated in FLOW_THRESHOLD_GRID and (run / CALIBRATION_FILE).is_file()
+    assert f"flow threshold {calibrated:g} (mean AP@0.5 against the teacher's masks" in out.err
     state = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=False)
     assert state["objective"] == "distill" and state["step"] == 2
     assert (run / "model.pt_size.npy").is_file()
