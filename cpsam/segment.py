@@ -86,18 +86,25 @@ def recorded_inference(model: nn.Module) -> dict[str, Any]:
 DEFAULT_FLOW_THRESHOLD = 0.4  # cellpose's flow_threshold
 
 
-def recorded_flow_threshold(model: nn.Module) -> float:
-    """The flow threshold `Segmenter` applies when the caller gives none: the model's calibrated one
-    (`mask_thresholds.flow_threshold` of its inference record, written by `cpsam distill`'s calibration,
-    distill.calibrate) or cellpose's 0.4. The record's plain `flow_threshold` (the mask threshold validation used)
-    is not applied."""
+def calibrated_flow_threshold(model: nn.Module) -> float | None:
+    """The flow threshold calibrated for `model` (`mask_thresholds.flow_threshold` of its inference record, written
+    by `cpsam distill`'s calibration, distill.calibrate), or None when it has none. The record's plain
+    `flow_threshold` (the mask threshold validation used) is not one. Raises ValueError for a recorded value that
+    is not a number >= 0."""
     value = (recorded_inference(model).get("mask_thresholds") or {}).get("flow_threshold")
     if value is None:
-        return DEFAULT_FLOW_THRESHOLD
+        return None
     value = float(value)
     if not (np.isfinite(value) and value >= 0):
         raise ValueError(f"the model's recorded mask_thresholds.flow_threshold must be a number >= 0, got {value}")
     return value
+
+
+def recorded_flow_threshold(model: nn.Module) -> float:
+    """The flow threshold `Segmenter` applies when the caller gives none: the model's calibrated one
+    (`calibrated_flow_threshold`) or cellpose's 0.4."""
+    value = calibrated_flow_threshold(model)
+    return DEFAULT_FLOW_THRESHOLD if value is None else value
 
 
 def rules_for(model: nn.Module) -> InferenceRules:

@@ -96,17 +96,15 @@ def flow_threshold_scores(dP: np.ndarray, cellprob: np.ndarray, niter: int, teac
     """AP@0.5 against `teacher_masks` of the masks of one image's outputs under each threshold of `grid`.
 
     dP (2, H, W) flows at the network's 5x scale and cellprob (H, W) logits at the image's size (a SegmentResult's),
-    niter Euler steps, rules "cp3" / "cp4": the masks are `cpsam.dynamics.flows_to_masks` with the other defaults
-    of `Segmenter.segment` (cellprob threshold 0, min_size 15, max_size_fraction 0.4). Returns (len(grid),) float64.
+    niter Euler steps, rules "cp3" / "cp4": the masks are `cpsam.dynamics.flows_to_masks` (through
+    `flows_to_masks_thresholds`: the Euler steps once for the whole grid) with the other defaults of
+    `Segmenter.segment` (cellprob threshold 0, min_size 15, max_size_fraction 0.4). Returns (len(grid),) float64.
     """
     # numba (~1 s) loads with the first masks, as in Segmenter
-    from cpsam.dynamics import flows_to_masks
+    from cpsam.dynamics import flows_to_masks_thresholds
 
-    out = np.zeros(len(grid))
-    for k, threshold in enumerate(grid):
-        masks = flows_to_masks(dP, cellprob, niter=int(niter), flow_threshold=float(threshold), rules=rules)
-        out[k] = average_precision(teacher_masks, masks, thresholds=[0.5])[0][0]
-    return out
+    masks = flows_to_masks_thresholds(dP, cellprob, [float(t) for t in grid], niter=int(niter), rules=rules)
+    return average_precision([teacher_masks] * len(masks), masks, thresholds=[0.5])[0][:, 0]
 
 
 def record_flow_threshold(model_path: str | os.PathLike[str], calibration: FlowThresholdCalibration,
@@ -126,9 +124,3 @@ def record_flow_threshold(model_path: str | os.PathLike[str], calibration: FlowT
             writer.writerow([threshold, f"{ap:.6f}", int(threshold == calibration.flow_threshold)])
     return path
 
-
-def recorded_calibration(model_path: str | os.PathLike[str]) -> float | None:
-    """The flow threshold recorded in a checkpoint's mask_thresholds, or None when it has none."""
-    record = read_checkpoint(Path(model_path)).get("inference") or {}
-    value = (record.get("mask_thresholds") or {}).get("flow_threshold")
-    return None if value is None else float(value)

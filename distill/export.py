@@ -19,7 +19,9 @@ Inside the file, in this order (each step is the one `cpsam segment` runs, re-ex
 5. the flows resized back to (H, W); niter = 200 / rescale as `Segmenter`;
 6. flows -> masks: `cpsam.dynamics.torch_rules.flows_to_masks` under the rules' mask rule set (cp3 or cp4),
    the torch implementation that `cpsam.dynamics` runs on a torch device (Euler steps, seeds, flow-error QC,
-   hole filling, small-mask filter; see that module).
+   hole filling, small-mask filter; see that module), at the model's flow threshold
+   (`cpsam.segment.recorded_flow_threshold`: a distilled student's calibrated one, else 0.4) unless the call
+   passes one >= 0.
 Outside (the caller): reading the file and making a float32 tensor of it; choosing cellpose-3 `channels`
 pairs (pass the channels in the order the network wants them); the diameter (no size model inside: give
 one, or 0 for the model's own); test-time augmentation (not supported).

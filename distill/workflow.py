@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 from cpsam import io
 from cpsam.models import list_models, load_model
+from cpsam.segment import calibrated_flow_threshold
 from data_prep.canonical import CanonicalDataset
 from distill.cache import TeacherCache
-from distill.calibrate import calibrate_flow_threshold, record_flow_threshold, recorded_calibration
+from distill.calibrate import calibrate_flow_threshold, record_flow_threshold
 from distill.objective import check_kd
 from distill.pseudo_labels import PseudoLabelError, canonical_roots, labelling_settings, pseudo_label
 from distill.teachers import Teacher
@@ -192,7 +193,8 @@ def seed_search(cfg: TrainConfig, n: int, progress: bool = True) -> list[tuple[i
 
 
 # At most this many training images score the flow thresholds (evenly spread over the training rows, which are
-# listed folder by folder): enough for a stable mean AP, a few minutes on 2 CPU cores.
+# listed folder by folder), so the calibration's time stays bounded on large pools (its time on proof A:
+# docs/results/distillation.md).
 CALIBRATION_IMAGES = 24
 
 
@@ -211,7 +213,8 @@ def calibrate_student(run: Path, plan: DataPlan, channels: Sequence[int] | None,
     (distill.calibrate); a model.pt that has one already (a rerun of a finished run) is left as it is. Returns the
     threshold (None when no training row has masks)."""
     path = run / "model.pt"
-    done = recorded_calibration(path)
+    student = load_model(path)
+    done = calibrated_flow_threshold(student)
     if done is not None:
         return done
     ds, rows = calibration_rows(plan)
@@ -219,7 +222,7 @@ def calibrate_student(run: Path, plan: DataPlan, channels: Sequence[int] | None,
         return None
     bar = tqdm(total=len(rows), desc="flow threshold", disable=not progress, leave=False)
     calibration = calibrate_flow_threshold(
-        load_model(path), [ds.image(i) for i in rows], [ds.mask(i) for i in rows],
+        student, [ds.image(i) for i in rows], [ds.mask(i) for i in rows],
         [float(ds[i].median_diameter) for i in rows], channels=channels, channel_axis=0,  # CanonicalDataset: (C, H, W)
         progress=lambda done, total: bar.update(1))
     bar.close()

@@ -41,6 +41,7 @@ __all__ = [
     "write_flow_cache",
     "flows_to_masks",
     "flows_to_masks_batch",
+    "flows_to_masks_thresholds",
     "flow_error",
     "fill_holes_and_remove_small_masks",
     "follow_flows",
@@ -384,6 +385,29 @@ def flows_to_masks(
     pos = follow_flows(dP, fg, niter, exact=exact, rules=rules)
     masks = get_masks(pos, fg, max_size_fraction)
     return _finish(masks, dP, flow_threshold, min_size, rules)
+
+
+def flows_to_masks_thresholds(
+    dP: np.ndarray,
+    cellprob: np.ndarray,
+    flow_thresholds: Sequence[float],
+    *,
+    niter: int = 200,
+    cellprob_threshold: float = 0.0,
+    min_size: int = 15,
+    max_size_fraction: float = 0.4,
+    rules: str = "cp4",
+) -> list[np.ndarray]:
+    """`flows_to_masks` (numba CPU path, exact) under each of `flow_thresholds`, the Euler steps and the seeding
+    run once: element k equals flows_to_masks(dP, cellprob, flow_threshold=flow_thresholds[k], ...) (the same
+    steps; only the flow-error QC and what follows it run per threshold). For choosing a threshold."""
+    _check_rules(rules)
+    dP, cellprob = _check_flows(dP, cellprob)
+    fg = cellprob > cellprob_threshold
+    if not fg.any():
+        return [np.zeros(cellprob.shape, np.uint16) for _ in flow_thresholds]
+    masks = get_masks(follow_flows(dP, fg, niter, exact=True, rules=rules), fg, max_size_fraction)
+    return [_finish(masks.copy(), dP, float(t), min_size, rules) for t in flow_thresholds]
 
 
 def flows_to_masks_batch(

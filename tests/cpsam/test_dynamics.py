@@ -169,6 +169,23 @@ def test_flows_to_masks_matches_cellpose_on_golden_flows(name: str, y: int, x: i
     assert ap50(ref, fast) >= 0.99
 
 
+@pytest.mark.parametrize("rules", ["cp4", "cp3"])
+def test_flows_to_masks_thresholds_equals_one_call_per_threshold(rules: str) -> None:
+    """Real golden flows (cellpose on a phase-contrast crop), noise added so the QC drops masks at some thresholds."""
+    dP, cp = golden("usiigaci_set1")
+    dP = np.ascontiguousarray(dP[:, 300:556, 300:556]) + np.random.default_rng(0).normal(0, 1.5, (2, 256, 256))
+    cp = np.ascontiguousarray(cp[300:556, 300:556])
+    thresholds = [0.0, 0.2, 0.4, 0.8]
+    many = dynamics.flows_to_masks_thresholds(dP.astype(np.float32), cp, thresholds, rules=rules)
+    one_by_one = [dynamics.flows_to_masks(dP.astype(np.float32), cp, flow_threshold=t, rules=rules)
+                  for t in thresholds]
+    for a, b in zip(many, one_by_one, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len({int(m.max()) for m in many}) > 1  # the thresholds made a difference
+    empty = dynamics.flows_to_masks_thresholds(dP.astype(np.float32), np.full_like(cp, -5.0), [0.4, 0.8])
+    assert [int(m.max()) for m in empty] == [0, 0]
+
+
 def test_follow_flows_positions_equal_cellpose() -> None:
     dP, cp = golden("cpm15_image01")
     fg = cp > 0
