@@ -379,12 +379,20 @@ def flows_to_masks(
             device=device, rules=rules,
         )[0]
     dP, cellprob = _check_flows(dP, cellprob)
+    masks = _masks_before_qc(dP, cellprob, niter, cellprob_threshold, max_size_fraction, exact, rules)
+    return _finish(masks, dP, flow_threshold, min_size, rules)
+
+
+def _masks_before_qc(
+    dP: np.ndarray, cellprob: np.ndarray, niter: int, cellprob_threshold: float, max_size_fraction: float,
+    exact: bool, rules: str,
+) -> np.ndarray:
+    """The numba path up to the flow-error QC: foreground pixels followed for `niter` Euler steps, seeded and
+    grown (`get_masks`); all zeros (uint16) without foreground, which `_finish` passes through."""
     fg = cellprob > cellprob_threshold
     if not fg.any():
         return np.zeros(cellprob.shape, np.uint16)
-    pos = follow_flows(dP, fg, niter, exact=exact, rules=rules)
-    masks = get_masks(pos, fg, max_size_fraction)
-    return _finish(masks, dP, flow_threshold, min_size, rules)
+    return get_masks(follow_flows(dP, fg, niter, exact=exact, rules=rules), fg, max_size_fraction)
 
 
 def flows_to_masks_thresholds(
@@ -403,10 +411,7 @@ def flows_to_masks_thresholds(
     steps; only the flow-error QC and what follows it run per threshold). For choosing a threshold."""
     _check_rules(rules)
     dP, cellprob = _check_flows(dP, cellprob)
-    fg = cellprob > cellprob_threshold
-    if not fg.any():
-        return [np.zeros(cellprob.shape, np.uint16) for _ in flow_thresholds]
-    masks = get_masks(follow_flows(dP, fg, niter, exact=True, rules=rules), fg, max_size_fraction)
+    masks = _masks_before_qc(dP, cellprob, niter, cellprob_threshold, max_size_fraction, True, rules)
     return [_finish(masks.copy(), dP, float(t), min_size, rules) for t in flow_thresholds]
 
 
