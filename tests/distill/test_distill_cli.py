@@ -118,6 +118,6 @@ def test_without_student_the_default_student_trains_with_its_recipe_under_given_
     assert f"student {DEFAULT_STUDENT} (the default)" in capsys.readouterr().out
     cfg = load_config(run / "config.yaml")
     assert cfg.model.name == DEFAULT_STUDENT
-    assert cfg.kd.alpha == pytest.approx(0.05) and cfg.kd.gt_weight == 1.0 and cfg.schedule.kind == "paper"
+    assert cfg.kd.alpha == pytest.approx(0.05) and cfg.kd.gt_weight == 0.0 and cfg.schedule.kind == "paper"
     assert cfg.schedule.epochs == 1 and cfg.schedule.samples_per_epoch == 2  # the command's keys win
     assert type(load_model(run / "model.pt")).__name__ == "FastNet"
