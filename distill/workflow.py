@@ -262,9 +262,8 @@ def _labels_settings(images: Path | None, cache: TeacherCache | None) -> dict | 
 # teacher's 0.427, 42x faster end to end. (cpnet-1-32-64 at kd.student_scale=0.5 agreed slightly more, 0.610 vs
 # 0.601, but took 24 minutes; the cyto_0 twins agree most, 0.83, but are under 5x faster.)
 # kd.gt_weight=0: the student learns the teacher's raw outputs and features only, no Cellpose loss on the teacher's
-# masks. With each student's calibrated flow threshold it agrees more with the teacher on every pool measured (all of
-# ../shared/data with cyto_0: 0.890 and 0.891 of the ceiling, two seeds, against 0.839; fine-tuned H&E: 0.987
-# against 0.972, held-out AP@0.5 against the manual masks 0.655 against 0.629, the teacher 0.655).
+# masks; with its calibrated flow threshold (distill.calibrate) that student agreed more with the teacher, and
+# scored higher against manual masks, on every pool measured (docs/results/distillation.md, 2026-12-07).
 DEFAULT_STUDENT = "fastnet-1-32-64-128-256"
 DEFAULT_RECIPE = ("schedule.kind=paper", "schedule.epochs=100", "schedule.samples_per_epoch=96",
                   "schedule.warmup_epochs=2", "schedule.decay1_epochs=20", "schedule.decay2_epochs=10",
