@@ -101,8 +101,8 @@ class RankContext:
 def process_group(ctx: RankContext) -> Iterator[None]:
     """Start the torch.distributed group of a multi-process run (gloo, env://) unless one is already running
     (an `accelerate` script that calls us; with NCCL, this rank's GPU becomes the current CUDA device); stop it at
-    the end if it was started here: after a barrier of all ranks when the block ends normally (every rank must
-    then reach the end), at once when it raises. One process: nothing."""
+    the end if it was started here (the commands call `barrier` as their last step, so no rank destroys it while
+    another still uses it). One process: nothing."""
     started = False
     if ctx.distributed and not dist.is_initialized():
         dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size, timeout=GROUP_TIMEOUT)
@@ -113,16 +113,9 @@ def process_group(ctx: RankContext) -> Iterator[None]:
         torch.cuda.set_device(ctx.device(torch.device("cuda")))
     try:
         yield
-    except BaseException:
+    finally:
         if started:
             dist.destroy_process_group()
-        raise
-    if started:
-        # the ranks leave together: a rank that tears gloo down while a peer still exchanges with it (the final
-        # gather, a late progress count) can abort at exit ("terminate called without an active exception");
-        # torch's shutdown guidance: synchronize, then destroy the group on every rank
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _grouped(ctx: RankContext) -> bool:
