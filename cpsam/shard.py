@@ -101,8 +101,8 @@ class RankContext:
 def process_group(ctx: RankContext) -> Iterator[None]:
     """Start the torch.distributed group of a multi-process run (gloo, env://) unless one is already running
     (an `accelerate` script that calls us; with NCCL, this rank's GPU becomes the current CUDA device); stop it at
-    the end if it was started here (the commands call `barrier` as their last step, so no rank destroys it while
-    another still uses it). One process: nothing."""
+    the end if it was started here. The commands call `barrier` before leaving the block on their normal path,
+    so no rank destroys the group while another still uses it. One process: nothing."""
     started = False
     if ctx.distributed and not dist.is_initialized():
         dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size, timeout=GROUP_TIMEOUT)
